@@ -1,0 +1,39 @@
+"""xmodal_jax: one embedding space for any number of modalities, in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="xmodal_jax",
+    version="0.1.0",
+    description="Learn one embedding space shared by M modalities and retrieve across them.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["xmodal_jax", "xmodal_jax.*"]),
+    package_data={"xmodal_jax.data.builders": ["digit_sequences_assets/**/*"]},
+    include_package_data=True,
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10,<0.14",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=1.0",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        # tf.data/TFDS input pipelines and the embedded default dataset's sources.
+        "data": [
+            "tensorflow-cpu>=2.17",
+            "tensorflow-datasets>=4.9.7",
+            "importlib_resources>=6",
+            "scikit-learn>=1.4",  # ships the handwritten digits of the default dataset
+        ],
+        "test": [
+            "pytest>=8",
+        ],
+        "gpu": ["jax[cuda12]"],
+    },
+)
