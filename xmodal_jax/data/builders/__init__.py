@@ -1,0 +1,1 @@
+"""TFDS builders: the embedded default dataset and adapters for real datasets."""
