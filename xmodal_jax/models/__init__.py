@@ -1,0 +1,1 @@
+"""Pure Flax Linen modules: encoders, pooling and the multi-modal model. No data, no losses."""
