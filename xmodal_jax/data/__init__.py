@@ -1,0 +1,1 @@
+"""tf.data/TFDS input pipelines. The only package that imports tensorflow."""
