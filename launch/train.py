@@ -1,0 +1,33 @@
+"""Trains a multi-modal embedding model and evaluates retrieval between every modality pair.
+
+  python launch/train.py --config=configs/audio_video_text.py --workdir=runs/avt
+  python launch/train.py --config=configs/audio_video_text.py:tiny --config.total_steps=20
+
+Re-running the same command resumes from the newest checkpoint in --workdir.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints and metrics go here.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax and TensorBoard are chatty at INFO.
+  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,36 @@
+"""Orbax checkpoints of the train state under {workdir}/checkpoints/."""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def make_manager(workdir, config):
+  """Saves every `checkpoint_every` steps, keeps the newest `keep_checkpoints`.
+
+  Orbax finalizes a step's folder only once the save completed, so `latest_step()` always
+  names a complete checkpoint, even after the process was killed mid-save.
+  """
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every,
+      create=True)
+  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=options)
+
+
+def restore_latest(manager, state):
+  """(restored state, step) from the newest checkpoint, or (state, 0) if there is none.
+
+  `state` is the freshly initialized state: it gives the tree, shapes and shardings.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return state, 0
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+
+
+def save(manager, step, state, *, force=False):
+  """Saves asynchronously when `step` is due (or `force`); returns whether it saved."""
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)

@@ -1,0 +1,118 @@
+"""The training loop: validate config, build, restore, step, log, checkpoint, evaluate."""
+
+import functools
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from xmodal_jax import losses, parallel
+from xmodal_jax.eval import retrieval
+from xmodal_jax.models import towers
+from xmodal_jax.train import checkpoint, metrics as metrics_lib, optimizer, state as state_lib
+from xmodal_jax.train import step as step_lib
+
+
+def validate_config(config):
+  """Stops on an inconsistent config before any data is read or anything compiled."""
+  modalities = list(config.modalities)
+  if len(modalities) < 2:
+    raise ValueError(f"config.modalities: need at least 2 modalities, got {modalities}")
+  tower_names = list(config.model.towers)
+  if set(tower_names) != set(modalities):
+    raise ValueError(f"config.model.towers has {sorted(tower_names)} but config.modalities has "
+                     f"{sorted(modalities)}: every modality needs exactly one tower")
+  if config.loss.kind not in losses.contrastive.KINDS:
+    raise ValueError(f"config.loss.kind={config.loss.kind!r}: expected one of "
+                     f"{losses.contrastive.KINDS}")
+  pairs = {losses.contrastive.pair_name(m, n) for m, n in losses.modality_pairs(modalities)}
+  for name in config.loss.pair_weights:
+    if name not in pairs:
+      raise ValueError(f"config.loss.pair_weights.{name}: no such pair; expected names among "
+                       f"{sorted(pairs)}")
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} does not divide by the "
+                     f"{jax.device_count()} devices")
+  if config.eval_batch_size % jax.device_count():
+    raise ValueError(f"config.eval_batch_size={config.eval_batch_size} does not divide by the "
+                     f"{jax.device_count()} devices")
+  for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]}: expected a positive number of steps")
+
+
+def embed_split(embed_fn, params, batches, mesh):
+  """Runs `embed_fn` over eval batches; returns ({modality: emb[N, D]}, masks, ids), padding
+  rows removed."""
+  chunks = []
+  for batch in batches:
+    batch = parallel.shard_batch(batch, mesh)
+    out = {"emb": embed_fn(params, batch), "_mask": batch["_mask"], "_id": batch["_id"]}
+    chunks.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
+  joined = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
+  keep = joined["_id"] >= 0
+  return (jax.tree.map(lambda x: x[keep], joined["emb"]),
+          jax.tree.map(lambda x: x[keep], joined["_mask"]), joined["_id"][keep])
+
+
+def evaluate(config, builder, embed_fn, params, mesh):
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  split = config.data.eval_split
+  embeddings, masks, ids = embed_split(
+      embed_fn, params, pipeline.eval_iterator(config, builder, split), mesh)
+  return retrieval.evaluate_pairs(embeddings, masks, ids, split)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+  validate_config(config)
+  from xmodal_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
+  builder = pipeline.get_builder(config.data)
+  pipeline.check_modalities(config, builder)
+  vocab_sizes = {name: len(preprocess.load_tokenizer(m.tokenizer))
+                 for name, m in config.modalities.items() if m.kind == "text"}
+  model = towers.build_model(config.model, vocab_sizes)
+  tx = optimizer.make_optimizer(config)
+  mesh = parallel.make_mesh()
+
+  example = next(pipeline.eval_iterator(config, builder, config.data.eval_split))
+  init = jax.jit(functools.partial(state_lib.create_train_state, model, tx, seed=config.seed),
+                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state = init(example)
+  manager = checkpoint.make_manager(workdir, config)
+  state, start_step = checkpoint.restore_latest(manager, state)
+  if start_step:
+    print(f"Resuming from the checkpoint of step {start_step}.", flush=True)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f"{num_params / 1e6:.2f}M parameters; {jax.device_count()} devices; global batch "
+        f"{config.batch_size}", flush=True)
+
+  writer = metrics_lib.MetricWriter(workdir, start_step)
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, tx=tx, loss_config=config.loss,
+                        seed=config.seed),
+      donate_argnums=(0,))
+  embed_fn = jax.jit(functools.partial(step_lib.embed_step, model=model))
+  batches = pipeline.train_iterator(config, builder, start_step=start_step)
+  progress = metrics_lib.Progress(config.total_steps, start_step)
+  eval_metrics = None
+  for step in range(start_step + 1, config.total_steps + 1):
+    state, train_metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
+    if step % config.log_every == 0 or step == config.total_steps:
+      train_metrics = jax.device_get(train_metrics)
+      writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()}
+                   | {"train/learning_rate": optimizer.learning_rate_schedule(config)(step)})
+      print(progress.line(step, float(train_metrics["loss"])), flush=True)
+    checkpoint.save(manager, step, state, force=step == config.total_steps)
+    if step % config.eval_every == 0 or step == config.total_steps:
+      eval_metrics = evaluate(config, builder, embed_fn, state.params, mesh)
+      writer.write(step, eval_metrics)
+      print(retrieval.format_table(eval_metrics, config.data.eval_split), flush=True)
+  manager.wait_until_finished()
+  if eval_metrics is None:  # Already trained: report the final checkpoint.
+    eval_metrics = evaluate(config, builder, embed_fn, state.params, mesh)
+    print(retrieval.format_table(eval_metrics, config.data.eval_split), flush=True)
+  writer.close()
+  manager.close()
+  return eval_metrics
