@@ -1,6 +1,6 @@
 """The multi-modal model: one tower + projection head per modality, a shared logit scale."""
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -24,17 +24,22 @@ class MultiModalModel(nn.Module):
   """{modality: inputs} -> {modality: float32[B, embed_dim] L2-normalized embeddings}.
 
   Modalities absent from the batch are skipped. Also owns `logit_scale`, stored as its log
-  (initialized to log(1/0.07) as in CLIP); callers read it from the params.
+  (initialized to log(1/0.07) as in CLIP) and, if `logit_bias_init` is set, the sigmoid
+  loss's `logit_bias` (SigLIP: -10); callers read them from the params.
   """
   towers: Mapping[str, nn.Module]
   embed_dim: int
   logit_scale_init: float = float(np.log(1 / 0.07))
+  logit_bias_init: Optional[float] = None
   dtype: Any = jnp.float32
 
   def setup(self):
     self.heads = {m: nn.Dense(self.embed_dim, dtype=self.dtype) for m in self.towers}
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+    if self.logit_bias_init is not None:
+      self.logit_bias = self.param(
+          "logit_bias", nn.initializers.constant(self.logit_bias_init), ())
 
   def __call__(self, batch, *, train):
     embeddings = {}
@@ -65,4 +70,7 @@ def build_model(model_config, vocab_sizes=None):
       towers[modality] = TOWERS[name](**kwargs)
     except TypeError as e:
       raise ValueError(f"config.model.towers.{modality}: {e}") from e
-  return MultiModalModel(towers=towers, embed_dim=model_config.embed_dim)
+  return MultiModalModel(
+      towers=towers, embed_dim=model_config.embed_dim,
+      logit_scale_init=model_config.get("logit_scale_init", float(np.log(1 / 0.07))),
+      logit_bias_init=model_config.get("logit_bias_init", None))

@@ -1,7 +1,6 @@
 """The training loop: validate config, build, restore, step, log, checkpoint, evaluate."""
 
 import functools
-import sys
 
 import jax
 import numpy as np
@@ -23,11 +22,30 @@ def validate_config(config):
   if set(tower_names) != set(modalities):
     raise ValueError(f"config.model.towers has {sorted(tower_names)} but config.modalities has "
                      f"{sorted(modalities)}: every modality needs exactly one tower")
-  if config.loss.kind not in losses.contrastive.KINDS:
-    raise ValueError(f"config.loss.kind={config.loss.kind!r}: expected one of "
+  loss = config.loss
+  for name in loss.weights:
+    if name not in step_lib.OBJECTIVES:
+      raise ValueError(f"config.loss.weights.{name}: no such objective; expected names among "
+                       f"{step_lib.OBJECTIVES}")
+  if not any(loss.weights.values()):
+    raise ValueError("config.loss.weights: every objective has weight 0")
+  if loss.kind not in losses.contrastive.KINDS:
+    raise ValueError(f"config.loss.kind={loss.kind!r}: expected one of "
                      f"{losses.contrastive.KINDS}")
+  if loss.kind == "sigmoid" and config.model.get("logit_bias_init") is None:
+    raise ValueError("config.loss.kind='sigmoid' needs config.model.logit_bias_init "
+                     "(SigLIP uses -10)")
+  if loss.impl not in losses.contrastive.IMPLS:
+    raise ValueError(f"config.loss.impl={loss.impl!r}: expected one of "
+                     f"{losses.contrastive.IMPLS}")
+  if loss.regression.target not in losses.regression.TARGETS:
+    raise ValueError(f"config.loss.regression.target={loss.regression.target!r}: expected "
+                     f"one of {losses.regression.TARGETS}")
+  if loss.regression.loss not in losses.regression.LOSSES:
+    raise ValueError(f"config.loss.regression.loss={loss.regression.loss!r}: expected one "
+                     f"of {losses.regression.LOSSES}")
   pairs = {losses.contrastive.pair_name(m, n) for m, n in losses.modality_pairs(modalities)}
-  for name in config.loss.pair_weights:
+  for name in loss.pair_weights:
     if name not in pairs:
       raise ValueError(f"config.loss.pair_weights.{name}: no such pair; expected names among "
                        f"{sorted(pairs)}")
@@ -91,7 +109,7 @@ def train_and_evaluate(config, workdir):
   writer = metrics_lib.MetricWriter(workdir, start_step)
   train_fn = jax.jit(
       functools.partial(step_lib.train_step, model=model, tx=tx, loss_config=config.loss,
-                        seed=config.seed),
+                        mesh=mesh, seed=config.seed),
       donate_argnums=(0,))
   embed_fn = jax.jit(functools.partial(step_lib.embed_step, model=model))
   batches = pipeline.train_iterator(config, builder, start_step=start_step)
