@@ -105,3 +105,20 @@ def test_bad_config_stops_before_compiling_and_names_the_culprit(digit_data_dir,
   assert proc.returncode != 0
   assert message in proc.stdout + proc.stderr
   assert "parameters;" not in proc.stdout  # Nothing was built or compiled.
+
+
+@pytest.mark.parametrize("variant, impl", [("tiny,regression", "blockwise"),
+                                           ("tiny,sigmoid", "ring")])
+def test_objective_variants_train_sharded(digit_data_dir, tmp_path, variant, impl):
+  workdir = str(tmp_path / "run")
+  run_train([f"--config={CONFIG}:{variant}", f"--workdir={workdir}",
+             f"--config.data.data_dir={digit_data_dir}", f"--config.loss.impl={impl}",
+             "--config.loss.block_size=1"], devices=8)
+  records = [r for r in read_metrics(workdir) if "train/loss" in r]
+  assert all(np.isfinite(r["train/loss"]) for r in records)
+  if "regression" in variant:
+    assert "train/regression/audio-video/regression" in records[-1]
+    assert "train/contrastive" not in records[-1]
+  else:
+    assert "train/logit_bias" in records[-1]
+    assert records[0]["train/logit_bias"] == pytest.approx(-10.0, abs=0.1)

@@ -1,0 +1,66 @@
+"""One process of the multi-process loss test: `python distributed_worker.py PORT RANK OUT`.
+
+Two such processes with 4 CPU devices each form one 8-device mesh; each feeds only its own
+half of the global batch, and process 0 writes the losses of every mode as JSON to OUT.
+"""
+
+import functools
+import json
+import os
+import sys
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from xmodal_jax import losses, parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+MODES = [("dense", None), ("blockwise", 4), ("ring", 4)]
+
+
+def global_inputs():
+  """The same global batch in every process (and in the test): 3 modalities, 48 rows."""
+  rng = np.random.default_rng(7)
+  emb = {}
+  for name in ("audio", "video", "text"):
+    x = rng.normal(size=(48, 8))
+    emb[name] = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  masks = {name: rng.random(48) < 0.8 for name in emb}
+  return emb, masks
+
+
+def main(port, rank, out):
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=rank)
+  assert jax.device_count() == 8 and jax.local_device_count() == 4
+  emb, masks = global_inputs()
+  mesh = parallel.make_mesh()
+  rows = slice(24 * rank, 24 * (rank + 1))
+  local = jax.tree.map(lambda x: x[rows], (emb, masks))
+  emb_g, masks_g = parallel.shard_batch(local, mesh)
+  results = {}
+  for impl, block_size in MODES:
+    for objective in ("softmax", "regression"):
+      if objective == "softmax":
+        fn = lambda e, m: losses.contrastive_loss(  # pylint: disable=cell-var-from-loop
+            e, 9.0, masks=m, impl=impl, block_size=block_size, axis_name="data")[0]
+      else:
+        fn = lambda e, m: losses.similarity_regression_loss(  # pylint: disable=cell-var-from-loop
+            e, masks=m, impl=impl, block_size=block_size, axis_name="data")[0]
+      sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P("data")),
+                                      out_specs=P()))
+      value = sharded(emb_g, masks_g)
+      results[f"{objective}/{impl}"] = float(jax.device_get(
+          jax.device_put(value, NamedSharding(mesh, P()))).item())
+  if rank == 0:
+    with open(out, "w") as f:
+      json.dump(results, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  # Before jax creates its backend; a test importing this module keeps its own devices.
+  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
