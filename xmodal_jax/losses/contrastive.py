@@ -6,6 +6,7 @@ single-device value on the global batch; `impl` picks how the other modality's r
 (parallel/streaming.py): all at once (dense), in tiles (blockwise) or around a ring.
 """
 
+import functools
 import itertools
 
 import jax
@@ -45,54 +46,113 @@ def normalize_masks(embeddings, masks):
               jnp.asarray(masks[m], bool)) for m in embeddings}
 
 
-def softmax_direction(q, g, scale, row_valid, col_valid, *, impl, block_size, axis_name):
-  """Sum over valid rows i of -log softmax_j(s q_i . g_j)[i], softmax over valid columns.
+def softmax_direction_dense(q, g, scale, row_valid, col_valid, *, axis_name):
+  """Sum over valid rows i of -log softmax_j(s q_i . g_j)[i] against all-gathered columns.
 
   q, g: this device's rows of the two modalities (row i of each is item i); row_valid: i has
   both; col_valid: j has g's modality. Returns (loss sum, number of correct top-1 rows).
   """
-  fill = streaming.neg_fill(q.dtype)
+  columns = streaming.gather({"emb": g, "valid": col_valid}, axis_name)
+  logits = scale * q @ columns["emb"].T
+  logits = jnp.where(columns["valid"][None, :], logits, streaming.neg_fill(q.dtype))
   positive = scale * jnp.sum(q * g, axis=-1)
-  gallery = {"emb": g, "valid": col_valid}
+  loss_sum = jnp.where(row_valid, jax.nn.logsumexp(logits, axis=-1) - positive, 0.0).sum()
+  return loss_sum, (row_valid & (positive >= logits.max(axis=-1))).sum()
 
-  def logits_of(q, scale, tile, index):
-    logits = scale * q @ tile["emb"].T
-    return jnp.where(tile["valid"][None, :] & (index >= 0)[None, :], logits, fill)
 
-  if impl == "dense":
-    columns = streaming.gather(gallery, axis_name)
-    logits = logits_of(q, scale, columns, jnp.arange(columns["valid"].shape[0]))
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    best = logits.max(axis=-1)
-    loss_sum = jnp.where(row_valid, lse - positive, 0.0).sum()
-  else:
-    sg_q, sg_scale = jax.lax.stop_gradient(q), jax.lax.stop_gradient(scale)
+def _streamed_forward(a, b, scale, valid_a, valid_b, impl, block_size, axis_name):
+  """Both directions of a pair's InfoNCE in one pass over column tiles.
 
-    def max_and_sum(carry, tile, index):  # Running log-sum-exp, no gradient needed.
-      best, total = carry
-      logits = logits_of(sg_q, sg_scale, tile, index)
-      new_best = jnp.maximum(best, logits.max(axis=-1))
-      total = total * jnp.exp(best - new_best) + jnp.exp(logits - new_best[:, None]).sum(-1)
-      return new_best, total
+  Each tile s A_local B_tile^T updates running log-sum-exps of this device's rows (a -> b)
+  and of the tile's columns (b -> a, merged across devices). Returns the psum'd loss sum,
+  the correct counts of both directions, and the residuals the backward pass needs.
+  """
+  fill = streaming.neg_fill(a.dtype)
+  both = valid_a & valid_b
 
-    init = (jnp.full(q.shape[:1], fill, q.dtype), jnp.zeros(q.shape[:1], q.dtype))
-    best, total = streaming.fold_columns(max_and_sum, init, jax.lax.stop_gradient(gallery),
-                                         impl=impl, block_size=block_size,
-                                         axis_name=axis_name)
-    lse = best + jnp.log(total)
+  def body(carry, tile, state, index):
+    row_max, row_sum = carry
+    valid = valid_a[:, None] & tile["valid"][None, :] & (index >= 0)[None, :]
+    logits = jnp.where(valid, scale * a @ tile["emb"].T, fill)
+    new_row_max = jnp.maximum(row_max, logits.max(axis=1))
+    row_sum = (row_sum * jnp.exp(row_max - new_row_max)
+               + jnp.exp(logits - new_row_max[:, None]).sum(axis=1))
+    col_max = jnp.maximum(state["max"], logits.max(axis=0))
+    col_sum = (state["sum"] * jnp.exp(state["max"] - col_max)
+               + jnp.exp(logits - col_max[None, :]).sum(axis=0))
+    return (new_row_max, row_sum), {"max": col_max, "sum": col_sum}
 
-    def softmax_mass(carry, tile, index):
-      # Value 1 per valid row; its gradient is d lse / d logits, exactly.
-      logits = logits_of(q, scale, tile, index)
-      mass = jnp.exp(logits - lse[:, None])
-      return carry + jnp.where(row_valid[:, None], mass, 0.0).sum()
+  def merge(state, axis_name):
+    size_local = a.shape[0]
+    best = jax.lax.pmax(state["max"], axis_name)
+    total = jax.lax.psum(state["sum"] * jnp.exp(state["max"] - best), axis_name)
+    start = streaming.row_offset(size_local, axis_name)
+    take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, size_local)
+    return {"max": take(best), "sum": take(total)}
 
-    mass = streaming.fold_columns(softmax_mass, jnp.zeros((), q.dtype), gallery, impl=impl,
-                                  block_size=block_size, axis_name=axis_name)
-    loss_sum = (jnp.where(row_valid, lse - positive, 0.0).sum()
-                + mass - jax.lax.stop_gradient(mass))
-  correct = (row_valid & (positive >= best)).sum()
-  return loss_sum, correct
+  rows = a.shape[0]
+  init = (jnp.full((rows,), fill, a.dtype), jnp.zeros((rows,), a.dtype))
+  state = {"max": jnp.full((rows,), fill, a.dtype), "sum": jnp.zeros((rows,), a.dtype)}
+  (row_max, row_sum), col = streaming.fold_columns_with_state(
+      body, init, {"emb": b, "valid": valid_b}, state, impl=impl, block_size=block_size,
+      axis_name=axis_name, merge=merge)
+  row_lse = row_max + jnp.log(row_sum)
+  col_lse = col["max"] + jnp.log(col["sum"])
+  positive = scale * jnp.sum(a * b, axis=-1)
+  loss_sum = jnp.where(both, row_lse + col_lse - 2 * positive, 0.0).sum()
+  correct_ab = (both & (positive >= row_max)).sum()
+  correct_ba = (both & (positive >= col["max"])).sum()
+  psum = lambda x: streaming.psum(x, axis_name)
+  outputs = (psum(loss_sum), psum(correct_ab), psum(correct_ba))
+  return outputs, (a, b, scale, valid_a, valid_b, row_lse, col_lse)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def softmax_pair_streamed(a, b, scale, valid_a, valid_b, impl, block_size, axis_name):
+  """(global loss sum of both directions, correct a->b, correct b->a) of one pair, exact,
+  holding only [local rows, block_size] logits at a time (impl: blockwise or ring)."""
+  return _streamed_forward(a, b, scale, valid_a, valid_b, impl, block_size, axis_name)[0]
+
+
+def _streamed_fwd(a, b, scale, valid_a, valid_b, impl, block_size, axis_name):
+  return _streamed_forward(a, b, scale, valid_a, valid_b, impl, block_size, axis_name)
+
+
+def _streamed_bwd(impl, block_size, axis_name, residuals, cotangents):
+  a, b, scale, valid_a, valid_b, row_lse, col_lse = residuals
+  g = cotangents[0]  # d total / d loss sum; the counts have no gradient.
+  both = valid_a & valid_b
+
+  def body(carry, tile, state, index):
+    da, dscale = carry
+    raw = a @ tile["emb"].T
+    logits = scale * raw
+    in_range = (index >= 0)[None, :]
+    p_row = jnp.where(both[:, None] & tile["valid"][None, :] & in_range,
+                      jnp.exp(logits - row_lse[:, None]), 0.0)
+    p_col = jnp.where(valid_a[:, None] & tile["both"][None, :] & in_range,
+                      jnp.exp(logits - tile["col_lse"][None, :]), 0.0)
+    coeff = g * (p_row + p_col)
+    da = da + scale * coeff @ tile["emb"]
+    dscale = dscale + jnp.sum(coeff * raw)
+    return (da, dscale), {"db": state["db"] + scale * coeff.T @ a}
+
+  merge = lambda state, axis_name: {
+      "db": jax.lax.psum_scatter(state["db"], axis_name, scatter_dimension=0, tiled=True)}
+  gallery = {"emb": b, "valid": valid_b, "both": both, "col_lse": col_lse}
+  init = (jnp.zeros_like(a), jnp.zeros((), a.dtype))
+  (da, dscale), state = streaming.fold_columns_with_state(
+      body, init, gallery, {"db": jnp.zeros_like(b)}, impl=impl, block_size=block_size,
+      axis_name=axis_name, merge=merge)
+  # The positives -s a_i . b_i appear once in each direction.
+  weight = jnp.where(both, -2.0 * g, 0.0)[:, None]
+  da = da + weight * scale * b
+  db = state["db"] + weight * scale * a
+  dscale = streaming.psum(dscale + jnp.sum(weight * a * b), axis_name)
+  return da, db, dscale, None, None
+
+
+softmax_pair_streamed.defvjp(_streamed_fwd, _streamed_bwd)
 
 
 def sigmoid_pair(a, b, scale, bias, valid_a, valid_b, *, impl, block_size, axis_name):
@@ -154,12 +214,20 @@ def contrastive_loss(embeddings, logit_scale, *, masks=None, pair_weights=None, 
     both = masks[m] & masks[n]
     count = psum(both.sum())
     denom = jnp.maximum(count, 1)
+    if kind == "softmax" and impl == "dense":
+      sum_mn, correct_mn = softmax_direction_dense(a, b, scale, both, masks[n],
+                                                   axis_name=axis_name)
+      sum_nm, correct_nm = softmax_direction_dense(b, a, scale, both, masks[m],
+                                                   axis_name=axis_name)
+      loss_sum, correct_mn, correct_nm = (psum(sum_mn + sum_nm), psum(correct_mn),
+                                          psum(correct_nm))
+    elif kind == "softmax":
+      loss_sum, correct_mn, correct_nm = softmax_pair_streamed(
+          a, b, scale, masks[m], masks[n], impl, block_size, axis_name)
     if kind == "softmax":
-      sum_mn, correct_mn = softmax_direction(a, b, scale, both, masks[n], **options)
-      sum_nm, correct_nm = softmax_direction(b, a, scale, both, masks[m], **options)
-      loss = (psum(sum_mn) + psum(sum_nm)) / (2 * denom)
-      metrics[f"{m}->{n}/accuracy"] = psum(correct_mn) / denom
-      metrics[f"{n}->{m}/accuracy"] = psum(correct_nm) / denom
+      loss = loss_sum / (2 * denom)
+      metrics[f"{m}->{n}/accuracy"] = correct_mn / denom
+      metrics[f"{n}->{m}/accuracy"] = correct_nm / denom
     else:
       loss = psum(sigmoid_pair(a, b, scale, per_pair(bias, name), masks[m], masks[n],
                                **options)) / denom

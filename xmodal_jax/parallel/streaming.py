@@ -47,7 +47,25 @@ def fold_columns(body, carry, gallery, *, impl, block_size=None, axis_name=None)
 
   `gallery` is this device's shard (all of it on one device); `col_index` passed to `body`
   holds the global column indices of the tile, -1 for padding columns (which `body` must
-  ignore). The columns are visited in an unspecified order.
+  ignore). The columns are visited in an unspecified order. Differentiable: tile bodies are
+  rematerialized in the backward pass.
+  """
+  stateful = lambda c, tile, state, index: (body(c, tile, index), state)
+  carry, _ = fold_columns_with_state(stateful, carry, gallery, None, impl=impl,
+                                     block_size=block_size, axis_name=axis_name, remat=True)
+  return carry
+
+
+def fold_columns_with_state(body, carry, gallery, column_state, *, impl, block_size=None,
+                            axis_name=None, merge=None, remat=False):
+  """Like fold_columns, with a per-column state that ends with the columns' owner.
+
+  `body(carry, tile, state_tile, col_index) -> (carry, state_tile)`; `column_state` is a
+  pytree of arrays [local columns, ...] initialized to the identity of the reduction `body`
+  applies. In the ring each shard's state travels with it and comes home after a full
+  circle; otherwise every device folds a full-size copy (starting from gathered
+  identities) and `merge(full_state, axis_name) -> local_state` combines them across devices
+  (required with axis_name). Returns (carry, this device's columns' state).
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
@@ -56,30 +74,44 @@ def fold_columns(body, carry, gallery, *, impl, block_size=None, axis_name=None)
   carry = to_varying(carry, axis_name)  # The body's output differs per device.
   if impl in ("dense", "blockwise"):
     gallery = gather(gallery, axis_name)
+    state = to_varying(gather(column_state, axis_name), axis_name)
     col_index = jnp.arange(size * local)
     if impl == "dense":
-      return body(carry, gallery, col_index)
-    return _scan_tiles(body, carry, gallery, col_index, block_size)
-  # ring: at hop k this device holds the shard of device (index - k) mod size.
+      carry, state = body(carry, gallery, state, col_index)
+    else:
+      carry, state = _scan_tiles(body, carry, gallery, state, col_index, block_size, remat)
+    if axis_name is not None and column_state is not None:
+      state = merge(state, axis_name)
+    return carry, state
+  # ring: at hop k this device holds the shard (and state) of device (index - k) mod size.
   perm = [(i, (i + 1) % size) for i in range(size)]
+  shift = lambda tree: jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
+  state = to_varying(column_state, axis_name)
   for hop in range(size):
     source = (index - hop) % size
     col_index = source * local + jnp.arange(local)
-    carry = _scan_tiles(body, carry, gallery, col_index, block_size)
+    carry, state = _scan_tiles(body, carry, gallery, state, col_index, block_size, remat)
     if hop + 1 < size:
-      gallery = jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), gallery)
-  return carry
+      gallery = shift(gallery)
+    if size > 1:
+      state = shift(state)  # After the last hop this brings each state home.
+  return carry, state
 
 
-def _scan_tiles(body, carry, gallery, col_index, block_size):
+def _scan_tiles(body, carry, gallery, state, col_index, block_size, remat):
   block_size = min(block_size or col_index.shape[0], col_index.shape[0])
   tiles, tile_index = _tiles(gallery, col_index, block_size)
+  state_tiles = _tiles(state, col_index, block_size)[0]
 
-  @jax.checkpoint
-  def step(carry, tile):
-    return body(carry, tile[0], tile[1]), None
-  carry, _ = jax.lax.scan(step, carry, (tiles, tile_index))
-  return carry
+  def step(carry, xs):
+    tile, state_tile, index = xs
+    carry, state_tile = body(carry, tile, state_tile, index)
+    return carry, state_tile
+  if remat:
+    step = jax.checkpoint(step)
+  carry, state_tiles = jax.lax.scan(step, carry, (tiles, state_tiles, tile_index))
+  n = col_index.shape[0]
+  return carry, jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:])[:n], state_tiles)
 
 
 def to_varying(tree, axis_name):
@@ -88,7 +120,11 @@ def to_varying(tree, axis_name):
     return tree
 
   def cast(x):
-    if axis_name in getattr(jax.typeof(x), "vma", ()):
+    aval = jax.typeof(x)
+    varying = getattr(aval, "vma", None)
+    if varying is None:  # Newer JAX keeps it under the array's manual-axis type.
+      varying = getattr(getattr(aval, "mat", None), "varying", ())
+    if axis_name in varying:
       return x
     return jax.lax.pcast(x, (axis_name,), to="varying")
   return jax.tree.map(cast, tree)
