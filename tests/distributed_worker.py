@@ -4,7 +4,6 @@ Two such processes with 4 CPU devices each form one 8-device mesh; each feeds on
 half of the global batch, and process 0 writes the losses of every mode as JSON to OUT.
 """
 
-import functools
 import json
 import os
 import sys

@@ -1,6 +1,5 @@
 """Audio: a log-mel spectrogram frontend computed on device, and a patch transformer over it."""
 
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -56,7 +55,7 @@ class LogMel(nn.Module):
     return jnp.log(jnp.maximum(power @ fbank, self.log_floor))
 
 
-class AudioTransformer(nn.Module):
+class AudioTransformer(transformer.TrunkOptions, kw_only=True):
   """Log-mel frontend, time patches of `patch_frames` x all mel bins, TokenEncoder.
 
   Input: {"waveform": float[B, N]}. Each spectrogram is standardized over its own time and
@@ -64,17 +63,10 @@ class AudioTransformer(nn.Module):
   """
   sample_rate: int
   width: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
   patch_frames: int = 8
   fft_length: int = 256
   hop_length: int = 160
   num_mels: int = 40
-  pooling: str = "cls"
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-  remat: bool = False
 
   @nn.compact
   def __call__(self, inputs, *, train):
@@ -87,6 +79,4 @@ class AudioTransformer(nn.Module):
     patches = spec[:, :num_patches * self.patch_frames].reshape(
         batch, num_patches, self.patch_frames * mels)
     tokens = nn.Dense(self.width, dtype=self.dtype, name="patch_embedding")(patches)
-    return transformer.TokenEncoder(
-        self.num_layers, self.num_heads, self.mlp_dim, self.pooling, self.dropout, self.dtype,
-        self.remat, name="trunk")(tokens, train=train)
+    return self.trunk()(tokens, train=train)

@@ -1,3 +1,3 @@
 """Device meshes, sharding of batches and parameters, multi-host helpers."""
 
-from xmodal_jax.parallel.mesh import DATA_AXIS, make_mesh, replicate, shard_batch  # noqa: F401
+from xmodal_jax.parallel.mesh import DATA_AXIS, make_mesh, shard_batch  # noqa: F401

@@ -13,11 +13,6 @@ def make_mesh(devices=None):
   return Mesh(np.asarray(devices).reshape(-1), (DATA_AXIS,))
 
 
-def replicate(tree, mesh):
-  """Places every leaf of `tree` on every device of `mesh`."""
-  return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
 def shard_batch(batch, mesh):
   """Turns this process's numpy batch into global arrays split over "data" on axis 0.
 
