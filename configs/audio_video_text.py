@@ -13,7 +13,7 @@ import ml_collections
 
 def tower(name, **kwargs):
   return dict(name=name, width=64, num_layers=2, num_heads=4, mlp_dim=128, dropout=0.0,
-              pooling="cls", dtype="float32", remat=False, **kwargs)
+              pooling="cls", gpo_drop_rate=0.0, dtype="float32", remat=False, **kwargs)
 
 
 def get_config(variant=""):

@@ -65,18 +65,29 @@ class Encoder(nn.Module):
     return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
 
 
-class TokenEncoder(nn.Module):
-  """Prepends a learned [CLS] token, adds learned positions, runs an Encoder, pools.
-
-  The common trunk of every tower: towers only turn their input into tokens [B, L, W].
-  """
+class TrunkOptions(nn.Module):
+  """The options every tower's transformer trunk shares (a base for TokenEncoder and towers)."""
   num_layers: int
   num_heads: int
   mlp_dim: int
   pooling: str = "cls"
+  gpo_drop_rate: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
+
+  def trunk(self):
+    """A TokenEncoder with these options, to call from a tower's compact __call__."""
+    return TokenEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.pooling,
+                        self.gpo_drop_rate, self.dropout, self.dtype, self.remat,
+                        name="trunk")
+
+
+class TokenEncoder(TrunkOptions):
+  """Prepends a learned [CLS] token, adds learned positions, runs an Encoder, pools.
+
+  The common trunk of every tower: towers only turn their input into tokens [B, L, W].
+  """
 
   @nn.compact
   def __call__(self, tokens, valid=None, *, train):
@@ -89,4 +100,4 @@ class TokenEncoder(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x.astype(self.dtype))
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
                 self.remat, name="encoder")(x, valid, train=train)
-    return pooling.pool(x, valid, self.pooling)
+    return pooling.Pool(self.pooling, self.gpo_drop_rate, name="pool")(x, valid, train=train)
