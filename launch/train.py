@@ -9,6 +9,8 @@ Re-running the same command resumes from the newest checkpoint in --workdir.
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before tf.data loads: its INFO is noise.
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
