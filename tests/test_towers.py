@@ -1,0 +1,126 @@
+"""Tower options every tower shares: bfloat16 compute, rematerialization, pooling choices;
+video as frames through an image tower; precomputed features."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmodal_jax.models import audio, features, text, vision
+
+SMALL = dict(num_layers=2, num_heads=2, mlp_dim=32)
+
+
+def vit(**kwargs):
+  return vision.PatchTransformer(width=16, image_size=(8, 8), patch_size=4, **(SMALL | kwargs))
+
+
+def towers_and_inputs(rng, **kwargs):
+  ids = rng.integers(3, 50, size=(3, 6)).astype(np.int32)
+  mask = np.array([[1] * 6, [1] * 3 + [0] * 3, [1] * 5 + [0]], np.int32)
+  tokens = {"input_ids": ids, "attention_mask": mask}
+  return [
+      (vit(**kwargs), {"pixels": rng.normal(size=(3, 8, 8, 3)).astype(np.float32)}),
+      (text.BertTextEncoder(vocab_size=50, width=16, **(SMALL | kwargs)), tokens),
+      (text.CausalTextEncoder(vocab_size=50, width=16, eos_token_id=49, **(SMALL | kwargs)),
+       tokens),
+      (audio.SpectrogramTransformer(width=16, num_mels=16, max_frames=24, patch_size=8,
+                                    patch_stride=(4, 4), **(SMALL | kwargs)),
+       {"spectrogram": rng.normal(size=(3, 24, 16)).astype(np.float32)}),
+      (features.FeatureEncoder(width=16, **(SMALL | kwargs)),
+       {"features": rng.normal(size=(3, 5, 7)).astype(np.float32)}),
+  ]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_bfloat16_compute_keeps_float32_params_and_close_outputs(index):
+  rng = np.random.default_rng(0)
+  tower32, inputs = towers_and_inputs(rng)[index]
+  tower16, _ = towers_and_inputs(rng, dtype=jnp.bfloat16)[index]
+  params = tower32.init(jax.random.key(0), inputs, train=False)["params"]
+  params16 = tower16.init(jax.random.key(0), inputs, train=False)["params"]
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
+  out32 = tower32.apply({"params": params}, inputs, train=False)["pooled"]
+  out16 = tower16.apply({"params": params}, inputs, train=False)["pooled"]
+  assert out16.dtype == jnp.bfloat16
+  scale = float(jnp.abs(out32).max())
+  assert float(jnp.abs(out16.astype(jnp.float32) - out32).max()) < 0.05 * scale
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_remat_gives_the_same_gradients(index):
+  rng = np.random.default_rng(1)
+  plain, inputs = towers_and_inputs(rng)[index]
+  remat, _ = towers_and_inputs(rng, remat=True)[index]
+  params = plain.init(jax.random.key(0), inputs, train=False)["params"]
+
+  def grads(tower):
+    loss = lambda p: jnp.sum(tower.apply({"params": p}, inputs, train=False)["pooled"] ** 2)
+    return jax.grad(loss)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+               grads(plain), grads(remat))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "gpo"])
+def test_every_tower_pools_its_valid_tokens(pooling):
+  """cls is the first token; mean is the NumPy mean of the valid tokens after the prefix;
+  gpo gives [B, W]; dropout-free training mode matches eval."""
+  rng = np.random.default_rng(2)
+  for tower, inputs in towers_and_inputs(rng, pooling=pooling):
+    variables = tower.init(jax.random.key(0), inputs, train=False)
+    out = tower.apply(variables, inputs, train=False)
+    tokens, valid = np.asarray(out["tokens"]), np.asarray(out["valid"])
+    assert out["pooled"].shape == (3, 16)
+    prefix = {vision.PatchTransformer: 1, audio.SpectrogramTransformer: 2,
+              features.FeatureEncoder: 1}.get(type(tower), 0)
+    if pooling == "cls":
+      np.testing.assert_allclose(out["pooled"], tokens[:, 0], atol=1e-6)
+    elif pooling == "mean":
+      w = valid[:, prefix:, None]
+      np.testing.assert_allclose(out["pooled"], (tokens[:, prefix:] * w).sum(1) / w.sum(1),
+                                 atol=1e-5)
+
+
+def test_frames_through_an_image_tower_with_temporal_mean():
+  """Equals the image tower run on each frame separately, averaged over valid frames."""
+  rng = np.random.default_rng(3)
+  image = vit()
+  video = vision.FrameVideoEncoder(image=image, num_frames=4, temporal="mean")
+  frames = rng.normal(size=(2, 4, 8, 8, 3)).astype(np.float32)
+  frame_mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], bool)
+  inputs = {"frames": frames, "frame_mask": frame_mask}
+  params = video.init(jax.random.key(0), inputs, train=False)["params"]
+  out = video.apply({"params": params}, inputs, train=False)["pooled"]
+  for b in range(2):
+    per_frame = [image.apply({"params": params["image"]}, {"pixels": frames[b, t:t + 1]},
+                             train=False)["pooled"][0] for t in range(4) if frame_mask[b, t]]
+    np.testing.assert_allclose(out[b], np.mean(per_frame, axis=0), atol=1e-5)
+
+
+def test_temporal_transformer_ignores_masked_frames():
+  rng = np.random.default_rng(4)
+  video = vision.FrameVideoEncoder(image=vit(), num_frames=3, temporal="transformer",
+                                   temporal_layers=1, temporal_heads=2)
+  frames = rng.normal(size=(1, 3, 8, 8, 3)).astype(np.float32)
+  inputs = {"frames": frames, "frame_mask": np.array([[1, 1, 0]], bool)}
+  params = video.init(jax.random.key(0), inputs, train=False)["params"]
+  changed = {"frames": frames.copy(), "frame_mask": inputs["frame_mask"]}
+  changed["frames"][0, 2] = 5.0
+  a = video.apply({"params": params}, inputs, train=False)
+  b = video.apply({"params": params}, changed, train=False)
+  np.testing.assert_allclose(a["pooled"], b["pooled"], atol=1e-5)
+  assert a["tokens"].shape == (1, 3, 16)
+  with pytest.raises(ValueError, match="num_frames=3"):
+    video.apply({"params": params}, {"frames": frames[:, :2]}, train=False)
+
+
+def test_feature_mlp_matches_numpy():
+  rng = np.random.default_rng(5)
+  tower = features.FeatureEncoder(width=4, num_layers=1, num_heads=1, mlp_dim=6)
+  x = rng.normal(size=(3, 5)).astype(np.float32)
+  p = tower.init(jax.random.key(0), {"features": x}, train=False)["params"]
+  hidden = x @ p["hidden0"]["kernel"] + p["hidden0"]["bias"]
+  hidden = np.asarray(jax.nn.gelu(hidden, approximate=False))
+  expected = hidden @ p["output"]["kernel"] + p["output"]["bias"]
+  out = tower.apply({"params": p}, {"features": x}, train=False)["pooled"]
+  np.testing.assert_allclose(out, expected, atol=1e-5)
