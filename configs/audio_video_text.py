@@ -54,6 +54,10 @@ def get_config(variant=""):
   config.optimizer = dict(learning_rate=2e-3, warmup_steps=100, end_learning_rate_ratio=0.01,
                           weight_decay=0.05, b1=0.9, b2=0.98, grad_clip_norm=1.0)
 
+  # Fused queries (METHODS.md): "all" subsets of 2..M-1 modalities, "none", or a list such
+  # as ["audio+video"]; each queries every modality outside it.
+  config.eval = dict(fused="all")
+
   config.log_every = 50
   config.eval_every = 500
   config.checkpoint_every = 250

@@ -19,9 +19,26 @@ def brute_force_ranks(q, g, qids, gids):
   return np.array(ranks)
 
 
+def reference_map10(q, g, qids, gids):
+  """mAP@10 with a plain loop: rank the gallery (score descending, ties by index), average
+  precision at each positive among the first 10, over min(#positives, 10)."""
+  aps = []
+  for i in range(len(q)):
+    scores = g @ q[i]
+    order = sorted(range(len(g)), key=lambda j: (-scores[j], j))[:10]
+    hits, total = 0, 0.0
+    for position, j in enumerate(order, start=1):
+      if gids[j] == qids[i]:
+        hits += 1
+        total += hits / position
+    aps.append(total / min(10, int(np.sum(gids == qids[i]))))
+  return 100 * np.mean(aps)
+
+
 def reference_metrics(ranks):
-  return {"R@1": 100 * np.mean(ranks <= 1), "R@5": 100 * np.mean(ranks <= 5),
-          "R@10": 100 * np.mean(ranks <= 10), "MedR": np.median(ranks), "MnR": np.mean(ranks)}
+  recalls = {f"R@{k}": 100 * np.mean(ranks <= k) for k in (1, 5, 10)}
+  return recalls | {"MedR": np.median(ranks), "MnR": np.mean(ranks),
+                    "RSUM": sum(recalls.values())}
 
 
 @pytest.mark.parametrize("direction", ["image->text", "text->image"])
@@ -39,8 +56,11 @@ def test_flickr_protocol_five_captions_per_image(direction):
     args = (texts, images, text_ids, image_ids)
   metrics = retrieval.retrieval_metrics(*args)
   expected = reference_metrics(brute_force_ranks(*args))
+  expected["mAP@10"] = reference_map10(*args)
   for key, value in expected.items():
     assert metrics[key] == pytest.approx(value), key
+  ranks = retrieval.retrieval_metrics(*args, return_ranks=True)["ranks"]
+  np.testing.assert_array_equal(ranks, brute_force_ranks(*args))
   assert 0 < metrics["R@1"] < 100  # The data is neither trivial nor hopeless.
 
 
@@ -72,7 +92,26 @@ def test_evaluate_pairs_names_every_ordered_pair():
   out = retrieval.evaluate_pairs(emb, masks, np.arange(30), "test")
   pairs = {k.split("/")[1] for k in out}
   assert pairs == {"audio->video", "audio->text", "video->audio", "video->text",
-                   "text->audio", "text->video"}
+                   "text->audio", "text->video", "audio+video->text", "audio+text->video",
+                   "video+text->audio", "audio<->video", "audio<->text", "video<->text"}
   expected = retrieval.retrieval_metrics(emb["audio"][5:], emb["text"], np.arange(5, 30),
                                          np.arange(30))
   assert out["test/audio->text/R@1"] == expected["R@1"]
+
+
+def test_fused_query_is_the_normalized_sum_over_items_having_both():
+  rng = np.random.default_rng(2)
+  emb = {m: rng.normal(size=(40, 6)).astype(np.float32) for m in ("audio", "video", "text")}
+  masks = {m: np.ones(40, bool) for m in emb}
+  masks["video"][::4] = False  # Those items cannot make an audio+video query.
+  ids = np.arange(40)
+  out = retrieval.evaluate_pairs(emb, masks, ids, "test", fused=["audio+video"])
+  keep = masks["video"]
+  fused = emb["audio"][keep] + emb["video"][keep]
+  fused /= np.linalg.norm(fused, axis=1, keepdims=True)
+  ranks = brute_force_ranks(fused, emb["text"], ids[keep], ids)
+  assert out["test/audio+video->text/R@1"] == pytest.approx(100 * np.mean(ranks <= 1))
+  assert out["test/audio+video->text/MnR"] == pytest.approx(np.mean(ranks))
+  assert "test/audio+text->video/R@1" not in out
+  with pytest.raises(ValueError, match="fused query 'audio\+sound'"):
+    retrieval.evaluate_pairs(emb, masks, ids, "test", fused=["audio+sound"])

@@ -24,20 +24,62 @@ def query_ranks(query_emb, gallery_emb, query_ids, gallery_ids, chunk_size=1024)
   return ranks
 
 
-def retrieval_metrics(query_emb, gallery_emb, query_ids, gallery_ids, ks=(1, 5, 10)):
-  """{"R@k" (percent) for k in ks, "MedR", "MnR"} over queries that have a positive.
+def top_indices(query_emb, gallery_emb, k, chunk_size=1024):
+  """int64[Q, k]: the k best gallery items per query (score descending, ties by index)."""
+  out = []
+  for start in range(0, len(query_emb), chunk_size):
+    scores = np.asarray(query_emb[start:start + chunk_size], np.float32) @ np.asarray(
+        gallery_emb, np.float32).T
+    out.append(np.argsort(-scores, axis=1, kind="stable")[:, :k])
+  return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+
+def mean_average_precision(top, query_ids, gallery_ids, k):
+  """mAP@k (percent) over queries with a positive: AP@k = sum over ranks j <= k of
+  precision@j at each positive, divided by min(#positives, k)."""
+  query_ids, gallery_ids = np.asarray(query_ids), np.asarray(gallery_ids)
+  ids, counts = np.unique(gallery_ids, return_counts=True)
+  positives = np.zeros(len(query_ids), np.int64)
+  known = np.isin(query_ids, ids)
+  positives[known] = counts[np.searchsorted(ids, query_ids[known])]
+  hits = gallery_ids[top[:, :k]] == query_ids[:, None]
+  precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+  ap = (precision * hits).sum(axis=1) / np.maximum(np.minimum(positives, k), 1)
+  return 100.0 * float(ap[positives > 0].mean())
+
+
+# Above this many query x gallery scores, metrics use the sharded, streamed search.
+LARGE = 1 << 26
+
+
+def retrieval_metrics(query_emb, gallery_emb, query_ids, gallery_ids, ks=(1, 5, 10), *,
+                      map_k=10, return_ranks=False, mesh=None):
+  """{"R@k" (percent) for k in ks, "MedR", "MnR", "mAP@10", "RSUM"} over queries with a
+  positive; with `return_ranks`, also "ranks": int64[Q] (0 = no positive).
 
   Queries with no positive in the gallery cannot be ranked: they are counted in
-  "unmatched_queries" instead of being scored.
+  "unmatched_queries" instead of being scored. Large galleries (over `LARGE` scores) go
+  through `search` over all devices (or `mesh`), exactly.
   """
-  ranks = query_ranks(query_emb, gallery_emb, query_ids, gallery_ids)
+  k = min(map_k, len(gallery_emb))
+  if len(query_emb) * len(gallery_emb) > LARGE or mesh is not None:
+    from xmodal_jax.eval import search  # pylint: disable=g-import-not-at-top
+    ranks = search.ranks(query_emb, gallery_emb, query_ids, gallery_ids, mesh=mesh)
+    top = search.topk(query_emb, gallery_emb, k, mesh=mesh)[1]
+  else:
+    ranks = query_ranks(query_emb, gallery_emb, query_ids, gallery_ids)
+    top = top_indices(query_emb, gallery_emb, k)
   matched = ranks[ranks > 0]
   if not len(matched):
     raise ValueError("retrieval_metrics: no query has a positive (shared id) in the gallery")
   metrics = {f"R@{k}": 100.0 * float(np.mean(matched <= k)) for k in ks}
   metrics["MedR"] = float(np.median(matched))
   metrics["MnR"] = float(np.mean(matched))
+  metrics[f"mAP@{map_k}"] = mean_average_precision(top, query_ids, gallery_ids, k)
+  metrics["RSUM"] = sum(metrics[f"R@{k}"] for k in ks)
   metrics["unmatched_queries"] = int(len(ranks) - len(matched))
+  if return_ranks:
+    metrics["ranks"] = ranks
   return metrics
 
 
@@ -55,30 +97,73 @@ def chance_recall(query_ids, gallery_ids, k):
   return 100.0 * (1.0 - float(np.mean(misses)))
 
 
-def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10)):
-  """Metrics for every ordered pair (query, gallery) of modalities.
+def fused_query_sets(modalities, fused="all"):
+  """The modality sets to query with: "all" = every subset of 2..M-1 modalities, "none" =
+  none, or a list of names joined by "+" ("audio+video")."""
+  modalities = list(modalities)
+  if fused == "none" or not fused:
+    return []
+  if fused == "all":
+    return [c for r in range(2, len(modalities))
+            for c in itertools.combinations(modalities, r)]
+  sets = []
+  for name in fused:
+    parts = tuple(name.split("+"))
+    unknown = set(parts) - set(modalities)
+    if len(parts) < 2 or unknown or len(parts) >= len(modalities):
+      raise ValueError(f"fused query {name!r}: expected 2 to {len(modalities) - 1} of "
+                       f"{modalities} joined by '+'")
+    sets.append(parts)
+  return sets
+
+
+def fuse(embeddings, modalities, weights=None):
+  """METHODS.md's fused query: normalize(sum over m of a_m z_m), a_m = 1 by default."""
+  total = sum((weights or {}).get(m, 1.0) * np.asarray(embeddings[m], np.float32)
+              for m in modalities)
+  return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+
+
+def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10), fused="all", mesh=None):
+  """Metrics for every ordered pair (query, gallery) of modalities, and for fused queries.
 
   Args:
     embeddings: {modality: float[N, D]} for the N items of `split`.
     masks: {modality: bool[N]} which items have that modality.
     ids: int[N] item ids.
+    fused: which modality sets also query as one (see `fused_query_sets`), each against
+      every modality outside the set; an item queries only if it has all of them.
   Returns:
-    {"{split}/{query}->{gallery}/{metric}": value} plus "…/chance_R@1".
+    {"{split}/{query}->{gallery}/{metric}": value} plus "…/chance_R@1"; a fused query's
+    name joins its modalities with "+"; "{split}/{a}<->{b}/RSUM" sums both directions.
   """
+  ids = np.asarray(ids)
+  queries = [((q,), g) for q, g in itertools.permutations(embeddings, 2)]
+  queries += [(s, g) for s in fused_query_sets(embeddings, fused) for g in embeddings
+              if g not in s]
   out = {}
-  for q, g in itertools.permutations(embeddings, 2):
-    qm, gm = np.asarray(masks[q], bool), np.asarray(masks[g], bool)
-    metrics = retrieval_metrics(embeddings[q][qm], embeddings[g][gm], ids[qm], ids[gm], ks)
+  for query, g in queries:
+    qm = np.logical_and.reduce([np.asarray(masks[m], bool) for m in query])
+    gm = np.asarray(masks[g], bool)
+    query_emb = fuse({m: embeddings[m][qm] for m in query}, query)
+    metrics = retrieval_metrics(query_emb, embeddings[g][gm], ids[qm], ids[gm], ks,
+                                mesh=mesh)
     metrics["chance_R@1"] = chance_recall(ids[qm], ids[gm], 1)
     for name, value in metrics.items():
-      out[f"{split}/{q}->{g}/{name}"] = value
+      out[f"{split}/{'+'.join(query)}->{g}/{name}"] = value
+  for a, b in itertools.combinations(embeddings, 2):
+    out[f"{split}/{a}<->{b}/RSUM"] = (out[f"{split}/{a}->{b}/RSUM"]
+                                      + out[f"{split}/{b}->{a}/RSUM"])
   return out
 
 
 def format_table(metrics, split, ks=(1, 5, 10)):
-  """A text table, one row per ordered pair, from evaluate_pairs' output."""
-  pairs = sorted({key.split("/")[1] for key in metrics if key.startswith(f"{split}/")})
-  columns = [f"R@{k}" for k in ks] + ["MedR", "MnR", "chance_R@1"]
+  """A text table, one row per ordered pair and fused query, from evaluate_pairs. output."""
+  pairs = sorted({key.split("/")[1] for key in metrics
+                  if key.startswith(f"{split}/") and "->" in key.split("/")[1]
+                  and "<->" not in key.split("/")[1]},
+                 key=lambda p: (p.count("+"), p))
+  columns = [f"R@{k}" for k in ks] + ["MedR", "MnR", "mAP@10", "RSUM", "chance_R@1"]
   width = max([len("query->gallery")] + [len(p) for p in pairs])
   lines = [f"{'query->gallery':<{width}} " + " ".join(f"{c:>10}" for c in columns)]
   for pair in pairs:

@@ -31,6 +31,16 @@ def restore_latest(manager, state):
   return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
 
 
+def restore(manager, state, step):
+  """The state saved at `step`; the error lists the steps there are."""
+  steps = manager.all_steps()
+  if step not in steps:
+    raise FileNotFoundError(f"{manager.directory}: no checkpoint of step {step}; there are "
+                            f"{sorted(steps)}")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def save(manager, step, state, *, force=False):
   """Saves asynchronously when `step` is due (or `force`); returns whether it saved."""
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)

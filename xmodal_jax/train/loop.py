@@ -1,6 +1,8 @@
 """The training loop: validate config, build, restore, step, log, checkpoint, evaluate."""
 
+import dataclasses
 import functools
+from typing import Any
 
 import jax
 import numpy as np
@@ -55,51 +57,114 @@ def validate_config(config):
   if config.eval_batch_size % jax.device_count():
     raise ValueError(f"config.eval_batch_size={config.eval_batch_size} does not divide by the "
                      f"{jax.device_count()} devices")
+  if "eval" in config:
+    try:
+      retrieval.fused_query_sets(modalities, config.eval.fused)
+    except ValueError as e:
+      raise ValueError(f"config.eval.fused: {e}") from e
   for key in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]}: expected a positive number of steps")
 
 
-def embed_split(embed_fn, params, batches, mesh):
-  """Runs `embed_fn` over eval batches; returns ({modality: emb[N, D]}, masks, ids), padding
-  rows removed."""
-  chunks = []
+def resolve_tokenizers(config):
+  """A copy of `config` where each text modality without a `tokenizer` takes its pretrained
+  tower's folder (a Hugging Face model folder holds its tokenizer)."""
+  config = config.copy_and_resolve_references()
+  for name, modality in config.modalities.items():
+    if modality.kind != "text" or modality.get("tokenizer"):
+      continue
+    tower = config.model.towers[name]
+    if tower.get("name") != "pretrained":
+      raise ValueError(f"config.modalities.{name}.tokenizer is unset and its tower is not "
+                       "pretrained: name a tokenizer (a shipped name or a Hugging Face folder)")
+    with modality.unlocked():
+      modality.tokenizer = tower.path
+  return config
+
+
+def embed_batches(embed_fn, params, batches, mesh):
+  """Yields, per eval batch, {"emb": {modality: [n, D]}, "_mask": {...}, "_id": [n]} as NumPy
+  on every host, padding rows removed."""
   for batch in batches:
     batch = parallel.shard_batch(batch, mesh)
     out = {"emb": embed_fn(params, batch), "_mask": batch["_mask"], "_id": batch["_id"]}
-    chunks.append(jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True)))
-  joined = jax.tree.map(lambda *xs: np.concatenate(xs), *chunks)
-  keep = joined["_id"] >= 0
-  return (jax.tree.map(lambda x: x[keep], joined["emb"]),
-          jax.tree.map(lambda x: x[keep], joined["_mask"]), joined["_id"][keep])
+    out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
+    keep = out["_id"] >= 0
+    yield jax.tree.map(lambda x: x[keep], out)
 
 
-def evaluate(config, builder, embed_fn, params, mesh):
+def embed_split(embed_fn, params, batches, mesh):
+  """Runs `embed_fn` over eval batches; returns ({modality: emb[N, D]}, masks, ids)."""
+  joined = jax.tree.map(lambda *xs: np.concatenate(xs),
+                        *embed_batches(embed_fn, params, batches, mesh))
+  return joined["emb"], joined["_mask"], joined["_id"]
+
+
+def evaluate(config, builder, embed_fn, params, mesh, split=None):
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  split = config.data.eval_split
+  split = split or config.data.eval_split
   embeddings, masks, ids = embed_split(
       embed_fn, params, pipeline.eval_iterator(config, builder, split), mesh)
-  return retrieval.evaluate_pairs(embeddings, masks, ids, split)
+  return retrieval.evaluate_pairs(embeddings, masks, ids, split,
+                                  fused=config.get("eval", {}).get("fused", "all"))
 
 
-def train_and_evaluate(config, workdir):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config and a workdir: what train, evaluate, export and search
+  share. `state` is the newest checkpoint's (or a fresh one at `step` 0)."""
+  config: Any
+  builder: Any
+  model: Any
+  tx: Any
+  mesh: Any
+  state: Any
+  step: int
+  manager: Any
+
+
+def setup(config, workdir, *, step=None, require_checkpoint=False):
+  """Validates `config`, builds the dataset builder, model, optimizer and mesh, initializes
+  the state (pretrained towers in place) and restores checkpoint `step` (default: newest)."""
   validate_config(config)
+  config = resolve_tokenizers(config)
   from xmodal_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
   builder = pipeline.get_builder(config.data)
   pipeline.check_modalities(config, builder)
   vocab_sizes = {name: len(preprocess.load_tokenizer(m.tokenizer))
                  for name, m in config.modalities.items() if m.kind == "text"}
-  model = towers.build_model(config.model, vocab_sizes)
+  model, pretrained = towers.build_model(config.model, vocab_sizes)
   tx = optimizer.make_optimizer(config)
   mesh = parallel.make_mesh()
 
-  example = next(pipeline.eval_iterator(config, builder, config.data.eval_split))
+  # Init needs shapes only: one row keeps its compile and run small.
+  example = jax.tree.map(lambda x: x[:1],
+                         next(pipeline.eval_iterator(config, builder, config.data.eval_split)))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   init = jax.jit(functools.partial(state_lib.create_train_state, model, tx, seed=config.seed),
-                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                 out_shardings=replicated)
   state = init(example)
+  if pretrained:  # Outside jit: the weights would otherwise become compiled-in constants.
+    state = state.replace(params=towers.insert_pretrained(
+        state.params, jax.device_put(pretrained, replicated)))
   manager = checkpoint.make_manager(workdir, config)
-  state, start_step = checkpoint.restore_latest(manager, state)
+  if step is None:
+    state, step = checkpoint.restore_latest(manager, state)
+  else:
+    state = checkpoint.restore(manager, state, step)
+  if require_checkpoint and not step:
+    raise FileNotFoundError(f"{workdir}: no checkpoint to restore (train first)")
+  return Experiment(config, builder, model, tx, mesh, state, step, manager)
+
+
+def train_and_evaluate(config, workdir):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  experiment = setup(config, workdir)
+  config, builder, model, tx, mesh = (experiment.config, experiment.builder, experiment.model,
+                                      experiment.tx, experiment.mesh)
+  state, start_step, manager = experiment.state, experiment.step, experiment.manager
   if start_step:
     print(f"Resuming from the checkpoint of step {start_step}.", flush=True)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
