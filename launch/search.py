@@ -1,0 +1,102 @@
+"""Searches an embedding export with a query: text, or an audio (.wav) file.
+
+  python launch/search.py --config=configs/audio_video_text.py --workdir=runs/avt \
+      --export=emb/ --query-text="seven one four two" --k=5
+
+Encodes the query with the run's model (newest checkpoint, or the export's step), scores it
+against every other exported modality (or --gallery) by cosine and prints the top-k item ids
+with their scores and, when the dataset has text, each item's text.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np
+from xmodal_jax.data import preprocess
+from xmodal_jax.eval import export, search
+from xmodal_jax.train import loop
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
+_EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
+_QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
+_QUERY_AUDIO = flags.DEFINE_string("query-audio", None, "A .wav file as the query.")
+_GALLERY = flags.DEFINE_list("gallery", None, "Modalities to search (default: all others).")
+_K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality.")
+flags.mark_flags_as_required(["config", "workdir", "export"])
+
+
+def read_query(config):
+  """(modality name, raw value) from the query flags."""
+  given = [(kind, value) for kind, value in (("text", _QUERY_TEXT.value),
+                                             ("audio", _QUERY_AUDIO.value)) if value]
+  if len(given) != 1:
+    raise app.UsageError("give exactly one of --query-text, --query-audio")
+  kind, value = given[0]
+  names = [n for n, m in config.modalities.items() if m.kind == kind]
+  if not names:
+    raise app.UsageError(f"the config has no {kind} modality to encode the query with")
+  if kind == "audio":
+    from scipy.io import wavfile
+    if not os.path.exists(value):
+      raise app.UsageError(f"--query-audio={value}: no such file")
+    rate, value = wavfile.read(value)
+    expected = config.model.towers[names[0]].get("sample_rate")
+    if expected and rate != expected:
+      raise app.UsageError(f"--query-audio: {rate} Hz, the model takes {expected} Hz")
+    if value.ndim != 1:
+      raise app.UsageError("--query-audio: expected a mono .wav file")
+  return names[0], value
+
+
+def item_texts(experiment, split, ids):
+  """{id: text} for `ids` when the dataset has a text feature, else {}."""
+  texts = [m.feature for m in experiment.config.modalities.values() if m.kind == "text"]
+  if not texts:
+    return {}
+  wanted, found = set(int(i) for i in ids), {}
+  for example in experiment.builder.as_dataset(split=split).as_numpy_iterator():
+    if int(example["id"]) in wanted:
+      found[int(example["id"])] = example[texts[0]].decode("utf-8")
+  return found
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  ids, embeddings, masks, meta = export.read_export(_EXPORT.value)
+  experiment = loop.setup(_CONFIG.value, _WORKDIR.value, step=meta["step"],
+                          require_checkpoint=True)
+  config = experiment.config
+  modality, raw = read_query(config)
+  inputs = {modality: preprocess.preprocess_one(modality, config.modalities[modality], raw)}
+  query = np.asarray(experiment.model.apply({"params": experiment.state.params}, inputs,
+                                            train=False)[modality])
+  galleries = _GALLERY.value or [m for m in embeddings if m != modality]
+  results = {}
+  for gallery in galleries:
+    if gallery not in embeddings:
+      raise app.UsageError(f"--gallery={gallery}: the export has {sorted(embeddings)}")
+    rows = np.flatnonzero(masks[gallery])
+    scores, index = search.topk(query, embeddings[gallery][rows], min(_K.value, len(rows)))
+    results[gallery] = [(int(ids[rows[i]]), float(s)) for s, i in zip(scores[0], index[0])]
+  texts = item_texts(experiment, meta["split"], [i for r in results.values() for i, _ in r])
+  for gallery, hits in results.items():
+    print(f"{modality} query -> {gallery} ({meta['split']}, step {meta['step']}):")
+    for rank, (item, score) in enumerate(hits, start=1):
+      text = f"  {texts[item]!r}" if item in texts else ""
+      print(f"  {rank:3d}. id {item}  score {score:.4f}{text}")
+
+
+if __name__ == "__main__":
+  app.run(main)

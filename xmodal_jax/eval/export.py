@@ -1,0 +1,81 @@
+"""Embedding export: every item of a split, every modality it has, as NumPy files.
+
+  {out}/ids.npy               int64[N] item ids, in dataset order
+  {out}/{modality}.npy        float32[N, D] L2-normalized (zero rows where the item lacks it)
+  {out}/mask_{modality}.npy   bool[N] which rows hold an embedding
+  {out}/meta.json             model config, checkpoint step, split, dims, count, masks
+
+Batches are written to {out}/parts/ as they are computed, so an interrupted export resumes
+where it stopped; parts from another checkpoint or config are refused, not mixed.
+"""
+
+import json
+import os
+
+import numpy as np
+
+
+def _load_part(path):
+  with np.load(path) as part:
+    return {k: part[k] for k in part.files}
+
+
+def write_export(out, batches, num_batches, signature, meta):
+  """Writes the export files from `batches` (an iterable of embed_batches' dicts).
+
+  `signature` (a JSON-able dict) identifies what produced the parts; `meta` goes to
+  meta.json with dims, count and masks added. Returns meta.
+  """
+  parts_dir = os.path.join(out, "parts")
+  os.makedirs(parts_dir, exist_ok=True)
+  signature_path = os.path.join(parts_dir, "signature.json")
+  if os.path.exists(signature_path):
+    with open(signature_path) as f:
+      previous = json.load(f)
+    if previous != signature:
+      raise ValueError(f"{out}: holds parts of another export ({previous}); use a new --out "
+                       f"or delete it to export {signature}")
+  else:
+    with open(signature_path, "w") as f:
+      json.dump(signature, f)
+  paths = []
+  for index, batch in enumerate(batches):
+    path = os.path.join(parts_dir, f"{index:06d}.npz")
+    paths.append(path)
+    if os.path.exists(path):
+      continue  # Written before an interruption.
+    flat = {"_id": batch["_id"]}
+    flat.update({f"emb/{m}": v for m, v in batch["emb"].items()})
+    flat.update({f"mask/{m}": v for m, v in batch["_mask"].items()})
+    np.savez(path + ".tmp.npz", **flat)
+    os.replace(path + ".tmp.npz", path)  # A part exists only once complete.
+    print(f"export: batch {index + 1}/{num_batches}", flush=True)
+  parts = [_load_part(p) for p in paths]
+  ids = np.concatenate([p["_id"] for p in parts]).astype(np.int64)
+  modalities = sorted(k.split("/", 1)[1] for k in parts[0] if k.startswith("emb/"))
+  meta = dict(meta, count=int(len(ids)), dims={}, masks={})
+  np.save(os.path.join(out, "ids.npy"), ids)
+  for m in modalities:
+    emb = np.concatenate([p[f"emb/{m}"] for p in parts]).astype(np.float32)
+    mask = np.concatenate([p[f"mask/{m}"] for p in parts]).astype(bool)
+    emb[~mask] = 0.0
+    np.save(os.path.join(out, f"{m}.npy"), emb)
+    np.save(os.path.join(out, f"mask_{m}.npy"), mask)
+    meta["dims"][m] = int(emb.shape[1])
+    meta["masks"][m] = {"file": f"mask_{m}.npy", "items_with_modality": int(mask.sum())}
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump(meta, f, indent=1)
+  return meta
+
+
+def read_export(out):
+  """(ids, {modality: emb}, {modality: mask}, meta) from an export folder."""
+  meta_path = os.path.join(out, "meta.json")
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f"{out}: no meta.json, so not a finished export")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  ids = np.load(os.path.join(out, "ids.npy"))
+  embeddings = {m: np.load(os.path.join(out, f"{m}.npy")) for m in meta["dims"]}
+  masks = {m: np.load(os.path.join(out, f"mask_{m}.npy")) for m in meta["dims"]}
+  return ids, embeddings, masks, meta
