@@ -30,6 +30,7 @@ setuptools.setup(
             "tensorflow-datasets>=4.9.7",
             "importlib_resources>=6",
             "scikit-learn>=1.4",  # ships the handwritten digits of the default dataset
+            "av>=12",  # PyAV: video decoding (FFmpeg)
         ],
         "test": [
             "pytest>=8",

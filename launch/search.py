@@ -1,4 +1,4 @@
-"""Searches an embedding export with a query: text, or an audio (.wav) file.
+"""Searches an embedding export with a query: text, an audio (.wav) or a video file.
 
   python launch/search.py --config=configs/audio_video_text.py --workdir=runs/avt \
       --export=emb/ --query-text="seven one four two" --k=5
@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np
-from xmodal_jax.data import preprocess
+from xmodal_jax.data import media, preprocess
 from xmodal_jax.eval import export, search
 from xmodal_jax.train import loop
 
@@ -30,32 +30,42 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
 _QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
 _QUERY_AUDIO = flags.DEFINE_string("query-audio", None, "A .wav file as the query.")
+_QUERY_VIDEO = flags.DEFINE_string("query-video", None, "A video file (any format FFmpeg "
+                                   "reads) as the query.")
 _GALLERY = flags.DEFINE_list("gallery", None, "Modalities to search (default: all others).")
 _K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality.")
 flags.mark_flags_as_required(["config", "workdir", "export"])
 
 
-def read_query(config):
-  """(modality name, raw value) from the query flags."""
+def query_flag():
+  """(kind, value) of the one query flag given; checked before anything is built."""
   given = [(kind, value) for kind, value in (("text", _QUERY_TEXT.value),
-                                             ("audio", _QUERY_AUDIO.value)) if value]
+                                             ("audio", _QUERY_AUDIO.value),
+                                             ("video", _QUERY_VIDEO.value)) if value]
   if len(given) != 1:
-    raise app.UsageError("give exactly one of --query-text, --query-audio")
+    raise app.UsageError("give exactly one of --query-text, --query-audio, --query-video")
   kind, value = given[0]
+  if kind != "text" and not os.path.exists(value):
+    raise app.UsageError(f"--query-{kind}={value}: no such file")
+  return kind, value
+
+
+def read_query(experiment, kind, value):
+  """(modality name, raw value as the dataset feature holds it)."""
+  config = experiment.config
   names = [n for n, m in config.modalities.items() if m.kind == kind]
   if not names:
     raise app.UsageError(f"the config has no {kind} modality to encode the query with")
+  name = names[0]
   if kind == "audio":
-    from scipy.io import wavfile
-    if not os.path.exists(value):
-      raise app.UsageError(f"--query-audio={value}: no such file")
-    rate, value = wavfile.read(value)
-    expected = config.model.towers[names[0]].get("sample_rate")
+    value, rate = media.read_wav(value)
+    expected = config.model.towers[name].get("sample_rate")
     if expected and rate != expected:
       raise app.UsageError(f"--query-audio: {rate} Hz, the model takes {expected} Hz")
-    if value.ndim != 1:
-      raise app.UsageError("--query-audio: expected a mono .wav file")
-  return names[0], value
+  elif kind == "video":
+    shape = experiment.builder.info.features[config.modalities[name].feature].shape
+    value = media.read_video(value, shape)
+  return name, value
 
 
 def item_texts(experiment, split, ids):
@@ -74,11 +84,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  kind, value = query_flag()
   ids, embeddings, masks, meta = export.read_export(_EXPORT.value)
   experiment = loop.setup(_CONFIG.value, _WORKDIR.value, step=meta["step"],
                           require_checkpoint=True)
   config = experiment.config
-  modality, raw = read_query(config)
+  modality, raw = read_query(experiment, kind, value)
   inputs = {modality: preprocess.preprocess_one(modality, config.modalities[modality], raw)}
   query = np.asarray(experiment.model.apply({"params": experiment.state.params}, inputs,
                                             train=False)[modality])
