@@ -233,3 +233,41 @@ def test_training_with_a_pretrained_text_tower(digit_data_dir, tmp_path):
   start = params["word_embeddings"]["embedding"]
   assert np.abs(np.asarray(trained) - start).max() < 0.05
   assert np.abs(start).max() > 0.1
+
+
+def test_clip_towers_with_projection_reproduce_clip_embeddings_and_logits(tmp_path):
+  """Two pretrained towers from one CLIP folder with projection=True: our model's normalized
+  embeddings and logit scale are CLIP's at step 0."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=99, max_position_embeddings=16, eos_token_id=98,
+                       bos_token_id=97, pad_token_id=0, **SMALL),
+      vision_config=dict(image_size=16, patch_size=4, **SMALL), projection_dim=8)
+  model, folder = saved(transformers.CLIPModel(config), tmp_path)
+  rng = np.random.default_rng(3)
+  ids, mask = token_inputs(97, rng)
+  ids[np.arange(3), mask.sum(1) - 1] = 98
+  pixels = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+  with torch.no_grad():
+    text = model.text_projection(model.text_model(
+        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).pooler_output)
+    image = model.visual_projection(model.vision_model(
+        pixel_values=torch.tensor(pixels)).pooler_output)
+  model_config = ml_collections.ConfigDict(dict(embed_dim=8, towers=dict(
+      text=dict(name="pretrained", path=folder, part="text", projection=True),
+      image=dict(name="pretrained", path=folder, part="vision", projection=True))))
+  ours, pretrained = towers.build_model(model_config)
+  batch = {"text": {"input_ids": ids, "attention_mask": mask},
+           "image": {"pixels": pixels.transpose(0, 2, 3, 1)}}
+  params = ours.init(jax.random.key(0), batch, train=False)["params"]
+  params = towers.insert_pretrained(params, pretrained)
+  out = ours.apply({"params": params}, batch, train=False)
+  for name, reference in (("text", text), ("image", image)):
+    reference = reference / reference.norm(dim=-1, keepdim=True)
+    assert_close(out[name], reference)
+  np.testing.assert_allclose(params["logit_scale"], model.logit_scale.item(), rtol=1e-6)
+  with pytest.raises(ValueError, match="CLIP projects to 8 dims but config.model.embed_dim=4"):
+    towers.build_model(ml_collections.ConfigDict(dict(embed_dim=4, towers=dict(
+        text=dict(name="pretrained", path=folder, part="text", projection=True)))))

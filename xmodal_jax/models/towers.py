@@ -64,7 +64,8 @@ def build_tower(tower_config, where, vocab_size=None):
   """A tower from its config dict {name, **kwargs} -> (module, {param path: pretrained params}).
 
   name="pretrained" loads `path` (a Hugging Face folder; `part` picks CLIP's text or vision
-  model) with the other keys as overrides; name="frames" builds its `image` tower the same
+  model) with the other keys as overrides (`build_model` also reads projection=True: CLIP's
+  projection into the modality's head and its logit scale); name="frames" builds its `image` tower the same
   way. `where` names the config entry in errors.
   """
   kwargs = dict(tower_config)
@@ -106,6 +107,13 @@ def build_model(model_config, vocab_sizes=None):
   """
   towers, pretrained = {}, {}
   for modality, tower_config in model_config.towers.items():
+    tower_config = dict(tower_config)
+    if tower_config.pop("projection", False):  # CLIP's projection and logit scale too.
+      from xmodal_jax.pretrained import hf  # pylint: disable=g-import-not-at-top
+      head, scale = hf.load_hf_projection(tower_config.get("path"), tower_config.get("part"),
+                                          model_config.embed_dim)
+      pretrained[(f"heads_{modality}",)] = head
+      pretrained[()] = {"logit_scale": scale}
     tower, loaded = build_tower(tower_config, f"config.model.towers.{modality}",
                                 (vocab_sizes or {}).get(modality))
     towers[modality] = tower

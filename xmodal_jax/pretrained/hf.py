@@ -399,6 +399,24 @@ def load_hf(path, part=None, **overrides):
   return HFModule(tower), jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
+def load_hf_projection(path, part, embed_dim):
+  """CLIP's projection of `part` ("text" or "vision") as params of our head (Dense [W, P]
+  with a zero bias) and its logit scale (stored as the log, as ours): the model starts
+  from CLIP's joint space. `embed_dim` must be CLIP's projection_dim."""
+  tensors = read_weights(path)
+  name = {"text": "text_projection.weight", "vision": "visual_projection.weight"}.get(part)
+  if name is None or name not in tensors:
+    raise ValueError(f"{path}: projection=True needs a CLIPModel folder with "
+                     f"{name or 'text_projection/visual_projection'} and part='text' or "
+                     f"'vision' (part={part!r})")
+  weight = tensors[name]
+  if weight.shape[0] != embed_dim:
+    raise ValueError(f"{path}: CLIP projects to {weight.shape[0]} dims but "
+                     f"config.model.embed_dim={embed_dim}")
+  head = {"kernel": weight.T.astype(np.float32), "bias": np.zeros(embed_dim, np.float32)}
+  return head, np.asarray(tensors["logit_scale"], np.float32).reshape(())
+
+
 def check_fits(tower, params, example, path):
   """Every parameter of `tower` outside its pooling head (GPO is ours) must be loaded, with
   the shape the tower expects."""
