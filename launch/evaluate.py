@@ -15,38 +15,33 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import functools
+from common import CONFIG, WORKDIR  # launch/common.py
 import jax
 from xmodal_jax.eval import retrieval
-from xmodal_jax.train import loop, step as step_lib
+from xmodal_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: config's eval split).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _OUT = flags.DEFINE_string("out", None, "Metrics JSON path.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  experiment = loop.setup(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
+  experiment = loop.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
                           require_checkpoint=True)
   split = _SPLIT.value or experiment.config.data.eval_split
-  embed_fn = jax.jit(functools.partial(step_lib.embed_step, model=experiment.model))
+  embed_fn = experiment.embed_fn()
   metrics = loop.evaluate(experiment.config, experiment.builder, embed_fn,
                           experiment.state.params, experiment.mesh, split)
   print(f"step {experiment.step}, split {split}")
   print(retrieval.format_table(metrics, split), flush=True)
-  out = _OUT.value or os.path.join(_WORKDIR.value, f"eval_{split}_step{experiment.step}.json")
+  out = _OUT.value or os.path.join(WORKDIR.value, f"eval_{split}_step{experiment.step}.json")
   if jax.process_index() == 0:
     with open(out, "w") as f:
       json.dump({"step": experiment.step, "split": split, **metrics}, f, indent=1)

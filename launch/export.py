@@ -14,41 +14,37 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import functools
+from common import CONFIG, WORKDIR  # launch/common.py
 import jax
 from xmodal_jax.data import pipeline
 from xmodal_jax.eval import export
-from xmodal_jax.train import loop, step as step_lib
+from xmodal_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to export (default: config's eval split).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
-flags.mark_flags_as_required(["config", "workdir", "out"])
+flags.mark_flags_as_required(["out"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  experiment = loop.setup(_CONFIG.value, _WORKDIR.value, step=_STEP.value,
+  experiment = loop.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
                           require_checkpoint=True)
   config = experiment.config
   split = _SPLIT.value or config.data.eval_split
-  embed_fn = jax.jit(functools.partial(step_lib.embed_step, model=experiment.model))
+  embed_fn = experiment.embed_fn()
   batches = loop.embed_batches(embed_fn, experiment.state.params,
                                pipeline.eval_iterator(config, experiment.builder, split),
                                experiment.mesh)
   total = experiment.builder.info.splits[split].num_examples
   num_batches = -(-total // config.eval_batch_size)
-  signature = {"workdir": os.path.abspath(_WORKDIR.value), "step": experiment.step,
+  signature = {"workdir": os.path.abspath(WORKDIR.value), "step": experiment.step,
                "split": split, "dataset": config.data.name}
   meta = dict(signature, model=config.model.to_dict(), eval_batch_size=config.eval_batch_size)
   if jax.process_index() == 0:

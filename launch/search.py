@@ -14,19 +14,16 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from common import CONFIG, WORKDIR  # launch/common.py
 import numpy as np
 from xmodal_jax.data import media, preprocess
 from xmodal_jax.eval import export, search
 from xmodal_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
 _QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
 _QUERY_AUDIO = flags.DEFINE_string("query-audio", None, "A .wav file as the query.")
@@ -34,7 +31,7 @@ _QUERY_VIDEO = flags.DEFINE_string("query-video", None, "A video file (any forma
                                    "reads) as the query.")
 _GALLERY = flags.DEFINE_list("gallery", None, "Modalities to search (default: all others).")
 _K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality.")
-flags.mark_flags_as_required(["config", "workdir", "export"])
+flags.mark_flags_as_required(["export"])
 
 
 def query_flag():
@@ -86,7 +83,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   kind, value = query_flag()
   ids, embeddings, masks, meta = export.read_export(_EXPORT.value)
-  experiment = loop.setup(_CONFIG.value, _WORKDIR.value, step=meta["step"],
+  experiment = loop.setup(CONFIG.value, WORKDIR.value, step=meta["step"],
                           require_checkpoint=True)
   config = experiment.config
   modality, raw = read_query(experiment, kind, value)

@@ -123,6 +123,10 @@ class Experiment:
   step: int
   manager: Any
 
+  def embed_fn(self):
+    """The jitted eval embedding step: (params, batch) -> {modality: embeddings}."""
+    return jax.jit(functools.partial(step_lib.embed_step, model=self.model))
+
 
 def setup(config, workdir, *, step=None, require_checkpoint=False):
   """Validates `config`, builds the dataset builder, model, optimizer and mesh, initializes
@@ -176,7 +180,7 @@ def train_and_evaluate(config, workdir):
       functools.partial(step_lib.train_step, model=model, tx=tx, loss_config=config.loss,
                         mesh=mesh, seed=config.seed),
       donate_argnums=(0,))
-  embed_fn = jax.jit(functools.partial(step_lib.embed_step, model=model))
+  embed_fn = experiment.embed_fn()
   batches = pipeline.train_iterator(config, builder, start_step=start_step)
   progress = metrics_lib.Progress(config.total_steps, start_step)
   eval_metrics = None
