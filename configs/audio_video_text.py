@@ -25,7 +25,8 @@ def get_config(variant=""):
                      eval_split="test", shuffle_buffer=10_000, cache=True)
   config.modalities = dict(
       audio=dict(kind="audio", feature="audio", num_samples=25_600),
-      video=dict(kind="video", feature="video", max_shift=0),
+      video=dict(kind="video", feature="video", num_frames=4, frame_size=8, channels=1,
+                 sampling="uniform", max_shift=0),
       text=dict(kind="text", feature="text", tokenizer="digit_words", max_length=8),
   )
   config.model = dict(

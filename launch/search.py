@@ -1,4 +1,4 @@
-"""Searches an embedding export with a query: text, an audio (.wav) or a video file.
+"""Searches an embedding export with a query: text, or an audio, image or video file.
 
   python launch/search.py --config=configs/audio_video_text.py --workdir=runs/avt \
       --export=emb/ --query-text="seven one four two" --k=5
@@ -20,13 +20,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR  # launch/common.py
 import numpy as np
-from xmodal_jax.data import media, preprocess
+from xmodal_jax.data import media, preprocess, records
 from xmodal_jax.eval import export, search
 from xmodal_jax.train import loop
 
 _EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
 _QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
-_QUERY_AUDIO = flags.DEFINE_string("query-audio", None, "A .wav file as the query.")
+_QUERY_AUDIO = flags.DEFINE_string("query-audio", None, "An audio file (wav, flac, ogg, mp3, "
+                                   "...) as the query; resampled to the tower's rate.")
+_QUERY_IMAGE = flags.DEFINE_string("query-image", None, "An image file (JPEG, PNG, ...) as "
+                                   "the query.")
 _QUERY_VIDEO = flags.DEFINE_string("query-video", None, "A video file (any format FFmpeg "
                                    "reads) as the query.")
 _GALLERY = flags.DEFINE_list("gallery", None, "Modalities to search (default: all others).")
@@ -38,9 +41,11 @@ def query_flag():
   """(kind, value) of the one query flag given; checked before anything is built."""
   given = [(kind, value) for kind, value in (("text", _QUERY_TEXT.value),
                                              ("audio", _QUERY_AUDIO.value),
+                                             ("image", _QUERY_IMAGE.value),
                                              ("video", _QUERY_VIDEO.value)) if value]
   if len(given) != 1:
-    raise app.UsageError("give exactly one of --query-text, --query-audio, --query-video")
+    raise app.UsageError("give exactly one of --query-text, --query-audio, --query-image, "
+                         "--query-video")
   kind, value = given[0]
   if kind != "text" and not os.path.exists(value):
     raise app.UsageError(f"--query-{kind}={value}: no such file")
@@ -54,14 +59,20 @@ def read_query(experiment, kind, value):
   if not names:
     raise app.UsageError(f"the config has no {kind} modality to encode the query with")
   name = names[0]
+  modality = config.modalities[name]
   if kind == "audio":
-    value, rate = media.read_wav(value)
-    expected = config.model.towers[name].get("sample_rate")
-    if expected and rate != expected:
-      raise app.UsageError(f"--query-audio: {rate} Hz, the model takes {expected} Hz")
+    built = records.read_sidecar(experiment.builder.data_dir).get("options", {})
+    rate = config.model.towers[name].get("sample_rate") or built.get("sample_rate")
+    if not rate:
+      raise app.UsageError(f"--query-audio: neither config.model.towers.{name}.sample_rate "
+                           "nor the dataset says which sample rate the model takes")
+    value = media.decode_audio(value, rate)
+  elif kind == "image":
+    with open(value, "rb") as f:
+      value = f.read()
   elif kind == "video":
-    shape = experiment.builder.info.features[config.modalities[name].feature].shape
-    value = media.read_video(value, shape)
+    value = media.read_video(value, (modality.num_frames, modality.frame_size,
+                                     modality.frame_size, modality.get("channels", 3)))
   return name, value
 
 
@@ -73,7 +84,9 @@ def item_texts(experiment, split, ids):
   wanted, found = set(int(i) for i in ids), {}
   for example in experiment.builder.as_dataset(split=split).as_numpy_iterator():
     if int(example["id"]) in wanted:
-      found[int(example["id"])] = example[texts[0]].decode("utf-8")
+      text = example[texts[0]]
+      text = text[0] if isinstance(text, np.ndarray) else text  # an item's first caption
+      found[int(example["id"])] = text.decode("utf-8")
   return found
 
 

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+import fixtures
 from conftest import REPO, run_train
 
 CONFIG = os.path.join(REPO, "configs", "audio_video_text.py")
@@ -137,18 +138,6 @@ def test_search_with_an_audio_file(short_run, short_export):
   assert printed.count(" 1. id ") == 2
 
 
-def write_mp4(path, frames, fps=4):
-  """Encodes uint8 frames [T, H, W] as an H.264 MP4 (what a user's phone would give)."""
-  import av  # pylint: disable=g-import-not-at-top
-  with av.open(path, "w") as container:
-    stream = container.add_stream("libx264", rate=fps)
-    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-    for frame in frames:
-      rgb = np.repeat(frame[..., None], 3, axis=2)
-      container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-    container.mux(stream.encode())
-
-
 def test_video_file_is_decoded_to_the_dataset_frames_and_searched(short_run, short_export,
                                                                   digit_data_dir, tmp_path):
   """A test item's four handwriting frames, upscaled 8x and encoded as MP4 (8 video frames,
@@ -161,7 +150,7 @@ def test_video_file_is_decoded_to_the_dataset_frames_and_searched(short_run, sho
   frames = item["video"][..., 0]  # [4, 8, 8]
   big = np.repeat(np.repeat(np.repeat(frames, 2, axis=0), 8, axis=1), 8, axis=2)
   path = str(tmp_path / "query.mp4")
-  write_mp4(path, big)
+  fixtures.write_mp4(path, np.repeat(big[..., None], 3, axis=3), fps=4)
   decoded = media.read_video(path, (4, 8, 8, 1))
   assert decoded.shape == (4, 8, 8, 1) and decoded.dtype == np.uint8
   assert np.abs(decoded[..., 0].astype(int) - frames).mean() < 6  # Codec loss only.

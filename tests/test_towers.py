@@ -124,3 +124,18 @@ def test_feature_mlp_matches_numpy():
   expected = hidden @ p["output"]["kernel"] + p["output"]["bias"]
   out = tower.apply({"params": p}, {"features": x}, train=False)["pooled"]
   np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_spec_augment_masks_bands_of_at_most_the_given_width():
+  spec = jnp.ones((64, 50, 20))
+  out = np.asarray(audio.spec_augment(jax.random.key(0), spec, time_masks=2, time_width=6,
+                                      freq_masks=1, freq_width=4))
+  time_masked = (out == 0).all(axis=2)  # [B, frames]: whole frames set to the fill
+  freq_masked = (out == 0).all(axis=1)  # [B, mels]
+  assert time_masked.sum(axis=1).max() <= 12 and freq_masked.sum(axis=1).max() <= 4
+  assert time_masked.any() and freq_masked.any()
+  np.testing.assert_array_equal(out[out != 0], 1.0)  # nothing else changes
+  assert (freq_masked.sum(axis=1) > 0).mean() > 0.5  # widths are drawn from 0..4
+  unchanged = audio.spec_augment(jax.random.key(0), spec, time_masks=2, time_width=0,
+                                 freq_masks=2, freq_width=0)
+  np.testing.assert_array_equal(unchanged, spec)

@@ -1,20 +1,35 @@
 """Reading media files into the raw arrays a dataset feature holds (int16 samples, uint8
-frames), for queries and builders."""
+frames), for builders and queries. Decoding goes through FFmpeg (PyAV): wav, flac, ogg, mp3,
+mp4, ... all take the same path."""
 
 import os
 
 import numpy as np
 
 
-def read_wav(path):
-  """(samples int16 or float32 [N] mono, sample rate) from a .wav file."""
-  from scipy.io import wavfile  # pylint: disable=g-import-not-at-top
+def _check_exists(path, what):
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such audio file")
-  rate, samples = wavfile.read(path)
-  if samples.ndim != 1:
-    raise ValueError(f"{path}: expected mono audio, got {samples.shape[1]} channels")
-  return samples, rate
+    raise FileNotFoundError(f"{path}: no such {what} file")
+
+
+def decode_audio(path, sample_rate):
+  """int16 mono samples [N] of an audio file, downmixed and resampled to `sample_rate` Hz."""
+  import av  # pylint: disable=g-import-not-at-top
+  _check_exists(path, "audio")
+  chunks = []
+  try:
+    with av.open(path) as container:
+      if not container.streams.audio:
+        raise ValueError(f"{path}: no audio stream")
+      resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+      for frame in container.decode(audio=0):
+        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
+      chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+  except av.error.FFmpegError as e:
+    raise ValueError(f"{path}: cannot decode audio ({e})") from e
+  if not chunks:
+    raise ValueError(f"{path}: the audio stream has no samples")
+  return np.concatenate(chunks).astype(np.int16)
 
 
 def sample_indices(count, num_frames):
@@ -25,24 +40,47 @@ def sample_indices(count, num_frames):
                     count - 1)
 
 
+def decode_video(path, num_frames, channels=3):
+  """uint8 [num_frames, H, W, channels] sampled uniformly over a video file's frames, at the
+  file's size; RGB (channels = 3) or luma (channels = 1)."""
+  import av  # pylint: disable=g-import-not-at-top
+  _check_exists(path, "video")
+  if channels not in (1, 3):
+    raise ValueError(f"video frames with {channels} channels: expected 1 or 3")
+  pixel_format = "gray" if channels == 1 else "rgb24"
+  try:
+    with av.open(path) as container:
+      if not container.streams.video:
+        raise ValueError(f"{path}: no video stream")
+      count = container.streams.video[0].frames
+      wanted = set(sample_indices(count, num_frames)) if count > 0 else None
+      frames = {}  # index -> frame; only the sampled ones when the count is known upfront
+      for i, frame in enumerate(container.decode(video=0)):
+        if wanted is None or i in wanted:
+          frames[i] = frame.to_ndarray(format=pixel_format)
+  except av.error.FFmpegError as e:
+    raise ValueError(f"{path}: cannot decode video ({e})") from e
+  if not frames:
+    raise ValueError(f"{path}: the video stream has no frames")
+  if wanted is None or len(frames) < len(wanted):  # The header's count was wrong.
+    ordered = [frames[i] for i in sorted(frames)]
+    picked = np.stack([ordered[i] for i in sample_indices(len(ordered), num_frames)])
+  else:
+    picked = np.stack([frames[i] for i in sample_indices(count, num_frames)])
+  return picked[..., None] if picked.ndim == 3 else picked
+
+
+def resize_frames(frames, height, width):
+  """uint8 [T, h, w, C] -> uint8 [T, height, width, C] by area averaging."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if frames.shape[1:3] == (height, width):
+    return frames
+  resized = tf.image.resize(tf.cast(frames, tf.float32), (height, width), method="area")
+  return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+
+
 def read_video(path, shape):
   """uint8 frames of `shape` [T, H, W, C] from a video file: T frames sampled uniformly,
   area-resized to H x W, RGB (C = 3) or luma (C = 1)."""
-  import av  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such video file")
   num_frames, height, width, channels = shape
-  if channels not in (1, 3):
-    raise ValueError(f"video frames with {channels} channels: expected 1 or 3")
-  try:
-    with av.open(path) as container:
-      frames = [f.to_ndarray(format="gray" if channels == 1 else "rgb24")
-                for f in container.decode(video=0)]
-  except av.error.FFmpegError as e:
-    raise ValueError(f"{path}: cannot decode video ({e})") from e
-  picked = np.stack([frames[i] for i in sample_indices(len(frames), num_frames)])
-  if picked.ndim == 3:
-    picked = picked[..., None]
-  resized = tf.image.resize(tf.cast(picked, tf.float32), (height, width), method="area")
-  return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+  return resize_frames(decode_video(path, num_frames, channels), height, width)

@@ -12,7 +12,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from xmodal_jax.data import preprocess
+from xmodal_jax.data import preprocess, records
+from xmodal_jax.data.builders import benchmarks  # noqa: F401  (registers the adapters)
 from xmodal_jax.data.builders import digit_sequences
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only: keep accelerators for JAX.
@@ -48,22 +49,72 @@ def get_builder(data_config):
 
 
 def check_modalities(config, builder):
-  """Every configured modality must name a feature the dataset has."""
+  """Every configured modality must name a feature the dataset has, of a matching kind and
+  (audio) sample rate."""
   features = builder.info.features
+  built = records.read_sidecar(builder.data_dir)
+  built_kinds = built.get("modalities", {})
   for name, modality in config.modalities.items():
     if modality.feature not in features:
       raise ValueError(
           f"config.modalities.{name}.feature={modality.feature!r}: dataset "
-          f"{config.data.name!r} has no such feature; it has {sorted(features.keys())}")
+          f"{config.data.name!r} has no such feature; it has "
+          f"{sorted(k for k in features.keys() if not k.startswith(('has_', 'first_')))}")
+    kind = built_kinds.get(modality.feature)
+    if kind and kind != modality.kind:
+      raise ValueError(f"config.modalities.{name}.kind={modality.kind!r}, but feature "
+                       f"{modality.feature!r} of {config.data.name!r} holds {kind}")
+    rate = config.model.towers[name].get("sample_rate") if "model" in config else None
+    built_rate = built.get("options", {}).get("sample_rate")
+    if kind == "audio" and rate and rate != built_rate:
+      raise ValueError(f"config.model.towers.{name}.sample_rate={rate}, but "
+                       f"{config.data.name!r} stores audio at {built_rate} Hz (rebuild it "
+                       f"with --sample_rate={rate} or change the tower)")
+  expanded = caption_lists(config, builder)
+  if len(expanded) > 1:
+    raise ValueError(f"config.modalities: {expanded} all hold caption lists; evaluation "
+                     "expands the captions of one text modality only")
 
 
-def _example_fn(config, train):
-  ops = {name: preprocess.get_op(name, m, train) for name, m in config.modalities.items()}
-  features = {name: m.feature for name, m in config.modalities.items()}
+def caption_lists(config, builder):
+  """Text modalities whose feature holds a list of captions per item."""
+  features = builder.info.features
+  return [name for name, m in config.modalities.items()
+          if m.kind == "text" and isinstance(features[m.feature], tfds.features.Sequence)]
 
+
+def _expand_captions(ds, feature):
+  """One example per caption of `feature` (at least one), marked by "_caption"."""
   def fn(example):
-    out = {name: ops[name](example[features[name]]) for name in ops}
-    out["_mask"] = {name: tf.constant(True) for name in ops}
+    count = tf.maximum(tf.shape(example[feature], out_type=tf.int64)[0], 1)
+    return tf.data.Dataset.range(count).map(lambda i: example | {"_caption": i})
+  return ds.flat_map(fn)
+
+
+def _example_fn(config, train, expanded=None):
+  """(index or None, stored example) -> the batch contract's example. Masks are the
+  dataset's has_ flags; at evaluation also its first_ flags, and an item's other modalities
+  count only with its first caption when `expanded` captions are separate examples."""
+  ops = {name: preprocess.get_op(name, m, train) for name, m in config.modalities.items()}
+
+  def fn(index, example):
+    out, masks = {}, {}
+    for i, (name, m) in enumerate(config.modalities.items()):
+      seed = None if index is None else tf.stack(
+          [tf.constant(config.seed * 7919 + i, tf.int64), tf.cast(index, tf.int64)])
+      raw = example[m.feature]
+      mask = example.get(f"has_{m.feature}", tf.constant(True))
+      if "_caption" in example:
+        if name == expanded:
+          raw = tf.cond(tf.shape(raw)[0] > 0, lambda r=raw: r[example["_caption"]],
+                        lambda: tf.constant(""))
+        elif not train:
+          mask &= tf.equal(example["_caption"], 0)
+      if not train:
+        mask &= example.get(f"first_{m.feature}", tf.constant(True))
+      out[name] = ops[name](raw, seed)
+      masks[name] = mask
+    out["_mask"] = masks
     out["_id"] = tf.cast(example["id"], tf.int64)
     return out
   return fn
@@ -79,26 +130,40 @@ def _numpy_batches(config, ds):
     yield batch
 
 
-def per_host_batch_size(global_batch_size):
-  count = jax.process_count()
+def _host(process_index, process_count):
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def per_host_batch_size(global_batch_size, process_count=None):
+  count = jax.process_count() if process_count is None else process_count
   if global_batch_size % count:
     raise ValueError(f"batch_size={global_batch_size} does not divide by the "
                      f"{count} processes")
   return global_batch_size // count
 
 
-def train_iterator(config, builder, *, start_step=0):
-  """Endless shuffled batches of this process's share, resuming after `start_step` batches."""
-  batch_size = per_host_batch_size(config.batch_size)
-  split = tfds.even_splits(config.data.train_split, n=jax.process_count(),
-                           drop_remainder=True)[jax.process_index()]
+def train_iterator(config, builder, *, start_step=0, process_index=None, process_count=None):
+  """Endless shuffled batches of this process's share, resuming after `start_step` batches.
+
+  Each process reads a disjoint 1/process_count of the split (`tfds.even_splits`); captions
+  are sampled per step or, with `captions="expand"`, each a separate example.
+  """
+  index, count = _host(process_index, process_count)
+  batch_size = per_host_batch_size(config.batch_size, count)
+  split = tfds.even_splits(config.data.train_split, n=count, drop_remainder=True)[index]
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   if config.data.cache:
     ds = ds.cache()
+  expanded = [n for n in caption_lists(config, builder)
+              if config.modalities[n].get("captions", "sample") == "expand"]
+  if expanded:
+    ds = _expand_captions(ds, config.modalities[expanded[0]].feature)
   ds = ds.shuffle(config.data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
-  ds = ds.repeat().skip(start_step * batch_size)
-  ds = ds.map(_example_fn(config, train=True), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.repeat().enumerate().skip(start_step * batch_size)
+  ds = ds.map(_example_fn(config, True, expanded[0] if expanded else None),
+              num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _numpy_batches(config, ds)
 
@@ -115,12 +180,48 @@ def pad_batch(batch, size):
   return jax.tree_util.tree_map_with_path(pad, batch)
 
 
-def eval_iterator(config, builder, split):
-  """Every item of this process's share of `split` exactly once, in order, padded batches."""
-  batch_size = per_host_batch_size(config.eval_batch_size)
-  host_split = tfds.even_splits(split, n=jax.process_count())[jax.process_index()]
-  ds = builder.as_dataset(split=host_split, shuffle_files=False)
-  ds = ds.map(_example_fn(config, train=False), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-  for batch in _numpy_batches(config, ds):
-    yield pad_batch(batch, batch_size)
+def _eval_dataset(config, builder, split):
+  ds = builder.as_dataset(split=split, shuffle_files=False)
+  expanded = caption_lists(config, builder)
+  if expanded:
+    ds = _expand_captions(ds, config.modalities[expanded[0]].feature)
+  return ds.map(lambda ex: _example_fn(config, False, expanded[0] if expanded else None)(
+      None, ex), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def eval_batch_count(config, builder, split, process_count=None):
+  """Batches every process yields for `split` (the largest share's, so that all processes
+  step together)."""
+  count = jax.process_count() if process_count is None else process_count
+  batch_size = per_host_batch_size(config.eval_batch_size, count)
+  sizes = []
+  for host_split in tfds.even_splits(split, n=count):
+    expanded = caption_lists(config, builder)
+    if expanded:
+      feature = config.modalities[expanded[0]].feature
+      ds = builder.as_dataset(split=host_split, shuffle_files=False)
+      sizes.append(int(ds.reduce(np.int64(0), lambda n, ex: n + tf.cast(
+          tf.maximum(tf.shape(ex[feature])[0], 1), tf.int64))))
+    else:
+      sizes.append(builder.info.splits[host_split].num_examples)
+  return -(-max(sizes) // batch_size)
+
+
+def eval_iterator(config, builder, split, *, process_index=None, process_count=None):
+  """Every example of this process's share of `split` exactly once, in order, in batches
+  padded with masked rows (id -1); with several processes, every process yields the same
+  number of batches."""
+  index, count = _host(process_index, process_count)
+  batch_size = per_host_batch_size(config.eval_batch_size, count)
+  host_split = tfds.even_splits(split, n=count)[index]
+  ds = _eval_dataset(config, builder, host_split).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  num_batches = eval_batch_count(config, builder, split, count) if count > 1 else None
+  last = None
+  for last in _numpy_batches(config, ds):
+    yield pad_batch(last, batch_size)
+    num_batches = num_batches and num_batches - 1
+  while num_batches:
+    if last is None:
+      raise ValueError(f"split {host_split!r} is empty on process {index}")
+    yield pad_batch(jax.tree.map(lambda x: x[:0], last), batch_size)
+    num_batches -= 1

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Optional, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -105,7 +106,47 @@ def kaldi_fbank(sample_rate=16000, num_mels=128):
                 mel_scale="kaldi", triangles_in_mel=True)
 
 
-class AudioTransformer(transformer.TrunkOptions, kw_only=True):
+def spec_augment(rng, spec, *, time_masks, time_width, freq_masks, freq_width, fill=0.0):
+  """SpecAugment's masking (Park et al. 2019) on spectrograms [B, frames, mels]: per example,
+  `time_masks` bands of up to `time_width` frames and `freq_masks` bands of up to
+  `freq_width` mel bins set to `fill`."""
+  batch, frames, mels = spec.shape
+
+  def bands(key, count, width, size):
+    k_width, k_start = jax.random.split(key)
+    widths = jax.random.randint(k_width, (batch, count), 0, width + 1)
+    starts = jax.random.randint(k_start, (batch, count), 0, size)
+    starts = jnp.minimum(starts, size - widths)
+    positions = jnp.arange(size)
+    inside = ((positions >= starts[..., None]) &
+              (positions < (starts + widths)[..., None]))  # [B, count, size]
+    return inside.any(axis=1)
+
+  k_time, k_freq = jax.random.split(rng)
+  masked = jnp.zeros((batch, frames, mels), bool)
+  if time_masks:
+    masked |= bands(k_time, time_masks, time_width, frames)[:, :, None]
+  if freq_masks:
+    masked |= bands(k_freq, freq_masks, freq_width, mels)[:, None, :]
+  return jnp.where(masked, fill, spec)
+
+
+class SpecAugmentOptions(nn.Module, kw_only=True):
+  """Training-time SpecAugment for the audio towers (0 masks: off)."""
+  time_masks: int = 0
+  time_mask_width: int = 0
+  freq_masks: int = 0
+  freq_mask_width: int = 0
+
+  def augment(self, spec, train):
+    if not train or not (self.time_masks or self.freq_masks):
+      return spec
+    return spec_augment(self.make_rng("dropout"), spec, time_masks=self.time_masks,
+                        time_width=self.time_mask_width, freq_masks=self.freq_masks,
+                        freq_width=self.freq_mask_width)
+
+
+class AudioTransformer(transformer.TrunkOptions, SpecAugmentOptions, kw_only=True):
   """Log-mel frontend, time patches of `patch_frames` x all mel bins, TokenEncoder.
 
   Input: {"waveform": float[B, N]}. Each spectrogram is standardized over its own time and
@@ -124,6 +165,7 @@ class AudioTransformer(transformer.TrunkOptions, kw_only=True):
         inputs["waveform"])
     spec = (spec - spec.mean(axis=(1, 2), keepdims=True)) / (
         spec.std(axis=(1, 2), keepdims=True) + 1e-5)
+    spec = self.augment(spec, train)
     batch, frames, mels = spec.shape
     num_patches = frames // self.patch_frames
     patches = spec[:, :num_patches * self.patch_frames].reshape(
@@ -132,7 +174,7 @@ class AudioTransformer(transformer.TrunkOptions, kw_only=True):
     return self.trunk()(tokens, train=train)
 
 
-class SpectrogramTransformer(vision.PatchTransformer, kw_only=True):
+class SpectrogramTransformer(vision.PatchTransformer, SpecAugmentOptions, kw_only=True):
   """The Audio Spectrogram Transformer (Hugging Face's ASTModel), with its frontend on device.
 
   {"waveform": float[B, N]} (at `sample_rate`, in [-1, 1]) -> Kaldi fbank -> cropped or
@@ -165,4 +207,5 @@ class SpectrogramTransformer(vision.PatchTransformer, kw_only=True):
   def __call__(self, inputs, *, train):
     spec = inputs["spectrogram"] if "spectrogram" in inputs else self.spectrogram(
         inputs["waveform"])
+    spec = self.augment(spec, train)
     return self.encode(jnp.swapaxes(spec, 1, 2)[..., None], train=train)

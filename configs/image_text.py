@@ -1,0 +1,79 @@
+"""Image-text retrieval at B/16 size on a real benchmark (COCO or Flickr30K, Karpathy split).
+
+  python -m xmodal_jax.data.build --dataset=coco_karpathy --manual_dir=COCO --data_dir=DATA
+  python launch/train.py --config=configs/image_text.py --workdir=runs/coco \
+      --config.data.data_dir=DATA --config.modalities.text.tokenizer=/path/to/clip-folder
+
+Variants (`--config=configs/image_text.py:VARIANT`):
+  (none)   ViT-B/16 + CLIP's text transformer (B), bfloat16, from scratch; the tokenizer is a
+           local Hugging Face folder (a CLIP checkpoint holds one).
+  clip     both towers and the projection from a local CLIP checkpoint folder
+           (`--config.model.towers.image.path` and `.text.path`; the tokenizer comes with it).
+  flickr30k  the same on flickr30k_karpathy.
+  tiny     a few steps of tiny towers on 32 x 32 images, for tests and smoke runs.
+"""
+
+import ml_collections
+
+from configs import sizes
+
+
+def get_config(variant=""):
+  placeholder = ml_collections.config_dict.placeholder
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.data = dict(name="coco_karpathy", data_dir=placeholder(str), train_split="train",
+                     eval_split="test", shuffle_buffer=50_000, cache=False)
+  config.modalities = dict(
+      image=dict(kind="image", feature="image", image_size=224, crop_scale=(0.5, 1.0),
+                 flip=True),
+      text=dict(kind="text", feature="text", tokenizer="", max_length=77, captions="sample"),
+  )
+  config.model = dict(
+      embed_dim=512,
+      logit_scale_init=2.659260,  # log(1 / 0.07), as CLIP
+      logit_bias_init=placeholder(float),
+      towers=dict(image=sizes.vit("B", dtype="bfloat16"),
+                  text=sizes.clip_text("B", dtype="bfloat16")),
+  )
+  config.loss = dict(weights=dict(contrastive=1.0, regression=0.0), kind="softmax",
+                     pair_weights={}, impl="dense", block_size=0,
+                     regression=dict(target="intra", margin=0.2, loss="mse", balance=False))
+  config.batch_size = 1024
+  config.eval_batch_size = 1000
+  config.total_steps = 30_000
+  config.optimizer = dict(learning_rate=5e-4, warmup_steps=2_000, end_learning_rate_ratio=0.0,
+                          weight_decay=0.2, b1=0.9, b2=0.98, grad_clip_norm=1.0)
+  config.eval = dict(fused="none")
+  config.log_every = 100
+  config.eval_every = 2_000
+  config.checkpoint_every = 1_000
+  config.keep_checkpoints = 3
+
+  variants = set(filter(None, variant.split(",")))
+  unknown = variants - {"clip", "flickr30k", "tiny"}
+  if unknown:
+    raise ValueError(f"configs/image_text.py: unknown variant(s) {sorted(unknown)}; "
+                     "expected clip, flickr30k, tiny")
+  if "flickr30k" in variants:
+    config.data.name = "flickr30k_karpathy"
+    config.data.shuffle_buffer = 30_000
+  if "clip" in variants:
+    for name, part in (("image", "vision"), ("text", "text")):
+      config.model.towers[name] = dict(name="pretrained", path=placeholder(str), part=part,
+                                       projection=True, dtype="bfloat16", remat=False)
+  if "tiny" in variants:
+    config.modalities.image.image_size = 32
+    config.modalities.text.max_length = 16
+    config.model.embed_dim = 32
+    config.model.towers = dict(image=sizes.vit("tiny", image_size=32),
+                               text=sizes.bert("tiny", vocab_size=64))
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.data.shuffle_buffer = 64
+    config.total_steps = 4
+    config.optimizer.warmup_steps = 1
+    config.log_every = 2
+    config.eval_every = 4
+    config.checkpoint_every = 2
+  return config

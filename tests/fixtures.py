@@ -1,0 +1,64 @@
+"""Small media files in real formats, written by the tests (nothing is downloaded)."""
+
+import os
+import wave
+
+import numpy as np
+
+
+def write_jpeg(path, seed, size=(24, 32)):
+  """A random-coloured JPEG of `size` (H, W); returns its uint8 pixels."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  pixels = np.repeat(np.repeat(rng.integers(0, 256, (size[0] // 8, size[1] // 8, 3),
+                                            dtype=np.uint8), 8, 0), 8, 1)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(tf.io.encode_jpeg(pixels, quality=95).numpy())
+  return pixels
+
+
+def write_wav(path, seed, seconds=0.5, rate=16_000):
+  """A 16-bit mono tone with noise; returns its int16 samples."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(int(seconds * rate)) / rate
+  x = 0.5 * np.sin(2 * np.pi * (200 + 50 * seed) * t) + 0.05 * rng.normal(size=t.size)
+  samples = np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with wave.open(path, "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(rate)
+    f.writeframes(samples.tobytes())
+  return samples
+
+
+def write_audio(path, samples, rate, codec):
+  """Encodes int16 mono `samples` with PyAV's `codec` (flac, libopus for .ogg, mp3); PyAV
+  converts them to the sample format and frame size the codec takes."""
+  import av  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with av.open(path, "w") as container:
+    stream = container.add_stream(codec, rate=rate, layout="mono")
+    frame = av.AudioFrame.from_ndarray(samples[None], format="s16", layout="mono")
+    frame.sample_rate = rate
+    for packet in stream.encode(frame):
+      container.mux(packet)
+    for packet in stream.encode(None):
+      container.mux(packet)
+
+
+def write_mp4(path, frames, fps=8):
+  """Encodes uint8 RGB frames [T, H, W, 3] (H, W even) as H.264 MP4."""
+  import av  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with av.open(path, "w") as container:
+    stream = container.add_stream("libx264", rate=fps)
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "10"}
+    for f in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode(None):
+      container.mux(packet)

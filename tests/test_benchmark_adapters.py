@@ -1,0 +1,220 @@
+"""Each benchmark adapter builds from tiny files in its published layout (written here) and
+reads back the right counts, ids, captions and splits."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fixtures
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+from xmodal_jax.data import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from xmodal_jax.data.builders import benchmarks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def build(name, manual_dir, data_dir, **options):
+  builder = benchmarks.ADAPTERS[name](options=records.BuildOptions(**options),
+                                      data_dir=str(data_dir))
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
+  return read_back(builder)
+
+
+def read_back(builder):
+  """{split: {key: example}} with captions decoded."""
+  out = {}
+  for split in builder.info.splits:
+    items = {}
+    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+      ex["text"] = [c.decode() for c in ex["text"]]
+      items.setdefault(ex["key"].decode(), []).append(ex)
+    out[split] = items
+  return out
+
+
+def karpathy_json(path, entries, dataset):
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({"dataset": dataset, "images": entries}, f)
+
+
+def karpathy_entry(filename, split, captions, i, **extra):
+  return {"filename": filename, "split": split, "imgid": i, "sentids": list(range(len(captions))),
+          "sentences": [{"raw": c, "tokens": c.lower().split(), "imgid": i, "sentid": j}
+                        for j, c in enumerate(captions)], **extra}
+
+
+def write_csv(path, header, rows):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+def test_coco_karpathy(tmp_path):
+  manual = tmp_path / "coco"
+  entries = []
+  for i, (folder, split) in enumerate([("val2014", "test"), ("train2014", "train"),
+                                       ("val2014", "restval"), ("val2014", "val")]):
+    name = f"COCO_{folder}_{i:012d}.jpg"
+    fixtures.write_jpeg(str(manual / folder / name), i)
+    entries.append(karpathy_entry(name, split, [f"a photo {i} ", f"caption {i} b"], i,
+                                  filepath=folder, cocoid=i))
+  karpathy_json(manual / "dataset_coco.json", entries, "coco")
+  out = build("coco_karpathy", manual, tmp_path / "tfds")
+  assert {s: sorted(v) for s, v in out.items()} == {
+      "train": ["COCO_train2014_000000000001", "COCO_val2014_000000000002"],  # + restval
+      "validation": ["COCO_val2014_000000000003"], "test": ["COCO_val2014_000000000000"]}
+  (ex,), = out["test"].values()
+  assert ex["text"] == ["a photo 0", "caption 0 b"]
+  with open(manual / "val2014" / "COCO_val2014_000000000000.jpg", "rb") as f:
+    assert ex["image"] == f.read()  # the file's bytes, decoded in the pipeline
+
+
+@pytest.mark.parametrize("name,json_name,image_dir", [
+    ("flickr30k_karpathy", "dataset_flickr30k.json", "flickr30k-images"),
+    ("flickr8k_karpathy", "dataset_flickr8k.json", "Flicker8k_Dataset")])
+def test_flickr_karpathy(tmp_path, name, json_name, image_dir):
+  manual = tmp_path / "files"
+  splits = ["train", "train", "val", "test", "test"]
+  entries = []
+  for i, split in enumerate(splits):
+    fixtures.write_jpeg(str(manual / image_dir / f"{1000 + i}_x.jpg"), i)
+    entries.append(karpathy_entry(f"{1000 + i}_x.jpg", split,
+                                  [f"caption {i}.{j}" for j in range(5)], i))
+  karpathy_json(manual / json_name, entries, name)
+  out = build(name, manual, tmp_path / "tfds")
+  assert {s: sorted(v) for s, v in out.items()} == {
+      "train": ["1000_x", "1001_x"], "validation": ["1002_x"], "test": ["1003_x", "1004_x"]}
+  (ex,) = out["test"]["1004_x"]
+  assert ex["text"] == [f"caption 4.{j}" for j in range(5)]
+  assert ex["has_image"] and ex["first_image"] and ex["has_text"]
+
+
+def test_flickr8k_audio(tmp_path):
+  manual = tmp_path / "files"
+  entries, lines = [], []
+  for i, split in enumerate(["train", "val", "test"]):
+    image = f"{2000 + i}_y.jpg"
+    fixtures.write_jpeg(str(manual / "Flicker8k_Dataset" / image), i)
+    entries.append(karpathy_entry(image, split, [f"caption {i}.{j}" for j in range(5)], i))
+    for j in range(5 if split == "test" else 2):
+      wav = f"{2000 + i}_y_{j}.wav"
+      fixtures.write_wav(str(manual / "flickr_audio" / "wavs" / wav), 10 * i + j,
+                         seconds=0.25, rate=16_000)
+      lines.append(f"{wav} {image} #{j}\n")
+  karpathy_json(manual / "dataset_flickr8k.json", entries, "flickr8k")
+  (manual / "flickr_audio" / "wav2capt.txt").write_text("".join(lines))
+  out = build("flickr8k_audio", manual, tmp_path / "tfds", sample_rate=8_000)
+  assert {s: {k: len(v) for k, v in items.items()} for s, items in out.items()} == {
+      "train": {"2000_y": 2}, "validation": {"2001_y": 2}, "test": {"2002_y": 5}}
+  test = sorted(out["test"]["2002_y"], key=lambda ex: ex["text"])
+  assert [ex["text"] for ex in test] == [[f"caption 2.{j}"] for j in range(5)]
+  assert all(len(ex["audio"]) == 2_000 for ex in test)  # 0.25 s resampled to 8 kHz
+  # The image is stored with every spoken caption but counted once at evaluation.
+  assert sum(ex["first_image"] for ex in test) == 1
+  assert all(ex["first_audio"] and ex["first_text"] for ex in test)
+
+
+def test_msrvtt(tmp_path):
+  manual = tmp_path / "msrvtt"
+  rng = np.random.default_rng(0)
+  for i in range(4):
+    fixtures.write_mp4(str(manual / "videos" / "all" / f"video{i}.mp4"),
+                       rng.integers(0, 256, (12, 16, 24, 3), dtype=np.uint8))
+  write_csv(manual / "MSRVTT_train.9k.csv", ["video_id"], [["video0"], ["video1"]])
+  write_csv(manual / "MSRVTT_JSFUSION_test.csv", ["key", "vid_key", "video_id", "sentence"],
+            [["ret0", "msr7", "video2", "a test sentence"],
+             ["ret1", "msr8", "video3", "another one"]])
+  sentences = [{"video_id": f"video{i}", "caption": f"video {i} caption {j}", "sen_id": 3 * i + j}
+               for i in range(4) for j in range(3)]
+  with open(manual / "MSRVTT_data.json", "w", encoding="utf-8") as f:
+    json.dump({"videos": [{"video_id": f"video{i}"} for i in range(4)],
+               "sentences": sentences}, f)
+  out = build("msrvtt", manual, tmp_path / "tfds", video_frames=4, frame_size=8)
+  assert {s: sorted(v) for s, v in out.items()} == {"train": ["video0", "video1"],
+                                                     "test": ["video2", "video3"]}
+  (train,) = out["train"]["video1"]
+  assert train["text"] == [f"video 1 caption {j}" for j in range(3)]  # every caption
+  (test,) = out["test"]["video2"]
+  assert test["text"] == ["a test sentence"]  # 1k-A: the one JSFusion sentence
+  frames = np.stack([tf.io.decode_jpeg(f).numpy()
+                     for f in test["video"]])
+  assert frames.shape == (4, 8, 12, 3)  # 4 frames, shorter side 8
+
+
+def test_audiocaps(tmp_path):
+  manual = tmp_path / "audiocaps"
+  header = ["audiocap_id", "youtube_id", "start_time", "caption"]
+  write_csv(manual / "train.csv", header, [[1, "abc", 30, "a dog barks"],
+                                           [2, "def", 0, "rain falls"]])
+  write_csv(manual / "val.csv", header, [[3 + j, "ghi", 10, f"val caption {j}"]
+                                         for j in range(5)])
+  write_csv(manual / "test.csv", header, [[9 + j, "jkl", 20, f"test caption {j}"]
+                                          for j in range(5)] + [[20, "gone", 0, "missing"]])
+  samples = fixtures.write_wav(str(manual / "audio" / "train" / "abc.wav"), 1, rate=16_000)
+  fixtures.write_audio(str(manual / "audio" / "train" / "Ydef.flac"), samples, 16_000, "flac")
+  fixtures.write_audio(str(manual / "audio" / "val" / "ghi.mp3"), samples, 16_000, "mp3")
+  fixtures.write_audio(str(manual / "audio" / "test" / "jkl_20.ogg"), samples, 16_000,
+                       "libopus")
+  out = build("audiocaps", manual, tmp_path / "tfds")
+  assert {s: sorted(v) for s, v in out.items()} == {
+      "train": ["abc", "def"], "validation": ["ghi"], "test": ["jkl"]}
+  (test,) = out["test"]["jkl"]
+  assert test["text"] == [f"test caption {j}" for j in range(5)]
+  np.testing.assert_array_equal(out["train"]["abc"][0]["audio"], samples)  # wav: exact
+  for split, key in [("train", "def"), ("validation", "ghi"), ("test", "jkl")]:
+    audio = out[split][key][0]["audio"].astype(np.float64)
+    assert abs(len(audio) - len(samples)) < 200
+    n = min(len(audio), len(samples))
+    lag = np.argmax(np.correlate(audio[:n], samples[:n].astype(np.float64), "full")) - n + 1
+    assert abs(lag) < 1200, (split, lag)  # codecs delay; the waveform is the same tone
+  bad = [json.loads(line) for line in
+         open(os.path.join(tmp_path / "tfds", "audiocaps", "1.0.0", records.REPORT_FILE))]
+  assert [(b["id"], b["reason"]) for b in bad] == [("gone", "missing audio file")]
+
+
+def test_clotho(tmp_path):
+  manual = tmp_path / "clotho"
+  for part, names in [("development", ["a.wav", "b.wav"]), ("validation", ["c.wav"]),
+                      ("evaluation", ["d e.wav"])]:
+    rows = []
+    for k, name in enumerate(names):
+      fixtures.write_wav(str(manual / part / name), k, seconds=0.2, rate=44_100)
+      rows.append([name] + [f"{name} caption {j}" for j in range(1, 6)])
+    write_csv(manual / f"clotho_captions_{part}.csv",
+              ["file_name"] + [f"caption_{j}" for j in range(1, 6)], rows)
+  out = build("clotho", manual, tmp_path / "tfds")
+  assert {s: sorted(v) for s, v in out.items()} == {
+      "train": ["a.wav", "b.wav"], "validation": ["c.wav"], "test": ["d e.wav"]}
+  (ex,) = out["test"]["d e.wav"]
+  assert ex["text"] == [f"d e.wav caption {j}" for j in range(1, 6)]
+  assert len(ex["audio"]) == 3_200  # 0.2 s of 44.1 kHz resampled to 16 kHz
+
+
+def test_image_text_config_trains_on_flickr30k_files(tmp_path):
+  """configs/image_text.py (tiny towers) trains and evaluates on a flickr30k_karpathy build."""
+  from conftest import run_train  # pylint: disable=g-import-not-at-top
+  manual = tmp_path / "files"
+  entries = []
+  for i in range(12):
+    fixtures.write_jpeg(str(manual / "flickr30k-images" / f"{i}.jpg"), i, size=(48, 64))
+    entries.append(karpathy_entry(f"{i}.jpg", "train" if i < 8 else "test",
+                                  [f"one two {i % 10}", f"three {i % 10}"], i))
+  karpathy_json(manual / "dataset_flickr30k.json", entries, "flickr30k")
+  data_dir = tmp_path / "tfds"
+  build("flickr30k_karpathy", manual, data_dir)
+  run_train(["--config=configs/image_text.py:tiny,flickr30k",
+             f"--config.data.data_dir={data_dir}",
+             "--config.modalities.text.tokenizer=digit_words",
+             f"--workdir={tmp_path / 'run'}"], devices=2)
+  last = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
+  assert last["step"] == 4 and "test/image->text/R@1" in last
+  # 4 test images x 2 captions: each image enters the gallery once (chance 1/4), every
+  # caption is in the other gallery (chance 1 positive of 8 = 2/8 for R@1 of an image).
+  assert last["test/text->image/chance_R@1"] == pytest.approx(25.0)
+  assert last["test/image->text/chance_R@1"] == pytest.approx(25.0)

@@ -1,0 +1,312 @@
+"""The JSONL manifest builder, bad records, per-modality preprocessing, host sharding and
+evaluation order of record datasets, and training the default config on one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+import fixtures
+from conftest import REPO, run_train
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from xmodal_jax.data import media, pipeline, preprocess, records
+from xmodal_jax.data.builders import digit_sequences
+
+
+def build_cli(*args, check=True):
+  proc = subprocess.run([sys.executable, "-m", "xmodal_jax.data.build", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  if check and proc.returncode:
+    raise AssertionError(proc.stderr[-3000:])
+  return proc
+
+
+def write_manifest(path, items):
+  with open(path, "w", encoding="utf-8") as f:
+    for item in items:
+      f.write(json.dumps(item) + "\n")
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+  """A manifest of 6 good items (photo, speech, captions; one without speech, one with
+  two records) and three bad ones: a corrupt image, a missing audio file, an empty caption."""
+  root = tmp_path_factory.mktemp("mixed")
+  items = []
+  for i in range(6):
+    fixtures.write_jpeg(str(root / "media" / f"p{i}.jpg"), i)
+    fixtures.write_wav(str(root / "media" / f"s{i}.wav"), i, seconds=0.3, rate=16_000)
+    items.append({"id": f"item{i}", "split": "train" if i < 3 else "test",
+                  "photo": f"media/p{i}.jpg", "speech": str(root / "media" / f"s{i}.wav"),
+                  "caption": [f"caption {i} one", f"caption {i} two"]})
+  del items[4]["speech"]
+  items.append({"id": "item5", "split": "test", "speech": "media/s0.wav",
+                "caption": "a third record of item5"})
+  (root / "media" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+  items.insert(1, {"id": "bad_image", "split": "train", "photo": "media/corrupt.jpg",
+                   "caption": "fine"})
+  items.insert(4, {"id": "bad_audio", "split": "test", "speech": "media/missing.wav",
+                   "caption": "fine"})
+  items.insert(6, {"id": "bad_caption", "split": "test", "photo": "media/p0.jpg",
+                   "caption": "   "})
+  write_manifest(root / "items.jsonl", items)
+  return root
+
+
+def test_bad_records_are_reported_and_the_rest_is_readable(mixed, tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}",
+                   "--modalities=photo:image,speech:audio,caption:text", "--name=mixed",
+                   f"--data_dir={data_dir}")
+  assert "3 bad records skipped" in proc.stderr
+  report = os.path.join(data_dir, "mixed", "1.0.0", records.REPORT_FILE)
+  bad = [json.loads(line) for line in open(report, encoding="utf-8")]
+  assert [(b["id"], os.path.basename(b["file"]), b["source"].rsplit(":", 1)[1]) for b in bad] \
+      == [("bad_image", "corrupt.jpg", "2"), ("bad_audio", "missing.wav", "5"),
+          ("bad_caption", "caption", "7")]
+  assert bad[0]["reason"].startswith("cannot decode image")
+  assert bad[1]["reason"] == "missing audio file"
+  assert bad[2]["reason"] == "empty caption"
+  for b in bad:
+    assert f"skipped item {b['id']!r}" in proc.stderr
+
+  builder = tfds.builder("mixed", data_dir=data_dir)
+  got = {}
+  for split in ("train", "test"):
+    for ex in builder.as_dataset(split=split).as_numpy_iterator():
+      got.setdefault(ex["key"].decode(), []).append((split, ex))
+  assert sorted(got) == [f"item{i}" for i in range(6)]
+  assert {k: [s for s, _ in v] for k, v in got.items()}["item5"] == ["test", "test"]
+  (_, item4), = got["item4"]
+  assert not item4["has_speech"] and item4["has_photo"] and len(item4["speech"]) == 0
+  (_, item0), = got["item0"]
+  np.testing.assert_array_equal(item0["speech"], fixtures.write_wav(
+      str(tmp_path / "again.wav"), 0, seconds=0.3, rate=16_000))
+  assert [c.decode() for c in item0["caption"]] == ["caption 0 one", "caption 0 two"]
+  # item5's two records hold two different recordings... of which only one is item5's own
+  # first, and the same photo is not repeated: first_ flags mark distinct values.
+  flags = sorted((bool(ex["has_photo"]), bool(ex["first_speech"])) for _, ex in got["item5"])
+  assert flags == [(False, True), (True, True)]
+
+
+def test_strict_build_fails_naming_the_first_bad_record(mixed, tmp_path):
+  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}",
+                   "--modalities=photo:image,speech:audio,caption:text", "--name=mixed",
+                   f"--data_dir={tmp_path}", "--strict", check=False)
+  assert proc.returncode
+  assert "item 'bad_image'" in proc.stderr and "corrupt.jpg" in proc.stderr
+  assert not os.path.exists(tmp_path / "mixed" / "1.0.0" / "dataset_info.json")
+
+
+def test_manifest_errors_name_line_key_and_type(tmp_path):
+  path = tmp_path / "items.jsonl"
+  path.write_text('{"id": "a", "split": "train", "caption": "x"}\n\n{"id": "b", "split":\n')
+  with pytest.raises(ValueError, match=r"items.jsonl:3: not valid JSON"):
+    records.read_manifest(str(path))
+  path.write_text('{"id": "a", "split": "train", "caption": "x"}\n["not", "an object"]\n')
+  with pytest.raises(ValueError, match=r"items.jsonl:2: expected a JSON object"):
+    records.read_manifest(str(path))
+  with pytest.raises(ValueError, match="--modalities: modality 'x' has kind 'photo'"):
+    records.parse_modalities("x:photo")
+  write_manifest(path, [
+      {"id": "a", "split": "train", "caption": "fine"},
+      {"id": "b", "split": "train", "caption": "fine", "sound": "b.wav"},
+      {"id": "c", "split": "train", "caption": 7},
+      {"id": "d", "split": "train", "caption": ["one", 2]},
+      {"id": "e", "split": "train", "caption": "x", "photo": 3}])
+  builder = records.manifest_builder("errors", str(path),
+                                     records.parse_modalities("caption:text,photo:image"),
+                                     data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare()
+  reasons = {b["id"]: b["reason"] for b in builder.bad_records}
+  assert reasons["b"].startswith("unknown modality key(s) ['sound']")
+  assert reasons["c"] == "expected a string or a list of strings, got int 7"
+  assert reasons["d"].startswith("expected a string or a list of strings, got list")
+  assert reasons["e"] == "expected a file path (string), got int 3"
+  assert builder.info.splits["train"].num_examples == 1
+
+
+def test_audio_formats_decode_to_the_same_signal(tmp_path):
+  """wav is exact; flac is lossless; mp3 and Opus (.ogg) keep the waveform up to codec
+  delay and loss; all resampled to the asked rate."""
+  samples = fixtures.write_wav(str(tmp_path / "a.wav"), 3, seconds=0.5, rate=16_000)
+  np.testing.assert_array_equal(media.decode_audio(str(tmp_path / "a.wav"), 16_000), samples)
+  for codec, ext in [("flac", "flac"), ("mp3", "mp3"), ("libopus", "ogg")]:
+    fixtures.write_audio(str(tmp_path / f"a.{ext}"), samples, 16_000, codec)
+    x = media.decode_audio(str(tmp_path / f"a.{ext}"), 16_000).astype(np.float64)
+    if codec == "flac":
+      np.testing.assert_array_equal(x, samples)
+    n = min(len(x), len(samples))
+    corr = np.correlate(x[:n], samples[:n].astype(np.float64), "full")
+    best = corr.max() / (np.linalg.norm(x[:n]) * np.linalg.norm(samples[:n]))
+    assert best > 0.9, (codec, best)
+  assert len(media.decode_audio(str(tmp_path / "a.flac"), 8_000)) == 4_000
+  (tmp_path / "bad.mp3").write_bytes(b"garbage" * 100)
+  with pytest.raises(ValueError, match="bad.mp3: cannot decode audio"):
+    media.decode_audio(str(tmp_path / "bad.mp3"), 8_000)
+
+
+def _modality(**kw):
+  return ml_collections.ConfigDict(kw)
+
+
+def test_image_preprocessing_known_answers():
+  """Eval: shorter side to `size`, centre crop, CLIP normalization. A 24 x 48 PNG, left half
+  red and right half blue, becomes 16 x 16 with 8 red then 8 blue columns."""
+  pixels = np.zeros((24, 48, 3), np.uint8)
+  pixels[:, :24, 0] = 255
+  pixels[:, 24:, 2] = 255
+  png = tf.io.encode_png(pixels).numpy()
+  config = _modality(kind="image", image_size=16)
+  out = preprocess.get_op("image", config, train=False)(tf.constant(png), None)["pixels"]
+  mean, std = np.array(preprocess.CLIP_MEAN), np.array(preprocess.CLIP_STD)
+  red, blue = (np.array([1, 0, 0]) - mean) / std, (np.array([0, 0, 1]) - mean) / std
+  np.testing.assert_allclose(out[:, :7], np.broadcast_to(red, (16, 7, 3)), atol=1e-5)
+  np.testing.assert_allclose(out[:, 9:], np.broadcast_to(blue, (16, 7, 3)), atol=1e-5)
+  train_op = preprocess.get_op("image", config, train=True)
+  seed = tf.constant([1, 2], tf.int64)
+  a, b = (train_op(tf.constant(png), seed)["pixels"].numpy() for _ in range(2))
+  np.testing.assert_array_equal(a, b)  # the seed decides the crop and the flip
+  crops = {train_op(tf.constant(png), tf.constant([1, s], tf.int64))["pixels"].numpy().tobytes()
+           for s in range(8)}
+  assert len(crops) > 4
+  missing = preprocess.get_op("image", config, train=False)(tf.constant(b""), None)["pixels"]
+  assert missing.shape == (16, 16, 3)
+
+
+def test_frame_sampling_matches_segment_rule():
+  for count in (1, 5, 8, 31):
+    np.testing.assert_array_equal(preprocess.frame_indices(count, 8).numpy(),
+                                  media.sample_indices(count, 8))
+    for s in range(5):
+      picked = preprocess.frame_indices(count, 8, tf.constant([s, 1], tf.int64)).numpy()
+      segments = np.arange(8) * count / 8
+      assert np.all(picked >= np.minimum(np.floor(segments), count - 1))
+      assert np.all(picked <= np.minimum(np.ceil(segments + count / 8) - 1, count - 1)), picked
+
+
+def digit_manifest(root, num_train=40, num_test=10):
+  """The embedded dataset's kind of items (4 handwritten digits, their spoken words, the
+  words) written as files: 8 kHz wav, H.264 MP4, and a JSONL manifest."""
+  train, test = digit_sequences.split_sequences(0, 1000)
+  pools = digit_sequences.split_handwriting(0)
+  spoken = digit_sequences.load_spoken_digits()
+  items = []
+  for split, sequences, first in (("train", train[:num_train], 0),
+                                  ("test", test[:num_test], 5000)):
+    for key, ex in digit_sequences.make_items(sequences, pools[split], spoken, 1, first):
+      audio = f"media/{key}.wav"
+      os.makedirs(root / "media", exist_ok=True)
+      from scipy.io import wavfile  # pylint: disable=g-import-not-at-top
+      wavfile.write(str(root / audio), digit_sequences.SAMPLE_RATE, ex["audio"])
+      fixtures.write_mp4(str(root / f"media/{key}.mp4"), np.repeat(ex["video"], 3, -1), fps=4)
+      items.append({"id": f"seq{key}", "split": split, "audio": audio,
+                    "video": f"media/{key}.mp4", "text": ex["text"]})
+  write_manifest(root / "items.jsonl", items)
+  return items
+
+
+@pytest.fixture(scope="module")
+def digit_records(tmp_path_factory):
+  root = tmp_path_factory.mktemp("digits")
+  items = digit_manifest(root)
+  data_dir = str(root / "tfds")
+  build_cli(f"--manifest={root / 'items.jsonl'}", "--modalities=audio:audio,video:video,text:text",
+            "--name=digit_records", f"--data_dir={data_dir}", "--sample_rate=8000",
+            "--video_frames=4", "--frame_size=8")
+  return data_dir, items
+
+
+def digit_config(data_dir):
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny")
+  config.data.name = "digit_records"
+  config.data.data_dir = data_dir
+  return config
+
+
+def test_two_hosts_read_disjoint_shards_that_cover_the_split(digit_records):
+  data_dir, items = digit_records
+  config = digit_config(data_dir)
+  builder = pipeline.get_builder(config.data)
+  per_host = []
+  for index in range(2):
+    batches = pipeline.train_iterator(config, builder, process_index=index, process_count=2)
+    ids = np.concatenate([next(batches)["_id"] for _ in range(3)])[:20]  # one pass: 20 each
+    per_host.append(set(ids.tolist()))
+    assert len(per_host[-1]) == 20
+  assert not per_host[0] & per_host[1]
+  assert per_host[0] | per_host[1] == set(range(40))
+
+  seen, batch_counts = [], []
+  for index in range(2):
+    batches = list(pipeline.eval_iterator(config, builder, "test", process_index=index,
+                                          process_count=2))
+    batch_counts.append(len(batches))
+    for batch in batches:
+      assert len(batch["_id"]) == config.eval_batch_size // 2
+      seen.extend(batch["_id"][batch["_id"] >= 0].tolist())
+  assert batch_counts[0] == batch_counts[1]
+  assert sorted(seen) == list(range(40, 50))  # every test item exactly once
+
+
+def test_decoded_video_and_audio_match_the_items(digit_records):
+  """Frames come back from MP4 -> JPEG -> pipeline within codec loss; audio exactly."""
+  data_dir, _ = digit_records
+  config = digit_config(data_dir)
+  builder = pipeline.get_builder(config.data)
+  batch = next(pipeline.eval_iterator(config, builder, "test"))
+  train, test = digit_sequences.split_sequences(0, 1000)
+  del train
+  pools = digit_sequences.split_handwriting(0)
+  spoken = digit_sequences.load_spoken_digits()
+  expected = {key: ex for key, ex in digit_sequences.make_items(test[:10], pools["test"],
+                                                                spoken, 1, 5000)}
+  for row, item_id in enumerate(batch["_id"][:10]):
+    ex = expected[5000 + int(item_id) - 40]  # ids number the manifest's items: test 40..49
+    frames = (batch["video"]["frames"][row] + 1) * 127.5
+    assert np.abs(frames - ex["video"]).mean() < 6, np.abs(frames - ex["video"]).mean()
+    np.testing.assert_allclose(batch["audio"]["waveform"][row] * 32768.0, ex["audio"])
+
+
+def test_caption_lists_are_expanded_at_evaluation(mixed, tmp_path):
+  """Every caption is one query; each photo and recording enters the gallery once."""
+  builder = records.manifest_builder(
+      "mixed_eval", str(mixed / "items.jsonl"),
+      records.parse_modalities("photo:image,speech:audio,caption:text"),
+      data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  config = ml_collections.ConfigDict(dict(
+      seed=0, eval_batch_size=8, data=dict(name="mixed_eval", data_dir=str(tmp_path)),
+      modalities=dict(photo=dict(kind="image", feature="photo", image_size=16),
+                      speech=dict(kind="audio", feature="speech", num_samples=4000),
+                      caption=dict(kind="text", feature="caption", tokenizer="digit_words",
+                                   max_length=8))))
+  batches = list(pipeline.eval_iterator(config, builder, "test"))
+  masks = {m: np.concatenate([b["_mask"][m] for b in batches]) for m in config.modalities}
+  ids = np.concatenate([b["_id"] for b in batches])
+  # test split: item3, item4 (no speech), item5 (photo + 2 captions) and item5 again
+  # (speech s0 + 1 caption): 2 + 2 + 2 + 1 = 7 captions.
+  assert masks["caption"].sum() == 7
+  assert masks["photo"].sum() == 3 and masks["speech"].sum() == 3
+  # Ids number the manifest's items in order, skipped ones included (so they do not shift
+  # when a record goes bad): item3 = 5, item4 = 7, item5 = 8.
+  assert sorted(ids[masks["photo"]].tolist()) == [5, 7, 8]
+  assert len(ids[ids >= 0]) == 7
+
+
+def test_default_config_trains_on_a_manifest_dataset(digit_records, tmp_path):
+  data_dir, _ = digit_records
+  proc = run_train(["--config=configs/audio_video_text.py:tiny",
+                    "--config.data.name=digit_records", f"--config.data.data_dir={data_dir}",
+                    f"--workdir={tmp_path / 'run'}"], devices=2)
+  assert "test/audio->text/R@1" in open(tmp_path / "run" / "metrics.jsonl").read()
+  assert "audio->text" in proc.stdout

@@ -1,0 +1,379 @@
+"""Datasets given as records -> TFDS datasets with per-modality presence masks.
+
+A record is one item: {"id": ..., "split": ..., <modality>: value, ...}. Values are file
+paths for image, audio, video and features (.npy) modalities and a string or a list of
+strings for text. The JSONL manifest builder (`xmodal_jax.data.build`) and the standard
+benchmark adapters (`xmodal_jax.data.builders.benchmarks`) both produce records; this module
+validates and encodes them. Stored features, per modality `m`:
+  m        image: the file's encoded bytes (decoded in the pipeline);
+           audio: int16 mono samples at the build's sample rate;
+           video: the build's `video_frames` frames sampled uniformly, JPEG, shorter side
+                  resized to `frame_size`;
+           text:  the captions (a sequence of strings);
+           features: float32 of the shape the manifest's first such file has.
+  has_m    the item has modality m (DESIGN.md's mask);
+  first_m  this is the first record of the item's split with this id and this value of m:
+           evaluation counts each distinct value once when several records share an id
+           (e.g. one image with five spoken captions).
+Items are numbered in order of first appearance ("id", int64); "key" holds the given id.
+A bad record (missing or undecodable file, empty caption, unknown key, wrong type) is
+skipped and reported, or stops the build when `strict`.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import types
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from xmodal_jax.data import media
+
+KINDS = ("image", "audio", "video", "text", "features")
+REPORT_FILE = "bad_records.jsonl"
+SIDECAR_FILE = "xmodal_dataset.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+  """How media are stored; recorded in the dataset folder's xmodal_dataset.json."""
+  sample_rate: int = 16_000  # audio is resampled to this at build time
+  video_frames: int = 8  # frames kept per video (the pipeline samples from these)
+  frame_size: int = 256  # stored video frames' shorter side
+  jpeg_quality: int = 90
+  strict: bool = False  # a bad record stops the build instead of being skipped
+
+
+class BadRecord(ValueError):
+  """One record that cannot be stored: which item, which file (or field), and why."""
+
+  def __init__(self, item_id, where, reason):
+    super().__init__(f"item {item_id!r}: {where}: {reason}")
+    self.item_id, self.where, self.reason = item_id, where, reason
+
+  def as_dict(self):
+    return {"id": self.item_id, "file": self.where, "reason": self.reason}
+
+
+def parse_modalities(spec, flag="--modalities"):
+  """'photo:image,caption:text' -> {"photo": "image", "caption": "text"}."""
+  modalities = {}
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, sep, kind = part.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+      raise ValueError(f"{flag}: {part!r} is not NAME:KIND")
+    if kind not in KINDS:
+      raise ValueError(f"{flag}: modality {name!r} has kind {kind!r}; expected one of {KINDS}")
+    if name in modalities or name in ("id", "key", "split"):
+      raise ValueError(f"{flag}: modality name {name!r} is repeated or reserved")
+    modalities[name] = kind
+  if not modalities:
+    raise ValueError(f"{flag}: no modality given (expected NAME:KIND,...)")
+  return modalities
+
+
+def read_manifest(path):
+  """[(line number, record dict)] of a JSONL file; not valid JSONL -> ValueError naming the
+  line."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such manifest file")
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg} at column "
+                         f"{e.colno})") from e
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{line_number}: expected a JSON object, got "
+                         f"{type(record).__name__}")
+      records.append((line_number, record))
+  return records
+
+
+def feature_spec(kind, shape=None):
+  """The TFDS feature storing one modality of `kind`."""
+  if kind == "image":
+    return tfds.features.Tensor(shape=(), dtype=np.str_)  # encoded bytes, any format TF reads
+  if kind == "audio":
+    return tfds.features.Tensor(shape=(None,), dtype=np.int16,
+                                encoding=tfds.features.Encoding.BYTES)
+  if kind == "video":
+    return tfds.features.Tensor(shape=(None,), dtype=np.str_)  # JPEG frames
+  if kind == "text":
+    return tfds.features.Sequence(tfds.features.Text())
+  if kind == "features":
+    return tfds.features.Tensor(shape=tuple(shape), dtype=np.float32,
+                                encoding=tfds.features.Encoding.BYTES)
+  raise ValueError(f"unknown modality kind {kind!r}; expected one of {KINDS}")
+
+
+def empty_value(kind, shape=None):
+  """What an item lacking the modality stores (its has_ flag is False)."""
+  if kind == "features":
+    return np.zeros(shape, np.float32)
+  return {"image": b"", "audio": np.zeros([0], np.int16), "video": np.zeros([0], object),
+          "text": []}[kind]
+
+
+def resolve_path(value, base_dir, item_id, name):
+  if not isinstance(value, str) or not value:
+    raise BadRecord(item_id, name, f"expected a file path (string), got "
+                    f"{type(value).__name__} {value!r}"[:200])
+  return value if os.path.isabs(value) else os.path.join(base_dir, value)
+
+
+def _read_bytes(path, item_id, what):
+  if not os.path.isfile(path):
+    raise BadRecord(item_id, path, f"missing {what} file")
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def encode_image(path, item_id, options):
+  del options
+  data = _read_bytes(path, item_id, "image")
+  try:
+    tf.io.decode_image(data, channels=3, expand_animations=False)
+  except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
+    message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", e.message).strip()
+    raise BadRecord(item_id, path, f"cannot decode image ({message})") from e
+  return data
+
+
+def encode_audio(path, item_id, options):
+  if not os.path.isfile(path):
+    raise BadRecord(item_id, path, "missing audio file")
+  try:
+    return media.decode_audio(path, options.sample_rate)
+  except ValueError as e:
+    raise BadRecord(item_id, path, f"cannot decode audio ({e})") from e
+
+
+def encode_video(path, item_id, options):
+  if not os.path.isfile(path):
+    raise BadRecord(item_id, path, "missing video file")
+  try:
+    frames = media.decode_video(path, options.video_frames)
+  except ValueError as e:
+    raise BadRecord(item_id, path, f"cannot decode video ({e})") from e
+  height, width = frames.shape[1:3]
+  scale = options.frame_size / min(height, width)
+  if scale < 1:
+    frames = media.resize_frames(frames, max(1, round(height * scale)),
+                                 max(1, round(width * scale)))
+  return np.array([tf.io.encode_jpeg(f, quality=options.jpeg_quality).numpy()
+                   for f in frames], dtype=object)
+
+
+def encode_features(path, item_id, shape):
+  if not os.path.isfile(path):
+    raise BadRecord(item_id, path, "missing features file")
+  try:
+    x = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise BadRecord(item_id, path, f"cannot read .npy ({e})") from e
+  if x.shape != tuple(shape):
+    raise BadRecord(item_id, path, f"features of shape {x.shape}; this dataset's are "
+                    f"{tuple(shape)} (from its first features file)")
+  if not np.issubdtype(x.dtype, np.number):
+    raise BadRecord(item_id, path, f"features of dtype {x.dtype}; expected numbers")
+  return x.astype(np.float32)
+
+
+def encode_text(value, item_id, name):
+  captions = [value] if isinstance(value, str) else value
+  if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+    raise BadRecord(item_id, name, f"expected a string or a list of strings, got "
+                    f"{type(value).__name__} {value!r}"[:200])
+  for i, caption in enumerate(captions):
+    if not caption.strip():
+      raise BadRecord(item_id, name, "empty caption" if len(captions) == 1 else
+                      f"caption {i} is empty")
+  if not captions:
+    raise BadRecord(item_id, name, "empty caption list")
+  return captions
+
+
+def features_shape(records, name, base_dir):
+  """The shape of the first readable .npy file of modality `name` (all must share it)."""
+  for _, record in records:
+    value = record.get(name)
+    if isinstance(value, str):
+      path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+      try:
+        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+      except (ValueError, OSError):
+        continue
+  raise ValueError(f"modality {name!r} (features): no readable .npy file in the manifest")
+
+
+class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Builds a TFDS dataset from records. Subclasses set MODALITIES ({name: kind}) and
+  implement `split_records(dl_manager)` -> {split: [(where, record)]}, where `where` names
+  the record's source (a manifest line) and relative paths are resolved against
+  `base_dir(dl_manager)`."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
+  MODALITIES = {}
+  FEATURE_SHAPES = {}  # {name: shape} for features modalities
+
+  def __init__(self, *, options=BuildOptions(), **kwargs):
+    self.options = options
+    self.bad_records = []
+    super().__init__(**kwargs)
+
+  def split_records(self, dl_manager):
+    raise NotImplementedError
+
+  def base_dir(self, dl_manager):
+    return dl_manager.manual_dir
+
+  def _info(self):
+    features = {"id": np.int64, "key": tfds.features.Text()}
+    for name, kind in self.MODALITIES.items():
+      features[name] = feature_spec(kind, self.FEATURE_SHAPES.get(name))
+      features[f"has_{name}"] = np.bool_
+      features[f"first_{name}"] = np.bool_
+    return self.dataset_info_from_configs(
+        description=(self.__doc__ or "").strip(),
+        features=tfds.features.FeaturesDict(features), supervised_keys=None)
+
+  def _split_generators(self, dl_manager):
+    splits = self.split_records(dl_manager)
+    base_dir = self.base_dir(dl_manager)
+    numbers, split_of = {}, {}  # given id -> int id, split
+    for split, records in splits.items():
+      for _, record in records:
+        key = str(record.get("id"))
+        numbers.setdefault(key, len(numbers))
+        split_of.setdefault(key, split)
+    return {split: self._examples(records, base_dir, numbers, split_of, split)
+            for split, records in splits.items()}
+
+  def _generate_examples(self, *args, **kwargs):  # Generators come from _split_generators.
+    raise NotImplementedError
+
+  def _encode(self, record, base_dir):
+    item_id = record["id"]
+    out = {}
+    for name, kind in self.MODALITIES.items():
+      if name not in record or record[name] is None:
+        continue
+      value = record[name]
+      if kind == "text":
+        out[name] = encode_text(value, item_id, name)
+        continue
+      path = resolve_path(value, base_dir, item_id, name)
+      if kind == "image":
+        out[name] = encode_image(path, item_id, self.options)
+      elif kind == "audio":
+        out[name] = encode_audio(path, item_id, self.options)
+      elif kind == "video":
+        out[name] = encode_video(path, item_id, self.options)
+      else:
+        out[name] = encode_features(path, item_id, self.FEATURE_SHAPES[name])
+    return out
+
+  def _check(self, where, record, split_of, split):
+    item_id = record.get("id")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or item_id == "":
+      raise BadRecord(item_id, where, "'id' must be a non-empty string or an integer")
+    allowed = {"id", "split"} | set(self.MODALITIES)
+    unknown = sorted(set(record) - allowed)
+    if unknown:
+      raise BadRecord(item_id, where, f"unknown modality key(s) {unknown}; this dataset has "
+                      f"{sorted(self.MODALITIES)}")
+    if split_of[str(item_id)] != split:
+      raise BadRecord(item_id, where, f"id also appears in split {split_of[str(item_id)]!r}")
+    if not any(record.get(name) is not None for name in self.MODALITIES):
+      raise BadRecord(item_id, where, "the record has none of the dataset's modalities")
+
+  def _examples(self, records, base_dir, numbers, split_of, split):
+    seen = set()  # (id, modality, value) already stored
+    for where, record in records:
+      try:
+        self._check(where, record, split_of, split)
+        encoded = self._encode(record, base_dir)
+      except BadRecord as e:
+        if self.options.strict:
+          raise
+        self.bad_records.append(e.as_dict() | {"source": str(where), "split": split})
+        continue
+      key = str(record["id"])
+      example = {"id": numbers[key], "key": key}
+      for name, kind in self.MODALITIES.items():
+        has = name in encoded
+        marker = (key, name, json.dumps(record.get(name)))
+        example[name] = encoded[name] if has else empty_value(
+            kind, self.FEATURE_SHAPES.get(name))
+        example[f"has_{name}"] = has
+        example[f"first_{name}"] = has and marker not in seen
+        seen.add(marker)
+      yield str(where), example
+
+  def download_and_prepare(self, *args, **kwargs):
+    """Builds (if not built yet), then writes the bad-record report and the sidecar."""
+    if self.is_prepared():
+      return
+    super().download_and_prepare(*args, **kwargs)
+    report = os.path.join(self.data_dir, REPORT_FILE)
+    with open(report, "w", encoding="utf-8") as f:
+      for bad in self.bad_records:
+        f.write(json.dumps(bad) + "\n")
+    with open(os.path.join(self.data_dir, SIDECAR_FILE), "w", encoding="utf-8") as f:
+      json.dump({"modalities": self.MODALITIES, "options": dataclasses.asdict(self.options),
+                 "bad_records": len(self.bad_records)}, f, indent=1)
+    total = sum(s.num_examples for s in self.info.splits.values())
+    print(f"{self.name}: {total} examples written to {self.data_dir}; "
+          f"{len(self.bad_records)} bad records skipped"
+          + (f" (listed in {report})" if self.bad_records else ""), file=sys.stderr)
+    for bad in self.bad_records[:20]:
+      print(f"  skipped item {bad['id']!r} ({bad['source']}): {bad['file']}: {bad['reason']}",
+            file=sys.stderr)
+    if len(self.bad_records) > 20:
+      print(f"  ... and {len(self.bad_records) - 20} more", file=sys.stderr)
+
+
+def read_sidecar(data_dir):
+  """The dataset's xmodal_dataset.json ({} for datasets not built from records)."""
+  path = os.path.join(data_dir, SIDECAR_FILE)
+  if not os.path.isfile(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data_dir=None):
+  """A builder for the JSONL `manifest` (paths relative to its folder) as dataset `name`."""
+  if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+    raise ValueError(f"--name={name!r}: expected lower_snake_case (letters, digits, _)")
+  records = read_manifest(manifest)
+  base_dir = os.path.dirname(os.path.abspath(manifest))
+  for line_number, record in records:
+    if not isinstance(record.get("split"), str) or not record.get("split"):
+      raise ValueError(f"{manifest}:{line_number}: missing \"split\" (a string such as "
+                       f"\"train\")")
+  shapes = {m: features_shape(records, m, base_dir)
+            for m, kind in modalities.items() if kind == "features"}
+  splits = {}
+  for line_number, record in records:
+    splits.setdefault(record["split"], []).append((f"{manifest}:{line_number}", record))
+
+  def body(namespace):
+    namespace.update(
+        __module__=__name__, name=name, MODALITIES=dict(modalities), FEATURE_SHAPES=shapes,
+        __doc__=f"Built by xmodal_jax.data.build from {os.path.abspath(manifest)}.",
+        split_records=lambda self, dl_manager: splits,
+        base_dir=lambda self, dl_manager: base_dir)
+  cls = types.new_class(f"Manifest_{name}", (RecordBuilder,), {"skip_registration": True},
+                        body)
+  return cls(options=options, data_dir=data_dir)
