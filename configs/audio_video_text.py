@@ -4,6 +4,8 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
   (none)      the default: trains on 2 CPU cores in minutes, R@1 >= 50% on every pair.
   regression  the same with seed 000's similarity regression (PCMR) instead of InfoNCE.
   sigmoid     the same with SigLIP's sigmoid pair loss.
+  align_fuse  seed 001: GPO pooling, momentum queues, ITC + IMS + LMIM + matching with hard
+              negatives; evaluation also re-ranks the top 16 with the matching head.
   tiny        a few steps of a smaller model, for tests and smoke runs.
 Variants combine with commas: `:tiny,regression`.
 """
@@ -57,7 +59,10 @@ def get_config(variant=""):
 
   # Fused queries (METHODS.md): "all" subsets of 2..M-1 modalities, "none", or a list such
   # as ["audio+video"]; each queries every modality outside it.
-  config.eval = dict(fused="all")
+  config.eval = dict(fused="all", rerank_k=0)
+  # Seed 001's momentum objectives (itc, ims): EMA params and queues of momentum embeddings.
+  config.alignment = dict(momentum=0.995, queue_size=65_536, distill_alpha=0.0,
+                          distill_ramp_steps=0)
 
   config.log_every = 50
   config.eval_every = 500
@@ -65,16 +70,30 @@ def get_config(variant=""):
   config.keep_checkpoints = 2
 
   variants = set(filter(None, variant.split(",")))
-  unknown = variants - {"tiny", "regression", "sigmoid"}
+  unknown = variants - {"tiny", "regression", "sigmoid", "align_fuse"}
   if unknown:
     raise ValueError(f"configs/audio_video_text.py: unknown variant(s) {sorted(unknown)}; "
-                     "expected tiny, regression, sigmoid")
+                     "expected tiny, regression, sigmoid, align_fuse")
   if "regression" in variants:
     config.loss.weights = dict(contrastive=0.0, regression=1.0)
   if "sigmoid" in variants:
     config.loss.kind = "sigmoid"
     config.model.logit_scale_init = 2.302585  # log(10), as SigLIP
     config.model.logit_bias_init = -10.0
+  if "align_fuse" in variants:
+    # Seed 001's recipe, TCL's weighting: (ITC both ways + IMS + LMIM) / 3 + matching.
+    config.loss.weights = dict(contrastive=0.0, regression=0.0, itc=1 / 3, ims=1 / 3,
+                               lmim=1 / 3, itm=1.0)
+    for t in config.model.towers.values():
+      t.pooling = "gpo"
+    config.model.local_features = 16
+    config.model.fusion = dict(pairs=["text:audio", "text:video"], width=64, num_layers=2,
+                               num_heads=4, mlp_dim=128)
+    # 9,000 training items: a 65,536 queue would hold every item 7 times over, mostly stale.
+    config.alignment.queue_size = 4_096
+    config.alignment.distill_alpha = 0.4
+    config.alignment.distill_ramp_steps = 500
+    config.eval.rerank_k = 16
   if "tiny" in variants:
     config.model.embed_dim = 32
     for t in config.model.towers.values():

@@ -38,7 +38,8 @@ def main(argv):
   split = _SPLIT.value or experiment.config.data.eval_split
   embed_fn = experiment.embed_fn()
   metrics = loop.evaluate(experiment.config, experiment.builder, embed_fn,
-                          experiment.state.params, experiment.mesh, split)
+                          experiment.state.params, experiment.mesh, split,
+                          match_fn=experiment.match_fn())
   print(f"step {experiment.step}, split {split}")
   print(retrieval.format_table(metrics, split), flush=True)
   out = _OUT.value or os.path.join(WORKDIR.value, f"eval_{split}_step{experiment.step}.json")

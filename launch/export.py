@@ -38,7 +38,7 @@ def main(argv):
                           require_checkpoint=True)
   config = experiment.config
   split = _SPLIT.value or config.data.eval_split
-  embed_fn = experiment.embed_fn()
+  embed_fn = experiment.embed_fn(tokens=())
   batches = loop.embed_batches(embed_fn, experiment.state.params,
                                pipeline.eval_iterator(config, experiment.builder, split),
                                experiment.mesh)

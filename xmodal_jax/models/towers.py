@@ -8,7 +8,8 @@ import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.models import audio, features, text, vision
+from xmodal_jax.losses.alignment import pool_locals
+from xmodal_jax.models import audio, features, fusion as fusion_lib, text, vision
 
 # Towers by the name a config gives them; each maps {input name: array} to
 # `transformer.tower_output` (pooled [B, W], tokens, valid). "pretrained" (a Hugging Face
@@ -35,29 +36,60 @@ class MultiModalModel(nn.Module):
 
   Modalities absent from the batch are skipped. Also owns `logit_scale`, stored as its log
   (initialized to log(1/0.07) as in CLIP) and, if `logit_bias_init` is set, the sigmoid
-  loss's `logit_bias` (SigLIP: -10); callers read them from the params.
+  loss's `logit_bias` (SigLIP: -10); callers read them from the params. With
+  `local_features` > 0, a local head per modality projects up to that many pooled runs of
+  tokens into the embedding space (LMIM); `fusion` holds a FusionEncoder per pair "a:b"
+  (a's tokens attend to b's) for matching and re-ranking (seed 001).
   """
   towers: Mapping[str, nn.Module]
   embed_dim: int
   logit_scale_init: float = float(np.log(1 / 0.07))
   logit_bias_init: Optional[float] = None
   dtype: Any = jnp.float32
+  local_features: int = 0
+  fusion: Mapping[str, nn.Module] = flax.core.FrozenDict()
 
   def setup(self):
     self.heads = {m: nn.Dense(self.embed_dim, dtype=self.dtype) for m in self.towers}
+    if self.local_features:
+      self.local_heads = {m: nn.Dense(self.embed_dim, dtype=self.dtype) for m in self.towers}
     self.logit_scale = self.param(
         "logit_scale", nn.initializers.constant(self.logit_scale_init), ())
     if self.logit_bias_init is not None:
       self.logit_bias = self.param(
           "logit_bias", nn.initializers.constant(self.logit_bias_init), ())
 
-  def __call__(self, batch, *, train):
-    embeddings = {}
+  def __call__(self, batch, *, train, details=False):
+    """Embeddings; with `details`, {"emb": embeddings, "tokens": {m: (tokens, valid)},
+    "locals": {m: (normalized local embeddings [B, K, D], valid [B, K])}}."""
+    embeddings, tokens, local = {}, {}, {}
     for modality, tower in self.towers.items():
-      if modality in batch:
-        pooled = tower(batch[modality], train=train)["pooled"]
-        embeddings[modality] = l2_normalize(self.heads[modality](pooled).astype(jnp.float32))
-    return embeddings
+      if modality not in batch:
+        continue
+      out = tower(batch[modality], train=train)
+      embeddings[modality] = l2_normalize(
+          self.heads[modality](out["pooled"]).astype(jnp.float32))
+      tokens[modality] = (out["tokens"], out["valid"])
+      if details and self.local_features:
+        pooled, valid = pool_locals(out["tokens"], out["valid"], self.local_features)
+        local[modality] = (l2_normalize(
+            self.local_heads[modality](pooled).astype(jnp.float32)), valid)
+    if not details:
+      return embeddings
+    return {"emb": embeddings, "tokens": tokens, "locals": local}
+
+  def match(self, pair, query_tokens, query_valid, context_tokens, context_valid, *, train):
+    """Matching logits [B, 2] of fusion pair "a:b" (a's tokens, then b's)."""
+    return self.fusion[fusion_key(pair)](query_tokens, query_valid, context_tokens,
+                                         context_valid, train=train)
+
+  def init_all(self, batch, *, train):
+    """Runs every part once (towers, heads, local heads, fusion encoders): for init."""
+    out = self(batch, train=train, details=True)
+    for pair in fusion_pairs(self):
+      a, b = pair.split(":")
+      self.match(pair, *out["tokens"][a], *out["tokens"][b], train=train)
+    return out
 
 
 def build_tower(tower_config, where, vocab_size=None):
@@ -122,8 +154,41 @@ def build_model(model_config, vocab_sizes=None):
   model = MultiModalModel(
       towers=towers, embed_dim=model_config.embed_dim,
       logit_scale_init=model_config.get("logit_scale_init", float(np.log(1 / 0.07))),
-      logit_bias_init=model_config.get("logit_bias_init", None))
+      logit_bias_init=model_config.get("logit_bias_init", None),
+      local_features=model_config.get("local_features", 0),
+      fusion=build_fusion(model_config.get("fusion"), list(towers)))
   return model, pretrained
+
+
+def fusion_key(pair):
+  """Pair "a:b" -> the name of its fusion encoder's params ("fusion_a-b")."""
+  return pair.replace(":", "-")
+
+
+def fusion_pairs(model):
+  """The model's fusion pairs as "a:b"."""
+  return [key.replace("-", ":", 1) for key in model.fusion]
+
+
+def build_fusion(fusion_config, modalities):
+  """{pair "a:b": FusionEncoder} from `config.model.fusion` = {pairs: ["a:b", ...],
+  width, num_layers, num_heads, mlp_dim, dropout, dtype}."""
+  if not fusion_config or not fusion_config.get("pairs"):
+    return flax.core.FrozenDict()
+  options = {k: v for k, v in dict(fusion_config).items() if k != "pairs"}
+  if "dtype" in options:
+    options["dtype"] = jnp.dtype(options["dtype"])
+  encoders = {}
+  for pair in fusion_config["pairs"]:
+    a, sep, b = pair.partition(":")
+    if not sep or a not in modalities or b not in modalities or a == b:
+      raise ValueError(f"config.model.fusion.pairs: {pair!r} is not 'a:b' with two of the "
+                       f"modalities {modalities}")
+    try:
+      encoders[fusion_key(pair)] = fusion_lib.FusionEncoder(**options)
+    except TypeError as e:
+      raise ValueError(f"config.model.fusion: {e}") from e
+  return flax.core.FrozenDict(encoders)
 
 
 def insert_pretrained(params, pretrained):

@@ -19,20 +19,9 @@ def make_manager(workdir, config):
                                options=options)
 
 
-def restore_latest(manager, state):
-  """(restored state, step) from the newest checkpoint, or (state, 0) if there is none.
-
-  `state` is the freshly initialized state: it gives the tree, shapes and shardings.
-  """
-  step = manager.latest_step()
-  if step is None:
-    return state, 0
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
-
-
 def restore(manager, state, step):
-  """The state saved at `step`; the error lists the steps there are."""
+  """The state saved at `step`, shaped and sharded like `state` (arrays or
+  jax.ShapeDtypeStructs with shardings); the error lists the steps there are."""
   steps = manager.all_steps()
   if step not in steps:
     raise FileNotFoundError(f"{manager.directory}: no checkpoint of step {step}; there are "

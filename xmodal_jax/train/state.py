@@ -9,13 +9,31 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class TrainState:
+  """step, params, optimizer state; with seed 001's momentum objectives also the EMA copy of
+  the params and the queues {modality: {"emb": [Q, D], "ids": [Q]}, "pointer": []}."""
   step: jnp.ndarray
   params: Any
   opt_state: Any
+  momentum_params: Any = None
+  queues: Any = None
 
 
-def create_train_state(model, tx, example_batch, seed):
-  """Initializes params from an example batch (shapes only matter) and the optimizer state."""
-  variables = model.init(jax.random.key(seed), example_batch, train=False)
+def create_train_state(model, tx, example_batch, seed, queue_size=0):
+  """Initializes params from an example batch (shapes only matter) and the optimizer state;
+  with `queue_size`, the momentum params (a copy) and empty queues (ids -1)."""
+  variables = model.init(jax.random.key(seed), example_batch, train=False,
+                         method=model.init_all)
   params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  if not queue_size:
+    return state
+  queues = {m: {"emb": jnp.zeros((queue_size, model.embed_dim), jnp.float32),
+                "ids": jnp.full((queue_size,), -1, jnp.int32)} for m in model.towers}
+  queues["pointer"] = jnp.zeros((), jnp.int32)
+  return state.replace(momentum_params=jax.tree.map(jnp.copy, params), queues=queues)
+
+
+def ema(momentum_params, params, momentum):
+  """momentum * EMA + (1 - momentum) * params, leaf by leaf."""
+  return jax.tree.map(lambda e, p: momentum * e + (1.0 - momentum) * p, momentum_params,
+                      params)

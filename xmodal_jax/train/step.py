@@ -1,6 +1,7 @@
 """The jit-compiled train step and the embedding step used by evaluation."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,14 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from xmodal_jax import losses, parallel
+from xmodal_jax.losses import alignment
+from xmodal_jax.train import state as state_lib
 
 MAX_LOGIT_SCALE = 100.0
-OBJECTIVES = ("contrastive", "regression")
+PAIRWISE = ("contrastive", "regression")  # seed 000, in shard_map over the data axis
+ALIGNMENT = ("itc", "ims", "lmim", "itm")  # seed 001, on the global batch under jit
+MOMENTUM = ("itc", "ims")  # need the momentum params and queues
+OBJECTIVES = PAIRWISE + ALIGNMENT
 
 
 def logit_scale(params):
@@ -28,7 +34,7 @@ def objective(embeddings, masks, scale, bias, *, loss_config, axis_name):
                  block_size=loss_config.block_size or None, axis_name=axis_name)
   total, metrics = 0.0, {}
   for name, weight in loss_config.weights.items():
-    if not weight:
+    if not weight or name not in PAIRWISE:
       continue
     if name == "contrastive":
       value, terms = losses.contrastive_loss(embeddings, scale, masks=masks,
@@ -42,34 +48,160 @@ def objective(embeddings, masks, scale, bias, *, loss_config, axis_name):
   return total, metrics
 
 
-def compute_loss(params, batch, rng, *, model, loss_config, mesh):
-  embeddings = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})
+def uses(loss_config, names):
+  return any(loss_config.weights.get(name, 0.0) for name in names)
+
+
+def distill_alpha(alignment_config, step):
+  """Momentum distillation's alpha, ramped up linearly over `distill_ramp_steps`; None: off."""
+  alpha = alignment_config.get("distill_alpha", 0.0)
+  if not alpha:
+    return None
+  ramp = alignment_config.get("distill_ramp_steps", 0)
+  return alpha * jnp.minimum(1.0, (step + 1) / ramp) if ramp else alpha
+
+
+def alignment_objective(params, out, momentum_emb, queues, batch, scale, rng, alpha, *,
+                        model, loss_config):
+  """Seed 001's terms on the global batch: {name: value} for the weighted ones, and metrics."""
+  weights, emb = loss_config.weights, out["emb"]
+  ids, masks = batch["_id"], batch["_mask"]
+  terms, metrics = {}, {}
+
+  def queued(query, key):
+    value, _ = alignment.queue_contrastive(
+        emb[query], momentum_emb[query], momentum_emb[key], queues[key]["emb"], scale,
+        ids=ids, key_mask=masks[key], query_mask=masks[query], queue_ids=queues[key]["ids"],
+        alpha=alpha)
+    return value
+  if weights.get("itc"):
+    for a, b in itertools.permutations(emb, 2):
+      metrics[f"itc/{a}->{b}"] = queued(a, b)
+    terms["itc"] = jnp.mean(jnp.stack([metrics[f"itc/{a}->{b}"]
+                                       for a, b in itertools.permutations(emb, 2)]))
+  if weights.get("ims"):
+    for m in emb:
+      metrics[f"ims/{m}"] = queued(m, m)
+    terms["ims"] = jnp.mean(jnp.stack([metrics[f"ims/{m}"] for m in emb]))
+  if weights.get("lmim"):
+    for m, (local, valid) in out["locals"].items():
+      metrics[f"lmim/{m}"] = alignment.lmim(emb[m], local, valid, scale, mask=masks[m])
+    terms["lmim"] = jnp.mean(jnp.stack([metrics[f"lmim/{m}"] for m in out["locals"]]))
+  if weights.get("itm"):
+    values = []
+    for pair in model_fusion_pairs(model):
+      a, b = pair.split(":")
+      rng, pair_rng, dropout_rng = jax.random.split(rng, 3)
+      similarity = jax.lax.stop_gradient(scale * emb[a] @ emb[b].T)
+      neg_b, neg_b_ok, neg_a, neg_a_ok = alignment.hard_negatives(
+          pair_rng, similarity, ids, ids, masks[a], masks[b])
+      (tokens_a, valid_a), (tokens_b, valid_b) = out["tokens"][a], out["tokens"][b]
+      logits = model.apply(
+          {"params": params}, pair,
+          jnp.concatenate([tokens_a, tokens_a, tokens_a[neg_a]]),
+          jnp.concatenate([valid_a, valid_a, valid_a[neg_a]]),
+          jnp.concatenate([tokens_b, tokens_b[neg_b], tokens_b]),
+          jnp.concatenate([valid_b, valid_b[neg_b], valid_b]),
+          train=True, method="match", rngs={"dropout": dropout_rng})
+      pos, neg_for_a, neg_for_b = jnp.split(logits, 3)
+      value, accuracy = alignment.matching_loss(pos, neg_for_a, neg_for_b, masks[a] & masks[b],
+                                                neg_b_ok, neg_a_ok)
+      metrics[f"itm/{pair}"], metrics[f"itm/{pair}/accuracy"] = value, accuracy
+      values.append(value)
+    terms["itm"] = jnp.mean(jnp.stack(values))
+  return terms, metrics
+
+
+def model_fusion_pairs(model):
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  return towers.fusion_pairs(model)
+
+
+def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *, model,
+                 loss_config, mesh):
+  rng, align_rng = jax.random.split(rng)
+  aligned = uses(loss_config, ALIGNMENT)
+  out = model.apply({"params": params}, batch, train=True, details=aligned,
+                    rngs={"dropout": rng})
+  embeddings = out["emb"] if aligned else out
   scale = logit_scale(params)
   bias = params.get("logit_bias")
-  sharded = jax.shard_map(
-      functools.partial(objective, loss_config=loss_config, axis_name=parallel.DATA_AXIS),
-      mesh=mesh, in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P(), P()),
-      out_specs=P())
-  loss, metrics = sharded(embeddings, batch["_mask"], scale, bias)
+  loss, metrics = 0.0, {}
+  if uses(loss_config, PAIRWISE):
+    sharded = jax.shard_map(
+        functools.partial(objective, loss_config=loss_config, axis_name=parallel.DATA_AXIS),
+        mesh=mesh, in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P(), P()),
+        out_specs=P())
+    loss, metrics = sharded(embeddings, batch["_mask"], scale, bias)
+  if aligned:
+    terms, align_metrics = alignment_objective(params, out, momentum_emb, queues, batch, scale,
+                                               align_rng, alpha, model=model,
+                                               loss_config=loss_config)
+    for name, value in terms.items():
+      loss += loss_config.weights[name] * value
+    metrics.update(terms)
+    metrics.update(align_metrics)
   metrics["logit_scale"] = scale
   if bias is not None:
     metrics["logit_bias"] = bias
   return loss, metrics
 
 
-def train_step(state, batch, *, model, tx, loss_config, mesh, seed):
-  """One optimizer update on a global batch. Returns (new state, metrics)."""
+def update_queues(queues, momentum_emb, batch, mesh):
+  """Enqueues this step's momentum embeddings of every modality (FIFO, rows sharded)."""
+  sharded = jax.sharding.NamedSharding(mesh, P(parallel.DATA_AXIS))
+  new, pointer = {}, queues["pointer"]
+  for m, keys in momentum_emb.items():
+    emb, ids, new_pointer = alignment.enqueue(queues[m]["emb"], queues[m]["ids"], pointer,
+                                              keys, batch["_id"], batch["_mask"][m])
+    new[m] = {"emb": jax.lax.with_sharding_constraint(emb, sharded),
+              "ids": jax.lax.with_sharding_constraint(ids, sharded)}
+  new["pointer"] = new_pointer
+  return new
+
+
+def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_config=None):
+  """One optimizer update on a global batch. Returns (new state, metrics).
+
+  With momentum objectives (itc, ims), as ALBEF: the EMA params first move towards the
+  current params (momentum from `alignment_config`), then embed the batch as keys; after the
+  update those keys join the queues.
+  """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  extra, momentum_params, queues = {}, state.momentum_params, state.queues
+  if queues is not None:
+    momentum_params = state_lib.ema(momentum_params, state.params,
+                                    alignment_config.get("momentum", 0.995))
+    momentum_emb = jax.lax.stop_gradient(
+        model.apply({"params": momentum_params}, batch, train=False))
+    extra = dict(momentum_emb=momentum_emb, queues=queues,
+                 alpha=distill_alpha(alignment_config, state.step))
   grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, model=model,
-                                   loss_config=loss_config, mesh=mesh)
+                                   loss_config=loss_config, mesh=mesh, **extra)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["loss"] = loss
   metrics["grad_norm"] = optax.global_norm(grads)
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  if queues is not None:
+    queues = update_queues(queues, extra["momentum_emb"], batch, mesh)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       momentum_params=momentum_params, queues=queues), metrics
 
 
-def embed_step(params, batch, *, model):
-  """{modality: L2-normalized embeddings} for an eval batch."""
-  return model.apply({"params": params}, batch, train=False)
+def embed_step(params, batch, *, model, tokens=()):
+  """{modality: L2-normalized embeddings} for an eval batch; with `tokens` (modalities), also
+  {modality: {"tokens", "valid"}} for re-ranking."""
+  if not tokens:
+    return model.apply({"params": params}, batch, train=False)
+  out = model.apply({"params": params}, batch, train=False, details=True)
+  return out["emb"], {m: {"tokens": out["tokens"][m][0], "valid": out["tokens"][m][1]}
+                      for m in tokens}
+
+
+def match_step(params, query_tokens, query_valid, context_tokens, context_valid, *, model,
+               pair):
+  """Matching scores (log-odds of "matched") of fusion pair "a:b" at evaluation."""
+  logits = model.apply({"params": params}, pair, query_tokens, query_valid, context_tokens,
+                       context_valid, train=False, method="match")
+  return logits[:, 1] - logits[:, 0]

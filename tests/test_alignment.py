@@ -1,0 +1,267 @@
+"""Seed 001: ITC / IMS / LMIM / matching against NumPy formulas, hard negatives, the queue's
+FIFO order, the EMA formula, checkpoint restore of queues, 8 devices against 1, and
+re-ranking."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmodal_jax.eval import rerank
+from xmodal_jax.losses import alignment
+
+
+def normalized(rng, *shape):
+  x = rng.normal(size=shape).astype(np.float32)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def np_log_softmax(x):
+  x = x - x.max(axis=-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def np_queue_contrastive(q, qm, k, queue, s, ids, key_mask, query_mask, queue_ids, alpha):
+  """Row by row, as METHODS.md writes it."""
+  cols = np.concatenate([k, queue])
+  col_ids = np.concatenate([ids, queue_ids])
+  col_ok = np.concatenate([key_mask, queue_ids >= 0])
+  losses = []
+  for i in range(len(q)):
+    y = ((col_ids == ids[i]) & col_ok).astype(np.float64)
+    if not query_mask[i] or not y.sum():
+      continue
+    y /= y.sum()
+    logits = s * cols[col_ok] @ q[i]
+    if alpha is not None:
+      p = np.exp(np_log_softmax(s * cols[col_ok] @ qm[i]))
+      y_ok = alpha * p + (1 - alpha) * y[col_ok]
+    else:
+      y_ok = y[col_ok]
+    losses.append(-(y_ok * np_log_softmax(logits)).sum())
+  return np.mean(losses)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.4])
+def test_queue_contrastive_matches_numpy_with_positive_aware_targets(alpha):
+  rng = np.random.default_rng(0)
+  batch, size, dim = 6, 10, 8
+  ids = np.array([3, 7, 7, 11, 12, 13])  # two captions of item 7 in the batch
+  queue_ids = np.array([7, 3, 99, -1, 11, 98, -1, 7, 50, 51])  # batch ids in the queue too
+  key_mask = np.array([True, True, False, True, True, True])
+  query_mask = np.array([True, True, True, True, False, True])
+  q, qm, k = normalized(rng, batch, dim), normalized(rng, batch, dim), normalized(rng, batch, dim)
+  queue = normalized(rng, size, dim)
+  got, count = alignment.queue_contrastive(q, qm, k, queue, 4.0, ids=ids, key_mask=key_mask,
+                                           query_mask=query_mask, queue_ids=queue_ids,
+                                           alpha=alpha)
+  want = np_queue_contrastive(q, qm, k, queue, 4.0, ids, key_mask, query_mask, queue_ids,
+                              alpha)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  assert int(count) == 5  # the query without its modality is not counted
+
+
+def test_lmim_matches_numpy():
+  rng = np.random.default_rng(1)
+  batch, locals_, dim, s = 5, 4, 8, 3.0
+  g = normalized(rng, batch, dim)
+  local = normalized(rng, batch, locals_, dim)
+  valid = rng.random((batch, locals_)) > 0.3
+  valid[:, 0] = True
+  mask = np.array([True, True, False, True, True])
+  got = alignment.lmim(g, local, valid, s, mask=mask)
+  terms = []
+  for i in range(batch):
+    if not mask[i]:
+      continue
+    negatives = [s * g[i] @ local[j, k] for j in range(batch) for k in range(locals_)
+                 if j != i and mask[j] and valid[j, k]]
+    for k in range(locals_):
+      if valid[i, k]:
+        positive = s * g[i] @ local[i, k]
+        logits = np.array([positive] + negatives)
+        terms.append(-np_log_softmax(logits)[0])
+  np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
+
+
+def test_pool_locals_is_the_valid_weighted_mean_of_equal_runs():
+  rng = np.random.default_rng(2)
+  tokens = rng.normal(size=(2, 10, 3)).astype(np.float32)
+  valid = np.ones((2, 10), bool)
+  valid[1, 7:] = False
+  pooled, ok = alignment.pool_locals(jnp.asarray(tokens), jnp.asarray(valid), 4)
+  runs = [range(0, 3), range(3, 5), range(5, 8), range(8, 10)]  # i * 4 // 10
+  for b in range(2):
+    for r, positions in enumerate(runs):
+      kept = [p for p in positions if valid[b, p]]
+      assert bool(ok[b, r]) == bool(kept)
+      if kept:
+        np.testing.assert_allclose(pooled[b, r], tokens[b, kept].mean(0), rtol=1e-5)
+
+
+def test_hard_negatives_follow_softmax_over_other_items():
+  rng = np.random.default_rng(3)
+  n = 5
+  sim = rng.normal(size=(n, n)).astype(np.float32) * 2
+  ids = np.array([0, 1, 1, 2, 3])  # items 1 and 2 are the same item
+  mask_b = np.array([True, True, True, True, False])
+  draws = jax.vmap(lambda key: alignment.hard_negatives(
+      key, sim, ids, ids, np.ones(n, bool), mask_b))(jax.random.split(jax.random.key(0), 4000))
+  neg_col, row_ok = np.asarray(draws[0]), np.asarray(draws[1])
+  for i in range(n):
+    allowed = (ids != ids[i]) & mask_b
+    assert row_ok[0, i] == allowed.any()
+    p = np.where(allowed, np.exp(sim[i] - sim[i].max()), 0)
+    p /= p.sum()
+    freq = np.bincount(neg_col[:, i], minlength=n) / len(neg_col)
+    np.testing.assert_allclose(freq, p, atol=0.035)
+
+
+def test_matching_loss_matches_numpy():
+  rng = np.random.default_rng(4)
+  pos, neg_b, neg_a = (rng.normal(size=(4, 2)).astype(np.float32) for _ in range(3))
+  ok = [np.array([1, 1, 0, 1], bool), np.array([1, 0, 1, 1], bool), np.ones(4, bool)]
+  loss, _ = alignment.matching_loss(pos, neg_b, neg_a, *ok)
+  terms = ([-np_log_softmax(pos[i])[1] for i in range(4) if ok[0][i]]
+           + [-np_log_softmax(neg_b[i])[0] for i in range(4) if ok[1][i]]
+           + [-np_log_softmax(neg_a[i])[0] for i in range(4) if ok[2][i]])
+  np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
+
+
+def test_queue_keeps_the_most_recent_entries_in_order():
+  size, batch, dim = 12, 4, 3
+  queue = jnp.zeros((size, dim))
+  ids = jnp.full((size,), -1, jnp.int32)
+  pointer = jnp.zeros((), jnp.int32)
+  history = []
+  for step in range(7):
+    keys = jnp.full((batch, dim), float(step)) + jnp.arange(batch)[:, None] / 10
+    step_ids = jnp.arange(batch) + 100 * step
+    valid = jnp.arange(batch) != (step % batch)  # one item per step lacks the modality
+    queue, ids, pointer = jax.jit(alignment.enqueue)(queue, ids, pointer, keys, step_ids, valid)
+    history += [(np.asarray(k), int(i) if v else -1) for k, i, v in zip(keys, step_ids, valid)]
+    order = (int(pointer) + np.arange(size)) % size  # oldest first
+    recent = history[-size:]
+    filled = min(len(history), size)
+    np.testing.assert_array_equal(np.asarray(ids)[order][size - filled:],
+                                  [i for _, i in recent])
+    np.testing.assert_array_equal(np.asarray(queue)[order][size - filled:],
+                                  np.stack([k for k, _ in recent]))
+
+
+def test_rerank_with_an_oracle_and_with_the_embedding_scores():
+  rng = np.random.default_rng(5)
+  q, g = normalized(rng, 30, 8), normalized(rng, 40, 8)
+  q_ids, g_ids = np.arange(30) % 20, np.arange(40) % 20  # two positives each
+  from xmodal_jax.eval import retrieval  # pylint: disable=g-import-not-at-top
+  emb_ranks = retrieval.query_ranks(q, g, q_ids, g_ids)
+  # Scoring with the embedding similarity itself changes nothing.
+  ranks, _ = rerank.rerank(q, g, q_ids, g_ids,
+                           lambda top: np.take_along_axis(q @ g.T, top, axis=1), k=10)
+  np.testing.assert_array_equal(ranks, emb_ranks)
+  # An oracle head puts a positive first whenever one is in the top k.
+  oracle = lambda top: (g_ids[top] == q_ids[:, None]).astype(float)
+  ranks, reranked = rerank.rerank(q, g, q_ids, g_ids, oracle, k=10)
+  np.testing.assert_array_equal(ranks, np.where(emb_ranks <= 10, 1, emb_ranks))
+  assert reranked.shape == (30, 10)
+
+
+# --- The train step on the embedded data (tiny towers, align_fuse) -------------------------
+
+
+@pytest.fixture(scope="module")
+def aligned_run(digit_data_dir, tmp_path_factory):
+  """configs/audio_video_text.py:tiny,align_fuse trained 4 steps through train_and_evaluate
+  (a checkpoint after every step; queue of 64 = 4 batches)."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny,align_fuse")
+  config.data.data_dir = digit_data_dir
+  config.alignment.queue_size = 64
+  config.total_steps, config.checkpoint_every, config.eval_every, config.log_every = 4, 1, 4, 1
+  config.keep_checkpoints = 4
+  config.data.eval_split = "test[:100]"  # re-ranking 4 directions x 100 queries x 4
+  config.eval.rerank_k, config.eval.fused = 4, "none"
+  workdir = str(tmp_path_factory.mktemp("aligned"))
+  metrics = loop.train_and_evaluate(config, workdir)
+  return config, workdir, metrics
+
+
+def test_align_fuse_trains_logs_each_term_and_reranks(aligned_run):
+  config, workdir, metrics = aligned_run
+  split = config.data.eval_split
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  for term in ("itc", "ims", "lmim", "itm"):
+    assert all(np.isfinite(r[f"train/{term}"]) for r in records if "train/loss" in r)
+  for direction in ("text->video", "video->text", "text->audio", "audio->text"):
+    assert f"{split}/{direction} (rerank)/R@1" in metrics
+    assert metrics[f"{split}/{direction} (rerank)/ms_per_query"] > 0
+  assert f"{split}/audio->video/R@1" in metrics
+  assert f"{split}/audio->video (rerank)/R@1" not in metrics  # no fusion pair for it
+
+
+def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
+  """Restored checkpoints of steps 1..4: step n's momentum keys (the batch's ids, and the
+  embeddings its EMA params give) sit at rows 16(n-1)..16n-1 of every queue and stay there,
+  in order, at later steps; the EMA follows ema_n = m ema_(n-1) + (1 - m) params_(n-1)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import parallel  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = aligned_run
+  states = {n: loop.setup(config, workdir, step=n) for n in range(1, 5)}
+  first = states[1]
+  embed = jax.jit(functools.partial(first.model.apply, train=False))
+  batches = pipeline.train_iterator(config, first.builder)
+  m, flat = config.alignment.momentum, flax.traverse_util.flatten_dict
+  for n in range(1, 5):
+    queues = states[n].state.queues
+    assert int(queues["pointer"]) == 16 * n % 64
+    batch = parallel.shard_batch(next(batches), first.mesh)
+    keys = embed({"params": states[n].state.momentum_params}, batch)
+    rows = slice(16 * (n - 1), 16 * n)
+    for modality, emb in keys.items():
+      for later in range(n, 5):  # kept, in place, by every later step
+        queue = states[later].state.queues[modality]
+        np.testing.assert_array_equal(np.asarray(queue["ids"][rows]), np.asarray(batch["_id"]))
+        np.testing.assert_allclose(np.asarray(queue["emb"][rows]), np.asarray(emb), atol=1e-5)
+      assert (np.asarray(queues[modality]["ids"][16 * n:]) == -1).all()
+    if n > 1:
+      previous = states[n - 1].state
+      expected = jax.tree.map(lambda e, p: m * np.asarray(e) + (1 - m) * np.asarray(p),
+                              previous.momentum_params, previous.params)
+      got = flat(jax.tree.map(np.asarray, states[n].state.momentum_params))
+      for path, value in flat(expected).items():
+        np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=1e-7)
+
+
+def test_eight_devices_give_the_single_device_losses(aligned_run):
+  from xmodal_jax import parallel  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = aligned_run
+  experiment = loop.setup(config, workdir)
+  state = experiment.state
+  batch = next(pipeline.train_iterator(config, experiment.builder, start_step=7))
+  results = []
+  for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()):
+    assert mesh.size in (1, 8)
+    sharded = parallel.shard_batch(batch, mesh)
+    put = functools.partial(jax.device_put, device=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    momentum_emb = jax.jit(functools.partial(experiment.model.apply, train=False))(
+        {"params": put(state.momentum_params)}, sharded)
+    fn = jax.jit(functools.partial(step_lib.compute_loss, model=experiment.model,
+                                   loss_config=config.loss, mesh=mesh))
+    loss, metrics = fn(put(state.params), sharded, jax.random.key(3),
+                       momentum_emb=momentum_emb, queues=put(state.queues), alpha=0.4)
+    results.append(jax.tree.map(np.asarray, (loss, metrics)))
+  (loss1, metrics1), (loss8, metrics8) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=2e-5)
+  for name in ("itc", "ims", "lmim", "itm"):
+    np.testing.assert_allclose(metrics8[name], metrics1[name], rtol=2e-5, err_msg=name)

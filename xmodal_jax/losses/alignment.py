@@ -1,0 +1,119 @@
+"""Seed 001's alignment objectives (METHODS.md; TCL / ALBEF forms): ITC and IMS against
+momentum embeddings and a queue with positive-aware targets, and LMIM between a sample's
+global vector and its local features.
+
+Every function takes global-batch arrays: under jit on a mesh they stay sharded by rows
+(the caller constrains them) and XLA gathers the columns, so a value equals the
+single-device value on the same global batch.
+"""
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e9
+
+
+def positive_targets(ids, column_ids, column_valid):
+  """y_ij = 1[ids_i == column_ids_j, column j valid] / (positives of i): every column of the
+  same item (another caption, a queue entry of an earlier step) is a positive."""
+  same = (ids[:, None] == column_ids[None, :]) & column_valid[None, :]
+  count = same.sum(axis=1, keepdims=True)
+  return same / jnp.maximum(count, 1), count[:, 0]
+
+
+def soft_cross_entropy(logits, targets, valid):
+  """sum_j -targets_ij log_softmax(logits_i)_j over columns `valid`, per row."""
+  logits = jnp.where(valid[None, :], logits, NEG)
+  return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)
+
+
+def queue_contrastive(query, momentum_query, keys, queue, scale, *, ids, key_mask, query_mask,
+                      queue_ids, alpha=None):
+  """Cross-entropy of s q_i against the columns [batch momentum keys; queue] with
+  positive-aware targets, distilled when `alpha` is given (a number or a traced scalar):
+  alpha softmax(s q'_i C^T) + (1 - alpha) y.
+
+  query, momentum_query: [B, D] (online and momentum embeddings of the query modality);
+  keys: [B, D] momentum embeddings of the key modality (the same modality for IMS);
+  queue: [Q, D] with queue_ids [Q] (-1: empty). Rows count where query_mask holds and a
+  positive exists. Returns (mean loss over counted rows, number of counted rows).
+  """
+  columns = jnp.concatenate([keys, queue])
+  column_ids = jnp.concatenate([ids, queue_ids])
+  column_valid = jnp.concatenate([key_mask, queue_ids >= 0])
+  logits = scale * query @ columns.T
+  targets, positives = positive_targets(ids, column_ids, column_valid)
+  if alpha is not None:
+    momentum_logits = jnp.where(column_valid[None, :], scale * momentum_query @ columns.T, NEG)
+    targets = alpha * jax.nn.softmax(momentum_logits, axis=-1) + (1 - alpha) * targets
+  targets = jax.lax.stop_gradient(targets)
+  rows = query_mask & (positives > 0)
+  loss = jnp.where(rows, soft_cross_entropy(logits, targets, column_valid), 0.0)
+  count = rows.sum()
+  return loss.sum() / jnp.maximum(count, 1), count
+
+
+def lmim(global_emb, local_emb, local_valid, scale, *, mask):
+  """Local mutual information (InfoNCE): for each sample i and each of its valid locals k,
+  -log e^{s g_i.l_ik} / (e^{s g_i.l_ik} + sum over other samples' valid locals l_jk' of
+  e^{s g_i.l_jk'}), averaged over (i, k). global_emb [B, D], local_emb [B, K, D] (normalized),
+  local_valid bool[B, K], mask bool[B] (the sample has the modality)."""
+  scores = scale * jnp.einsum("id,jkd->ijk", global_emb, local_emb)  # [B, B, K]
+  valid = local_valid & mask[:, None]
+  own = jnp.eye(global_emb.shape[0], dtype=bool)
+  others = jnp.where(~own[:, :, None] & valid[None], scores, NEG)
+  negatives = jax.nn.logsumexp(others.reshape(others.shape[0], -1), axis=-1)  # [B]
+  positive = jnp.einsum("id,ikd->ik", global_emb, local_emb) * scale  # [B, K]
+  loss = jnp.logaddexp(positive, negatives[:, None]) - positive
+  counted = valid & mask[:, None]
+  return jnp.where(counted, loss, 0.0).sum() / jnp.maximum(counted.sum(), 1)
+
+
+def pool_locals(tokens, valid, max_locals):
+  """[B, L, W] tokens -> at most `max_locals` local features: the valid-weighted mean over
+  `max_locals` equal runs of positions (patches in raster order, frames, text tokens), valid
+  where a run has a valid token. Shorter sequences are returned as they are."""
+  length = tokens.shape[1]
+  if length <= max_locals:
+    return tokens, valid
+  segment = jnp.minimum(jnp.arange(length) * max_locals // length, max_locals - 1)
+  assign = (segment[None, :] == jnp.arange(max_locals)[:, None]) & valid[:, None, :]  # [B,K,L]
+  weights = assign / jnp.maximum(assign.sum(-1, keepdims=True), 1)
+  return jnp.einsum("bkl,blw->bkw", weights.astype(tokens.dtype), tokens), assign.any(-1)
+
+
+def hard_negatives(rng, similarity, ids_a, ids_b, mask_a, mask_b):
+  """For each row i, a column j drawn with probability softmax(similarity_i) over columns of
+  other items (ids differ) that have their modality; and for each column j, such a row.
+  Returns (neg_col [B], row_ok [B], neg_row [B], col_ok [B]): *_ok is False where no
+  candidate exists."""
+  allowed = (ids_a[:, None] != ids_b[None, :]) & mask_a[:, None] & mask_b[None, :]
+  rng_rows, rng_cols = jax.random.split(rng)
+  logits = jnp.where(allowed, similarity, NEG)
+  neg_col = jax.random.categorical(rng_rows, logits, axis=1)
+  neg_row = jax.random.categorical(rng_cols, logits, axis=0)
+  return neg_col, allowed.any(1) & mask_a, neg_row, allowed.any(0) & mask_b
+
+
+def matching_loss(logits_pos, logits_neg_b, logits_neg_a, pos_ok, neg_b_ok, neg_a_ok):
+  """2-way cross-entropy over (positive pairs: label 1, a_i with a drawn negative b: 0, a
+  drawn negative a with b_j: 0), averaged over the counted pairs. Returns (loss, accuracy)."""
+  logp = [jax.nn.log_softmax(x.astype(jnp.float32), axis=-1)
+          for x in (logits_pos, logits_neg_b, logits_neg_a)]
+  terms = [(-logp[0][:, 1], pos_ok), (-logp[1][:, 0], neg_b_ok), (-logp[2][:, 0], neg_a_ok)]
+  total = sum(jnp.where(ok, t, 0.0).sum() for t, ok in terms)
+  count = sum(ok.sum() for _, ok in terms)
+  correct = (jnp.where(pos_ok, logp[0][:, 1] > logp[0][:, 0], False).sum()
+             + jnp.where(neg_b_ok, logp[1][:, 0] > logp[1][:, 1], False).sum()
+             + jnp.where(neg_a_ok, logp[2][:, 0] > logp[2][:, 1], False).sum())
+  return total / jnp.maximum(count, 1), correct / jnp.maximum(count, 1)
+
+
+def enqueue(queue, queue_ids, pointer, keys, ids, valid):
+  """Writes this step's momentum keys (ids; -1 where the item lacks the modality) at
+  `pointer` of a FIFO ring of Q entries (Q divisible by B); returns (queue, ids, pointer)."""
+  batch = keys.shape[0]
+  queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (pointer, 0))
+  queue_ids = jax.lax.dynamic_update_slice(queue_ids, jnp.where(valid, ids, -1).astype(
+      queue_ids.dtype), (pointer,))
+  return queue, queue_ids, (pointer + batch) % queue.shape[0]
