@@ -12,6 +12,8 @@ Variants combine with commas: `:tiny,regression`.
 
 import ml_collections
 
+from configs import recipes
+
 
 def tower(name, **kwargs):
   return dict(name=name, width=64, num_layers=2, num_heads=4, mlp_dim=128, dropout=0.0,
@@ -60,9 +62,7 @@ def get_config(variant=""):
   # Fused queries (METHODS.md): "all" subsets of 2..M-1 modalities, "none", or a list such
   # as ["audio+video"]; each queries every modality outside it.
   config.eval = dict(fused="all", rerank_k=0)
-  # Seed 001's momentum objectives (itc, ims): EMA params and queues of momentum embeddings.
-  config.alignment = dict(momentum=0.995, queue_size=65_536, distill_alpha=0.0,
-                          distill_ramp_steps=0)
+  config.alignment = recipes.alignment_defaults()
 
   config.log_every = 50
   config.eval_every = 500
@@ -81,19 +81,11 @@ def get_config(variant=""):
     config.model.logit_scale_init = 2.302585  # log(10), as SigLIP
     config.model.logit_bias_init = -10.0
   if "align_fuse" in variants:
-    # Seed 001's recipe, TCL's weighting: (ITC both ways + IMS + LMIM) / 3 + matching.
-    config.loss.weights = dict(contrastive=0.0, regression=0.0, itc=1 / 3, ims=1 / 3,
-                               lmim=1 / 3, itm=1.0)
-    for t in config.model.towers.values():
-      t.pooling = "gpo"
-    config.model.local_features = 16
-    config.model.fusion = dict(pairs=["text:audio", "text:video"], width=64, num_layers=2,
-                               num_heads=4, mlp_dim=128)
+    recipes.align_fuse(config, fusion=dict(pairs=["text:audio", "text:video"], width=64,
+                                           num_layers=2, num_heads=4, mlp_dim=128),
+                       rerank_k=16, distill_ramp_steps=500)
     # 9,000 training items: a 65,536 queue would hold every item 7 times over, mostly stale.
     config.alignment.queue_size = 4_096
-    config.alignment.distill_alpha = 0.4
-    config.alignment.distill_ramp_steps = 500
-    config.eval.rerank_k = 16
   if "tiny" in variants:
     config.model.embed_dim = 32
     for t in config.model.towers.values():

@@ -10,12 +10,16 @@ Variants (`--config=configs/image_text.py:VARIANT`):
   clip     both towers and the projection from a local CLIP checkpoint folder
            (`--config.model.towers.image.path` and `.text.path`; the tokenizer comes with it).
   flickr30k  the same on flickr30k_karpathy.
+  align_fuse seed 001 (ALBEF/TCL-style): GPO pooling, momentum encoders with 65,536-entry
+           queues, ITC + IMS + LMIM (image patches pooled to a 4 x 4 grid) + image-text
+           matching with hard negatives in a 6-layer fusion encoder over the text tokens;
+           evaluation re-ranks the top 128 with the matching head.
   tiny     a few steps of tiny towers on 32 x 32 images, for tests and smoke runs.
 """
 
 import ml_collections
 
-from configs import sizes
+from configs import recipes, sizes
 
 
 def get_config(variant=""):
@@ -44,17 +48,18 @@ def get_config(variant=""):
   config.total_steps = 30_000
   config.optimizer = dict(learning_rate=5e-4, warmup_steps=2_000, end_learning_rate_ratio=0.0,
                           weight_decay=0.2, b1=0.9, b2=0.98, grad_clip_norm=1.0)
-  config.eval = dict(fused="none")
+  config.eval = dict(fused="none", rerank_k=0)
+  config.alignment = recipes.alignment_defaults()
   config.log_every = 100
   config.eval_every = 2_000
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
 
   variants = set(filter(None, variant.split(",")))
-  unknown = variants - {"clip", "flickr30k", "tiny"}
+  unknown = variants - {"clip", "flickr30k", "tiny", "align_fuse"}
   if unknown:
     raise ValueError(f"configs/image_text.py: unknown variant(s) {sorted(unknown)}; "
-                     "expected clip, flickr30k, tiny")
+                     "expected clip, flickr30k, tiny, align_fuse")
   if "flickr30k" in variants:
     config.data.name = "flickr30k_karpathy"
     config.data.shuffle_buffer = 30_000
@@ -62,12 +67,24 @@ def get_config(variant=""):
     for name, part in (("image", "vision"), ("text", "text")):
       config.model.towers[name] = dict(name="pretrained", path=placeholder(str), part=part,
                                        projection=True, dtype="bfloat16", remat=False)
+  if "align_fuse" in variants:
+    recipes.align_fuse(config, fusion=dict(pairs=["text:image"], width=768, num_layers=6,
+                                           num_heads=12, mlp_dim=3072, dtype="bfloat16"),
+                       rerank_k=128, distill_ramp_steps=1_000)
+    config.batch_size = 512  # queue_size must stay a multiple of it
   if "tiny" in variants:
     config.modalities.image.image_size = 32
     config.modalities.text.max_length = 16
     config.model.embed_dim = 32
     config.model.towers = dict(image=sizes.vit("tiny", image_size=32),
                                text=sizes.bert("tiny", vocab_size=64))
+    if "align_fuse" in variants:
+      for tower in config.model.towers.values():
+        tower["pooling"] = "gpo"
+      config.model.fusion.update(width=32, num_layers=1, num_heads=2, mlp_dim=64,
+                                 dtype="float32")
+      config.alignment.queue_size = 64
+      config.eval.rerank_k = 4
     config.batch_size = 16
     config.eval_batch_size = 16
     config.data.shuffle_buffer = 64

@@ -5,7 +5,10 @@
 
 Encodes the query with the run's model (newest checkpoint, or the export's step), scores it
 against every other exported modality (or --gallery) by cosine and prints the top-k item ids
-with their scores and, when the dataset has text, each item's text.
+with their scores and, when the dataset has text, each item's text. With --rerank=N and a
+model with a fusion encoder for the pair (seed 001), the top N are re-scored by the matching
+head and listed again; the candidates' tokens are recomputed from the export's split (one
+pass over it: exports hold embeddings, not tokens).
 """
 
 import os
@@ -19,10 +22,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR  # launch/common.py
+import jax
 import numpy as np
-from xmodal_jax.data import media, preprocess, records
+from xmodal_jax.data import media, pipeline, preprocess, records
 from xmodal_jax.eval import export, search
-from xmodal_jax.train import loop
+from xmodal_jax.models import towers
+from xmodal_jax.train import loop, step as step_lib
 
 _EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
 _QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
@@ -34,6 +39,9 @@ _QUERY_VIDEO = flags.DEFINE_string("query-video", None, "A video file (any forma
                                    "reads) as the query.")
 _GALLERY = flags.DEFINE_list("gallery", None, "Modalities to search (default: all others).")
 _K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality.")
+_RERANK = flags.DEFINE_integer(
+    "rerank", 0, "Also re-score the embedding top N with the matching head of the config's "
+    "fusion pair for the query and gallery modalities, and list that ranking (0: off).")
 flags.mark_flags_as_required(["export"])
 
 
@@ -90,6 +98,48 @@ def item_texts(experiment, split, ids):
   return found
 
 
+def fusion_pair(experiment, query, gallery):
+  """The model's fusion pair joining the two modalities ("a:b"), or None."""
+  for pair in towers.fusion_pairs(experiment.model):
+    if set(pair.split(":")) == {query, gallery}:
+      return pair
+  return None
+
+
+def gallery_tokens(experiment, split, gallery, rows):
+  """{export row: (tokens, valid)} for `rows` of the export, recomputed in one pass over
+  `split` (export rows follow the evaluation order)."""
+  wanted, found, offset = set(int(r) for r in rows), {}, 0
+  embed = experiment.embed_fn(tokens=(gallery,))
+  batches = pipeline.eval_iterator(experiment.config, experiment.builder, split)
+  for out in loop.embed_batches(embed, experiment.state.params, batches, experiment.mesh):
+    for i in range(len(out["_id"])):
+      if offset + i in wanted:
+        found[offset + i] = (out["tokens"][gallery]["tokens"][i],
+                             out["tokens"][gallery]["valid"][i])
+    offset += len(out["_id"])
+    if len(found) == len(wanted):
+      break
+  return found
+
+
+def rerank_hits(experiment, pair, modality, query_tokens, gallery, candidates, split):
+  """[(id, matching score)] of `candidates` ([(export row, id)]), best match first."""
+  tokens = gallery_tokens(experiment, split, gallery, [row for row, _ in candidates])
+  gallery_t = np.stack([tokens[row][0] for row, _ in candidates])
+  gallery_v = np.stack([tokens[row][1] for row, _ in candidates])
+  query_t = np.repeat(query_tokens[0], len(candidates), axis=0)
+  query_v = np.repeat(query_tokens[1], len(candidates), axis=0)
+  sides = [(query_t, query_v), (gallery_t, gallery_v)]
+  if pair.split(":")[0] != modality:  # the pair's first modality gives the fusion queries
+    sides.reverse()
+  scores = np.asarray(jax.jit(lambda p, *args: step_lib.match_step(
+      p, *args, model=experiment.model, pair=pair))(experiment.state.params, *sides[0],
+                                                     *sides[1]))
+  order = np.argsort(-scores, kind="stable")
+  return [(candidates[i][1], float(scores[i])) for i in order]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -101,16 +151,28 @@ def main(argv):
   config = experiment.config
   modality, raw = read_query(experiment, kind, value)
   inputs = {modality: preprocess.preprocess_one(modality, config.modalities[modality], raw)}
-  query = np.asarray(experiment.model.apply({"params": experiment.state.params}, inputs,
-                                            train=False)[modality])
+  details = experiment.model.apply({"params": experiment.state.params}, inputs,
+                                    train=False, details=True)
+  query = np.asarray(details["emb"][modality])
+  query_tokens = jax.tree.map(np.asarray, details["tokens"][modality])
   galleries = _GALLERY.value or [m for m in embeddings if m != modality]
   results = {}
   for gallery in galleries:
     if gallery not in embeddings:
       raise app.UsageError(f"--gallery={gallery}: the export has {sorted(embeddings)}")
     rows = np.flatnonzero(masks[gallery])
-    scores, index = search.topk(query, embeddings[gallery][rows], min(_K.value, len(rows)))
-    results[gallery] = [(int(ids[rows[i]]), float(s)) for s, i in zip(scores[0], index[0])]
+    depth = min(max(_K.value, _RERANK.value), len(rows))
+    scores, index = search.topk(query, embeddings[gallery][rows], depth)
+    hits = [(int(ids[rows[i]]), float(s)) for s, i in zip(scores[0], index[0])]
+    results[gallery] = hits[:_K.value]
+    pair = fusion_pair(experiment, modality, gallery) if _RERANK.value else None
+    if _RERANK.value and pair is None:
+      print(f"(no fusion encoder for {modality} and {gallery}: not re-ranked)")
+    elif pair:
+      candidates = [(int(rows[i]), item) for i, (item, _) in zip(index[0], hits)]
+      results[f"{gallery} re-ranked by the matching head of {pair} (top {depth})"] = (
+          rerank_hits(experiment, pair, modality, query_tokens, gallery, candidates,
+                      meta["split"])[:_K.value])
   texts = item_texts(experiment, meta["split"], [i for r in results.values() for i, _ in r])
   for gallery, hits in results.items():
     print(f"{modality} query -> {gallery} ({meta['split']}, step {meta['step']}):")

@@ -103,6 +103,19 @@ def test_pool_locals_is_the_valid_weighted_mean_of_equal_runs():
         np.testing.assert_allclose(pooled[b, r], tokens[b, kept].mean(0), rtol=1e-5)
 
 
+def test_pool_grid_averages_patch_cells():
+  rng = np.random.default_rng(6)
+  tokens = rng.normal(size=(2, 1 + 6 * 5, 3)).astype(np.float32)  # [CLS] + 6 x 5 patches
+  pooled, ok = alignment.pool_grid(jnp.asarray(tokens), 1, 6, 5, 2)
+  patches = tokens[:, 1:].reshape(2, 6, 5, 3)
+  cells = [(slice(0, 3), slice(0, 3)), (slice(0, 3), slice(3, 5)),
+           (slice(3, 6), slice(0, 3)), (slice(3, 6), slice(3, 5))]  # r * 2 // n
+  for c, (rows, cols) in enumerate(cells):
+    np.testing.assert_allclose(pooled[:, c], patches[:, rows, cols].mean(axis=(1, 2)),
+                               rtol=1e-5)
+  assert ok.all() and pooled.shape == (2, 4, 3)
+
+
 def test_hard_negatives_follow_softmax_over_other_items():
   rng = np.random.default_rng(3)
   n = 5

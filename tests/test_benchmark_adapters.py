@@ -196,8 +196,9 @@ def test_clotho(tmp_path):
   assert len(ex["audio"]) == 3_200  # 0.2 s of 44.1 kHz resampled to 16 kHz
 
 
-def test_image_text_config_trains_on_flickr30k_files(tmp_path):
-  """configs/image_text.py (tiny towers) trains and evaluates on a flickr30k_karpathy build."""
+def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
+  """configs/image_text.py:align_fuse (tiny towers: patches pooled to a grid for LMIM, a
+  fusion encoder re-ranking) trains and evaluates on a flickr30k_karpathy build."""
   from conftest import run_train  # pylint: disable=g-import-not-at-top
   manual = tmp_path / "files"
   entries = []
@@ -208,12 +209,13 @@ def test_image_text_config_trains_on_flickr30k_files(tmp_path):
   karpathy_json(manual / "dataset_flickr30k.json", entries, "flickr30k")
   data_dir = tmp_path / "tfds"
   build("flickr30k_karpathy", manual, data_dir)
-  run_train(["--config=configs/image_text.py:tiny,flickr30k",
+  run_train(["--config=configs/image_text.py:tiny,flickr30k,align_fuse",
              f"--config.data.data_dir={data_dir}",
              "--config.modalities.text.tokenizer=digit_words",
              f"--workdir={tmp_path / 'run'}"], devices=2)
   last = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")][-1]
   assert last["step"] == 4 and "test/image->text/R@1" in last
+  assert "test/image->text (rerank)/R@1" in last and "test/text->image (rerank)/R@1" in last
   # 4 test images x 2 captions: each image enters the gallery once (chance 1/4), every
   # caption is in the other gallery (chance 1 positive of 8 = 2/8 for R@1 of an image).
   assert last["test/text->image/chance_R@1"] == pytest.approx(25.0)

@@ -82,6 +82,24 @@ def pool_locals(tokens, valid, max_locals):
   return jnp.einsum("bkl,blw->bkw", weights.astype(tokens.dtype), tokens), assign.any(-1)
 
 
+def pool_grid(tokens, num_prefix, rows, cols, side):
+  """Patch tokens [B, prefix + rows*cols, W] (raster order) -> the means over a side x side
+  grid of cells (cell r covers patch rows r*rows//side .. (r+1)*rows//side - 1): [B, side^2,
+  W], all valid. Grids smaller than `side` keep their patches."""
+  patches = tokens[:, num_prefix:].reshape(tokens.shape[0], rows, cols, tokens.shape[-1])
+  if rows <= side and cols <= side:
+    out = patches.reshape(tokens.shape[0], rows * cols, -1)
+    return out, jnp.ones(out.shape[:2], bool)
+
+  def cells(n):
+    assign = (jnp.arange(n)[None, :] * side // n) == jnp.arange(side)[:, None]  # [side, n]
+    return assign / assign.sum(axis=1, keepdims=True)
+  pooled = jnp.einsum("bhwc,sh,tw->bstc", patches, cells(rows).astype(tokens.dtype),
+                      cells(cols).astype(tokens.dtype))
+  out = pooled.reshape(tokens.shape[0], side * side, -1)
+  return out, jnp.ones(out.shape[:2], bool)
+
+
 def hard_negatives(rng, similarity, ids_a, ids_b, mask_a, mask_b):
   """For each row i, a column j drawn with probability softmax(similarity_i) over columns of
   other items (ids differ) that have their modality; and for each column j, such a row.

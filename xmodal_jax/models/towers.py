@@ -8,7 +8,7 @@ import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.losses.alignment import pool_locals
+from xmodal_jax.losses import alignment
 from xmodal_jax.models import audio, features, fusion as fusion_lib, text, vision
 
 # Towers by the name a config gives them; each maps {input name: array} to
@@ -38,7 +38,7 @@ class MultiModalModel(nn.Module):
   (initialized to log(1/0.07) as in CLIP) and, if `logit_bias_init` is set, the sigmoid
   loss's `logit_bias` (SigLIP: -10); callers read them from the params. With
   `local_features` > 0, a local head per modality projects up to that many pooled runs of
-  tokens into the embedding space (LMIM); `fusion` holds a FusionEncoder per pair "a:b"
+  tokens (a grid of cells for patch towers) into the embedding space (LMIM); `fusion` holds a FusionEncoder per pair "a:b"
   (a's tokens attend to b's) for matching and re-ranking (seed 001).
   """
   towers: Mapping[str, nn.Module]
@@ -71,7 +71,12 @@ class MultiModalModel(nn.Module):
           self.heads[modality](out["pooled"]).astype(jnp.float32))
       tokens[modality] = (out["tokens"], out["valid"])
       if details and self.local_features:
-        pooled, valid = pool_locals(out["tokens"], out["valid"], self.local_features)
+        if "grid" in out:  # patches: a square grid of at most local_features cells
+          side = max(int(np.sqrt(self.local_features)), 1)
+          pooled, valid = alignment.pool_grid(out["tokens"], *out["grid"], side)
+        else:
+          pooled, valid = alignment.pool_locals(out["tokens"], out["valid"],
+                                                self.local_features)
         local[modality] = (l2_normalize(
             self.local_heads[modality](pooled).astype(jnp.float32)), valid)
     if not details:

@@ -175,15 +175,19 @@ class TrunkOptions(nn.Module):
                         self.attention_impl, name="trunk")
 
 
-def tower_output(pooled, tokens, valid):
+def tower_output(pooled, tokens, valid, grid=None):
   """What every tower returns: the pooled vector [B, W] and the local features it came from.
 
   `tokens` [B, L, W] with `valid` bool[B, L] are the last layer's token features (the
-  alignment objectives and the fusion encoder use them).
+  alignment objectives and the fusion encoder use them). Patch towers add `grid`
+  (prefix tokens, patch rows, patch columns) so local features can be pooled in 2-D.
   """
   if valid is None:
     valid = jnp.ones(tokens.shape[:2], bool)
-  return {"pooled": pooled, "tokens": tokens, "valid": valid.astype(bool)}
+  out = {"pooled": pooled, "tokens": tokens, "valid": valid.astype(bool)}
+  if grid is not None:
+    out["grid"] = grid
+  return out
 
 
 class TokenEncoder(TrunkOptions):

@@ -56,6 +56,7 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
     patches = nn.Conv(self.width, (self.patch_size, self.patch_size),
                       strides=self.patch_stride or self.patch_size, padding="VALID",
                       use_bias=self.patch_bias, dtype=self.dtype, name="patch_embedding")(images)
+    grid = (self.num_prefix_tokens,) + tuple(patches.shape[1:3])
     patches = patches.reshape(batch, -1, self.width)
     prefix = self.param("prefix_tokens", nn.initializers.normal(0.02),
                         (1, self.num_prefix_tokens, self.width))
@@ -79,7 +80,7 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
       pooled = x[:, 0]
     if self.final_norm == "pooled":
       pooled = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln_post")(pooled)
-    return transformer.tower_output(pooled, x, None)
+    return transformer.tower_output(pooled, x, None, grid=grid)
 
 
 class VideoTransformer(transformer.TrunkOptions, kw_only=True):

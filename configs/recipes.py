@@ -1,0 +1,24 @@
+"""Objective recipes shared by the experiment configs."""
+
+import ml_collections
+
+
+def alignment_defaults():
+  """`config.alignment`: the momentum encoders and queues seed 001's itc/ims use."""
+  return ml_collections.ConfigDict(dict(momentum=0.995, queue_size=65_536, distill_alpha=0.0,
+                                        distill_ramp_steps=0))
+
+
+def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
+  """Seed 001 (METHODS.md) on `config`, TCL's weighting: (ITC both ways + IMS + LMIM) / 3 +
+  matching; GPO pooling on every tower, 16 local features, distillation alpha 0.4, the
+  fusion encoders `fusion` (pairs and sizes), re-ranking the top `rerank_k` at evaluation."""
+  config.loss.weights = dict(contrastive=0.0, regression=0.0, itc=1 / 3, ims=1 / 3,
+                             lmim=1 / 3, itm=1.0)
+  for tower in config.model.towers.values():
+    tower.pooling = "gpo"
+  config.model.local_features = 16
+  config.model.fusion = fusion
+  config.alignment.distill_alpha = 0.4
+  config.alignment.distill_ramp_steps = distill_ramp_steps
+  config.eval.rerank_k = rerank_k
