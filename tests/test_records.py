@@ -116,22 +116,30 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
     records.read_manifest(str(path))
   with pytest.raises(ValueError, match="--modalities: modality 'x' has kind 'photo'"):
     records.parse_modalities("x:photo")
+  np.save(tmp_path / "a.npy", np.arange(6, dtype=np.float64).reshape(2, 3))
+  np.save(tmp_path / "f.npy", np.zeros((3, 2)))
   write_manifest(path, [
-      {"id": "a", "split": "train", "caption": "fine"},
+      {"id": "a", "split": "train", "caption": "fine", "feat": "a.npy"},
       {"id": "b", "split": "train", "caption": "fine", "sound": "b.wav"},
       {"id": "c", "split": "train", "caption": 7},
       {"id": "d", "split": "train", "caption": ["one", 2]},
-      {"id": "e", "split": "train", "caption": "x", "photo": 3}])
-  builder = records.manifest_builder("errors", str(path),
-                                     records.parse_modalities("caption:text,photo:image"),
-                                     data_dir=str(tmp_path / "tfds"))
+      {"id": "e", "split": "train", "caption": "x", "photo": 3},
+      {"id": "f", "split": "train", "caption": "x", "feat": "f.npy"},
+      {"id": "g", "split": "train", "caption": "no features"}])
+  builder = records.manifest_builder(
+      "errors", str(path), records.parse_modalities("caption:text,photo:image,feat:features"),
+      data_dir=str(tmp_path / "tfds"))
   builder.download_and_prepare()
   reasons = {b["id"]: b["reason"] for b in builder.bad_records}
   assert reasons["b"].startswith("unknown modality key(s) ['sound']")
   assert reasons["c"] == "expected a string or a list of strings, got int 7"
   assert reasons["d"].startswith("expected a string or a list of strings, got list")
   assert reasons["e"] == "expected a file path (string), got int 3"
-  assert builder.info.splits["train"].num_examples == 1
+  assert reasons["f"].startswith("features of shape (3, 2); this dataset's are (2, 3)")
+  assert sorted(reasons) == ["b", "c", "d", "e", "f"]
+  stored = {ex["key"].decode(): ex for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+  np.testing.assert_array_equal(stored["a"]["feat"], np.arange(6).reshape(2, 3))
+  assert stored["a"]["has_feat"] and not stored["g"]["has_feat"]
 
 
 def test_audio_formats_decode_to_the_same_signal(tmp_path):
@@ -307,6 +315,6 @@ def test_default_config_trains_on_a_manifest_dataset(digit_records, tmp_path):
   data_dir, _ = digit_records
   proc = run_train(["--config=configs/audio_video_text.py:tiny",
                     "--config.data.name=digit_records", f"--config.data.data_dir={data_dir}",
-                    f"--workdir={tmp_path / 'run'}"], devices=2)
+                    f"--workdir={tmp_path / 'run'}"], devices=1)
   assert "test/audio->text/R@1" in open(tmp_path / "run" / "metrics.jsonl").read()
   assert "audio->text" in proc.stdout
