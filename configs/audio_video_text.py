@@ -5,7 +5,9 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
   regression  the same with seed 000's similarity regression (PCMR) instead of InfoNCE.
   sigmoid     the same with SigLIP's sigmoid pair loss.
   align_fuse  seed 001: GPO pooling, momentum queues, ITC + IMS + LMIM + matching with hard
-              negatives; evaluation also re-ranks the top 16 with the matching head.
+              negatives; evaluation also re-ranks the top 16 with the matching head. On
+              this data add seed 000's in-batch InfoNCE (--config.loss.weights.contrastive=1):
+              without it audio stays far behind (ablation in the issue 7 note).
   tiny        a few steps of a smaller model, for tests and smoke runs.
 Variants combine with commas: `:tiny,regression`.
 """
