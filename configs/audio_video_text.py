@@ -46,14 +46,7 @@ def get_config(variant=""):
           text=tower("text_transformer"),
       ),
   )
-  config.loss = dict(
-      weights=dict(contrastive=1.0, regression=0.0),  # objectives and their weights
-      kind="softmax",  # or "sigmoid" (set model.logit_bias_init, SigLIP: -10)
-      pair_weights={},  # {"audio-text": 2.0, ...}; unnamed pairs weigh 1
-      impl="dense",  # dense (all-gathered columns) | blockwise | ring
-      block_size=0,  # columns per tile for blockwise/ring; 0: a whole shard
-      regression=dict(target="intra", margin=0.2, loss="mse", balance=False),
-  )
+  config.loss = recipes.loss_defaults()
 
   config.batch_size = 256
   config.eval_batch_size = 500

@@ -40,9 +40,7 @@ def get_config(variant=""):
       towers=dict(image=sizes.vit("B", dtype="bfloat16"),
                   text=sizes.clip_text("B", dtype="bfloat16")),
   )
-  config.loss = dict(weights=dict(contrastive=1.0, regression=0.0), kind="softmax",
-                     pair_weights={}, impl="dense", block_size=0,
-                     regression=dict(target="intra", margin=0.2, loss="mse", balance=False))
+  config.loss = recipes.loss_defaults()
   config.batch_size = 1024
   config.eval_batch_size = 1000
   config.total_steps = 30_000

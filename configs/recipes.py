@@ -3,6 +3,18 @@
 import ml_collections
 
 
+def loss_defaults():
+  """`config.loss`: seed 000's in-batch InfoNCE on every pair, the other terms off."""
+  return ml_collections.ConfigDict(dict(
+      weights=dict(contrastive=1.0, regression=0.0),  # objectives and their weights
+      kind="softmax",  # or "sigmoid" (set model.logit_bias_init, SigLIP: -10)
+      pair_weights={},  # {"audio-text": 2.0, ...}; unnamed pairs weigh 1
+      impl="dense",  # dense (all-gathered columns) | blockwise | ring
+      block_size=0,  # columns per tile for blockwise/ring; 0: a whole shard
+      regression=dict(target="intra", margin=0.2, loss="mse", balance=False),
+  ))
+
+
 def alignment_defaults():
   """`config.alignment`: the momentum encoders and queues seed 001's itc/ims use."""
   return ml_collections.ConfigDict(dict(momentum=0.995, queue_size=65_536, distill_alpha=0.0,

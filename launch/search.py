@@ -27,7 +27,7 @@ import numpy as np
 from xmodal_jax.data import media, pipeline, preprocess, records
 from xmodal_jax.eval import export, search
 from xmodal_jax.models import towers
-from xmodal_jax.train import loop, step as step_lib
+from xmodal_jax.train import loop
 
 _EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
 _QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
@@ -125,17 +125,14 @@ def gallery_tokens(experiment, split, gallery, rows):
 
 def rerank_hits(experiment, pair, modality, query_tokens, gallery, candidates, split):
   """[(id, matching score)] of `candidates` ([(export row, id)]), best match first."""
-  tokens = gallery_tokens(experiment, split, gallery, [row for row, _ in candidates])
-  gallery_t = np.stack([tokens[row][0] for row, _ in candidates])
-  gallery_v = np.stack([tokens[row][1] for row, _ in candidates])
-  query_t = np.repeat(query_tokens[0], len(candidates), axis=0)
-  query_v = np.repeat(query_tokens[1], len(candidates), axis=0)
-  sides = [(query_t, query_v), (gallery_t, gallery_v)]
-  if pair.split(":")[0] != modality:  # the pair's first modality gives the fusion queries
-    sides.reverse()
-  scores = np.asarray(jax.jit(lambda p, *args: step_lib.match_step(
-      p, *args, model=experiment.model, pair=pair))(experiment.state.params, *sides[0],
-                                                     *sides[1]))
+  found = gallery_tokens(experiment, split, gallery, [row for row, _ in candidates])
+  tokens = {modality: {"tokens": query_tokens[0], "valid": query_tokens[1]},
+            gallery: {"tokens": np.stack([found[row][0] for row, _ in candidates]),
+                      "valid": np.stack([found[row][1] for row, _ in candidates])}}
+  count = len(candidates)
+  scores = loop.matching_scores(experiment.match_fn(), experiment.state.params, pair, tokens,
+                                modality, np.zeros(1, np.int64), np.arange(count),
+                                np.arange(count)[None], chunk=1)[0]
   order = np.argsort(-scores, kind="stable")
   return [(candidates[i][1], float(scores[i])) for i in order]
 

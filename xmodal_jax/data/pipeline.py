@@ -136,7 +136,7 @@ def _host(process_index, process_count):
 
 
 def per_host_batch_size(global_batch_size, process_count=None):
-  count = jax.process_count() if process_count is None else process_count
+  _, count = _host(None, process_count)
   if global_batch_size % count:
     raise ValueError(f"batch_size={global_batch_size} does not divide by the "
                      f"{count} processes")
@@ -192,11 +192,11 @@ def _eval_dataset(config, builder, split):
 def eval_batch_count(config, builder, split, process_count=None):
   """Batches every process yields for `split` (the largest share's, so that all processes
   step together)."""
-  count = jax.process_count() if process_count is None else process_count
+  _, count = _host(None, process_count)
   batch_size = per_host_batch_size(config.eval_batch_size, count)
+  expanded = caption_lists(config, builder)
   sizes = []
   for host_split in tfds.even_splits(split, n=count):
-    expanded = caption_lists(config, builder)
     if expanded:
       feature = config.modalities[expanded[0]].feature
       ds = builder.as_dataset(split=host_split, shuffle_files=False)

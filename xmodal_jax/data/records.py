@@ -130,16 +130,16 @@ def resolve_path(value, base_dir, item_id, name):
   return value if os.path.isabs(value) else os.path.join(base_dir, value)
 
 
-def _read_bytes(path, item_id, what):
+def _require_file(path, item_id, what):
   if not os.path.isfile(path):
     raise BadRecord(item_id, path, f"missing {what} file")
-  with open(path, "rb") as f:
-    return f.read()
 
 
 def encode_image(path, item_id, options):
   del options
-  data = _read_bytes(path, item_id, "image")
+  _require_file(path, item_id, "image")
+  with open(path, "rb") as f:
+    data = f.read()
   try:
     tf.io.decode_image(data, channels=3, expand_animations=False)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
@@ -149,8 +149,7 @@ def encode_image(path, item_id, options):
 
 
 def encode_audio(path, item_id, options):
-  if not os.path.isfile(path):
-    raise BadRecord(item_id, path, "missing audio file")
+  _require_file(path, item_id, "audio")
   try:
     return media.decode_audio(path, options.sample_rate)
   except ValueError as e:
@@ -158,8 +157,7 @@ def encode_audio(path, item_id, options):
 
 
 def encode_video(path, item_id, options):
-  if not os.path.isfile(path):
-    raise BadRecord(item_id, path, "missing video file")
+  _require_file(path, item_id, "video")
   try:
     frames = media.decode_video(path, options.video_frames)
   except ValueError as e:
@@ -174,8 +172,7 @@ def encode_video(path, item_id, options):
 
 
 def encode_features(path, item_id, shape):
-  if not os.path.isfile(path):
-    raise BadRecord(item_id, path, "missing features file")
+  _require_file(path, item_id, "features")
   try:
     x = np.load(path, allow_pickle=False)
   except (ValueError, OSError) as e:

@@ -34,12 +34,6 @@ def rerank_metrics(query_emb, gallery_emb, query_ids, gallery_ids, score_fn, k,
   start = time.perf_counter()
   ranks, reranked = rerank(query_emb, gallery_emb, query_ids, gallery_ids, score_fn, k)
   elapsed = time.perf_counter() - start
-  matched = ranks[ranks > 0]
-  metrics = {f"R@{j}": 100.0 * float(np.mean(matched <= j)) for j in ks}
-  metrics["MedR"] = float(np.median(matched))
-  metrics["MnR"] = float(np.mean(matched))
-  metrics[f"mAP@{map_k}"] = retrieval.mean_average_precision(
-      reranked, query_ids, gallery_ids, min(map_k, reranked.shape[1]))
-  metrics["RSUM"] = sum(metrics[f"R@{j}"] for j in ks)
+  metrics = retrieval.metrics_from_ranks(ranks, reranked, query_ids, gallery_ids, ks, map_k)
   metrics["ms_per_query"] = 1e3 * elapsed / max(len(query_emb), 1)
   return metrics

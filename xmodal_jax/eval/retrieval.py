@@ -69,17 +69,25 @@ def retrieval_metrics(query_emb, gallery_emb, query_ids, gallery_ids, ks=(1, 5, 
   else:
     ranks = query_ranks(query_emb, gallery_emb, query_ids, gallery_ids)
     top = top_indices(query_emb, gallery_emb, k)
+  metrics = metrics_from_ranks(ranks, top, query_ids, gallery_ids, ks, map_k)
+  if return_ranks:
+    metrics["ranks"] = ranks
+  return metrics
+
+
+def metrics_from_ranks(ranks, top, query_ids, gallery_ids, ks=(1, 5, 10), map_k=10):
+  """R@k, MedR, MnR, RSUM and "unmatched_queries" from per-query ranks (0 = no positive),
+  and mAP@map_k from each query's ranked gallery indices `top` [Q, >= min(map_k, N)]."""
   matched = ranks[ranks > 0]
   if not len(matched):
     raise ValueError("retrieval_metrics: no query has a positive (shared id) in the gallery")
   metrics = {f"R@{k}": 100.0 * float(np.mean(matched <= k)) for k in ks}
   metrics["MedR"] = float(np.median(matched))
   metrics["MnR"] = float(np.mean(matched))
-  metrics[f"mAP@{map_k}"] = mean_average_precision(top, query_ids, gallery_ids, k)
+  metrics[f"mAP@{map_k}"] = mean_average_precision(top, query_ids, gallery_ids,
+                                                   min(map_k, top.shape[1]))
   metrics["RSUM"] = sum(metrics[f"R@{k}"] for k in ks)
   metrics["unmatched_queries"] = int(len(ranks) - len(matched))
-  if return_ranks:
-    metrics["ranks"] = ranks
   return metrics
 
 

@@ -148,11 +148,11 @@ def embed_split(embed_fn, params, batches, mesh):
   return joined["emb"], joined["_mask"], joined["_id"]
 
 
-def rerank_pairs(config, model):
-  """Fusion pairs to re-rank with at evaluation ([] when config.eval.rerank_k is 0)."""
+def rerank_pairs(config):
+  """Fusion pairs "a:b" to re-rank with at evaluation ([] when config.eval.rerank_k is 0)."""
   if not config.get("eval", {}).get("rerank_k", 0):
     return []
-  return towers.fusion_pairs(model)
+  return list((config.model.get("fusion") or {}).get("pairs") or [])
 
 
 def matching_scores(match_fn, params, pair, tokens, query_modality, query_rows, gallery_rows,
@@ -187,7 +187,7 @@ def evaluate(config, builder, embed_fn, params, mesh, split=None, match_fn=None)
                                      fused=config.get("eval", {}).get("fused", "all"))
   if len(out) == 4 and match_fn is not None:
     k = config.eval.rerank_k
-    for pair in match_fn.pairs:
+    for pair in rerank_pairs(config):
       for query, gallery in (pair.split(":"), pair.split(":")[::-1]):
         query_rows, gallery_rows = np.flatnonzero(masks[query]), np.flatnonzero(masks[gallery])
         scores = functools.partial(matching_scores, match_fn, params, pair, out[3], query,
@@ -218,21 +218,16 @@ class Experiment:
     """The jitted eval embedding step: (params, batch) -> {modality: embeddings}; with
     `tokens` (default: what re-ranking needs), also the towers' tokens."""
     if tokens is None:
-      tokens = sorted({m for pair in rerank_pairs(self.config, self.model)
+      tokens = sorted({m for pair in rerank_pairs(self.config)
                        for m in pair.split(":")})
     return jax.jit(functools.partial(step_lib.embed_step, model=self.model,
                                      tokens=tuple(tokens)))
 
   def match_fn(self):
-    """The jitted matching head for re-ranking, (params, pair, tokens...) -> scores, with
-    `.pairs` listing the pairs; None when config.eval.rerank_k is 0."""
-    pairs = rerank_pairs(self.config, self.model)
-    if not pairs:
-      return None
-    jitted = jax.jit(lambda params, pair, *args: step_lib.match_step(
+    """The jitted matching head, (params, pair, a tokens, a valid, b tokens, b valid) ->
+    scores, for `matching_scores`."""
+    return jax.jit(lambda params, pair, *args: step_lib.match_step(
         params, *args, model=self.model, pair=pair), static_argnums=(1,))
-    jitted.pairs = pairs
-    return jitted
 
 
 def setup(config, workdir, *, step=None, require_checkpoint=False):

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from xmodal_jax import losses, parallel
 from xmodal_jax.losses import alignment
+from xmodal_jax.models import towers
 from xmodal_jax.train import state as state_lib
 
 MAX_LOGIT_SCALE = 100.0
@@ -89,7 +90,7 @@ def alignment_objective(params, out, momentum_emb, queues, batch, scale, rng, al
     terms["lmim"] = jnp.mean(jnp.stack([metrics[f"lmim/{m}"] for m in out["locals"]]))
   if weights.get("itm"):
     values = []
-    for pair in model_fusion_pairs(model):
+    for pair in towers.fusion_pairs(model):
       a, b = pair.split(":")
       rng, pair_rng, dropout_rng = jax.random.split(rng, 3)
       similarity = jax.lax.stop_gradient(scale * emb[a] @ emb[b].T)
@@ -110,11 +111,6 @@ def alignment_objective(params, out, momentum_emb, queues, batch, scale, rng, al
       values.append(value)
     terms["itm"] = jnp.mean(jnp.stack(values))
   return terms, metrics
-
-
-def model_fusion_pairs(model):
-  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
-  return towers.fusion_pairs(model)
 
 
 def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *, model,
