@@ -10,7 +10,7 @@ MultiModalModel (ViT image tower + CLIP-style text tower, contrastive loss in sh
 AdamW update) at --two_tower_batch; model FLOPs per step counted analytically (3x the
 forward's matmuls), MFU against the device's bf16 dense peak. open_clip
 reports 2,535 samples/s for ViT-B/16 on one H100 with torch.compile; the table gives our
-ratio to it.
+ratio to it. --profile_dir adds where the device time goes, per kernel and kind of kernel.
 """
 
 import argparse
@@ -28,6 +28,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import profiling
 from configs import sizes
 from xmodal_jax import parallel
 from xmodal_jax.models import towers
@@ -89,12 +90,13 @@ def tower_row(name, config, make_inputs, batch, dtype, remat, repeats):
           "ms": 1e3 * seconds, "samples_per_s": batch / seconds}
 
 
-def two_tower_step(size, batch, dtype, remat, attention_impl="xla"):
-  """(jitted step, state, batch, mesh) for ViT + CLIP text at `size` (CLIP's B/16 pair)."""
+def two_tower_step(size, batch, dtype, remat, attention_impl="xla", image_activation="gelu"):
+  """(jitted step, state, batch) for ViT + CLIP text at `size` (CLIP's B/16 pair)."""
   image = 224 if size != "tiny" else 32
   options = dict(dtype=dtype, remat=remat, attention_impl=attention_impl)
   model_config = ml_collections.ConfigDict(dict(embed_dim=512, towers=dict(
-      image=sizes.vit(size, image, **options), text=sizes.clip_text(size, **options))))
+      image=sizes.vit(size, image, activation=image_activation, **options),
+      text=sizes.clip_text(size, **options))))
   model, _ = towers.build_model(model_config)
   loss_config = ml_collections.ConfigDict(dict(
       weights=dict(contrastive=1.0), kind="softmax", pair_weights={}, impl="dense",
@@ -106,8 +108,12 @@ def two_tower_step(size, batch, dtype, remat, attention_impl="xla"):
              "_id": np.arange(batch, dtype=np.int32)}
   tx = optax.adamw(1e-4, weight_decay=0.1)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.jit(functools.partial(state_lib.create_train_state, model, tx, seed=0),
-                  out_shardings=replicated)(jax.tree.map(lambda x: x[:1], example))
+  start = time.perf_counter()
+  state = state_lib.init_on_devices(
+      functools.partial(state_lib.create_train_state, model, tx, seed=0),
+      jax.tree.map(lambda x: x[:1], example), replicated)
+  jax.block_until_ready(state)
+  print(f"  init (compile and run): {time.perf_counter() - start:.1f} s", flush=True)
   step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx,
                                    loss_config=loss_config, mesh=mesh, seed=0),
                  donate_argnums=(0,))
@@ -135,25 +141,40 @@ def step_flops(size, batch, image=224, text_length=77):
   return 3.0 * forward
 
 
-def two_tower_row(size, batch, dtype, remat, attention_impl, repeats, flops):
-  step, state, batch_ = two_tower_step(size, batch, dtype, remat, attention_impl)
-  state, _ = step(state, batch_)  # Compile and warm up.
-  jax.block_until_ready(state)
+def two_tower_row(size, batch, dtype, remat, attention_impl, repeats, flops, profile_dir="",
+                  image_activation="gelu"):
+  """Times `repeats` back-to-back steps (three times; the median), as training runs them."""
+  start = time.perf_counter()
+  step, state, batch_ = two_tower_step(size, batch, dtype, remat, attention_impl,
+                                       image_activation)
+  state, metrics = step(state, batch_)  # Compile and warm up.
+  first_loss = float(metrics["loss"])
+  print(f"  compile and first step: {time.perf_counter() - start:.1f} s; first loss "
+        f"{first_loss:.5f}", flush=True)
   times = []
-  for _ in range(repeats):
+  for _ in range(3):
     start = time.perf_counter()
-    state, metrics = step(state, batch_)
+    for _ in range(repeats):
+      state, metrics = step(state, batch_)
     jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - start)
+    times.append((time.perf_counter() - start) / repeats)
   seconds = float(np.median(times))
   kind = jax.devices()[0].device_kind
   peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
-  return {"model": f"vit_{size}+clip_text_{size}", "batch": batch, "dtype": dtype,
-          "remat": remat, "attention": attention_impl, "ms": 1e3 * seconds,
-          "samples_per_s": batch / seconds,
-          "tflops_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
-          "mfu": flops / seconds / peak if peak else None,
-          "vs_open_clip_h100": batch / seconds / OPEN_CLIP_B16_H100}
+  row = {"model": f"vit_{size}+clip_text_{size}", "batch": batch, "dtype": dtype,
+         "remat": remat, "attention": attention_impl, "image_activation": image_activation,
+         "first_loss": first_loss, "ms": 1e3 * seconds,
+         "ms_each_timing": [1e3 * t for t in times], "samples_per_s": batch / seconds,
+         "tflops_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
+         "mfu": flops / seconds / peak if peak else None,
+         "vs_open_clip_h100": batch / seconds / OPEN_CLIP_B16_H100}
+  if profile_dir:
+    directory = os.path.join(profile_dir, f"{dtype}_{attention_impl}_remat{int(remat)}")
+    profiling.trace(step, state, batch_, 3, directory)
+    kernels, kinds, busy = profiling.summarize(directory, 3)
+    profiling.print_summary(kernels, kinds, busy)
+    row.update(profile_kernels=kernels, profile_kinds=kinds, device_busy_ms=busy)
+  return row
 
 
 def main():
@@ -165,9 +186,15 @@ def main():
   parser.add_argument("--two_tower_batch", type=int, default=256, help="0 to skip")
   parser.add_argument("--two_tower_variants", default="float32:xla,bfloat16:xla",
                       help="dtype:attention[:remat] entries (attention xla or cudnn; cudnn "
-                      "runs on GPU only, for sequence lengths its flash kernel supports)")
+                      "is skipped off GPU)")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="")
+  parser.add_argument("--image_activation", default="gelu",
+                      help="the ViT's MLP activation (gelu: exact, as ViT and open_clip; "
+                      "gelu_new: tanh approximation, as big_vision)")
+  parser.add_argument("--profile_dir", default="",
+                      help="trace 3 two-tower steps per variant here and print where the "
+                      "device time goes (GPU)")
   args = parser.parse_args()
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; size {args.size}", flush=True)
 
@@ -196,7 +223,7 @@ def main():
       if impl == "cudnn" and jax.default_backend() != "gpu":
         continue
       row = two_tower_row(args.size, args.two_tower_batch, dtype, remat, impl, args.repeats,
-                          flops)
+                          flops, args.profile_dir, args.image_activation)
       two_tower.append(row)
       mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "n/a"
       print(f"two-tower {row['model']} B={row['batch']} {dtype} remat={int(remat)} "

@@ -7,6 +7,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from xmodal_jax.models import transformer
+
 
 class FusionBlock(nn.Module):
   """Pre-LN: self-attention over the query tokens, cross-attention to the context, MLP."""
@@ -18,10 +20,8 @@ class FusionBlock(nn.Module):
   @nn.compact
   def __call__(self, x, x_valid, context, context_valid, *, train):
     def attend(name, queries, keys, key_valid):
-      mask = (x_valid[:, None, :, None] & key_valid[:, None, None, :])
-      return nn.MultiHeadDotProductAttention(
-          self.num_heads, dtype=self.dtype, dropout_rate=self.dropout,
-          deterministic=not train, name=name)(queries, keys, mask=mask)
+      return transformer.Attention(self.num_heads, self.dtype, self.dropout, name=name)(
+          queries, keys, key_valid, train=train)
     y = nn.LayerNorm(dtype=self.dtype, name="norm_self")(x)
     x = x + attend("self_attention", y, y, x_valid)
     y = nn.LayerNorm(dtype=self.dtype, name="norm_cross")(x)

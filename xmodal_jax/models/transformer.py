@@ -5,12 +5,12 @@ RoBERTa, MiniLM) stacks, each family's activation and LayerNorm epsilon, and cau
 (CLIP's text transformer).
 """
 
-import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from xmodal_jax.models import pooling
 
@@ -27,23 +27,94 @@ NORMS = ("pre", "post")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
-def attention(query, key, value, mask=None, *, dropout_rng=None, dropout_rate=0.0,
-              deterministic=True, dtype=None, implementation="xla", **unused):
-  """Scaled dot-product attention with a float32 softmax.
+def key_mask(kv_valid: Optional[jnp.ndarray], num_queries: int, num_keys: int, causal: bool):
+  """bool[B or 1, 1, Lq, Lk]: query q may attend to key k (k is valid, and k <= q if causal).
 
-  Without attention dropout this is `jax.nn.dot_product_attention` (`implementation="cudnn"`:
-  cuDNN's fused flash attention, GPU and bfloat16/float16 only); with dropout, Flax's
-  reference path.
+  None when every query may attend to every key. Padded queries attend like the others;
+  their outputs are never used.
   """
-  del unused
-  if deterministic or dropout_rate == 0.0:
-    if implementation == "cudnn" and query.dtype == jnp.float32:
-      implementation = "xla"  # cuDNN's kernel takes half precision only.
-    return jax.nn.dot_product_attention(query, key, value, mask=mask,
-                                        implementation=implementation)
-  return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
-                                  dropout_rate=dropout_rate, deterministic=False, dtype=dtype,
-                                  force_fp32_for_softmax=True)
+  mask = None if kv_valid is None else kv_valid.astype(bool)[:, None, None, :]
+  if causal:
+    lower = jnp.tril(jnp.ones((num_queries, num_keys), bool))[None, None]
+    mask = lower if mask is None else mask & lower
+  return mask
+
+
+def attention(query, key, value, kv_valid=None, *, causal=False, implementation="xla",
+              dropout_rate=0.0, dropout_rng=None):
+  """Scaled dot-product attention over [B, L, heads, head_dim] with a float32 softmax.
+
+  `implementation="cudnn"` (GPU, bfloat16/float16) runs cuDNN's fused flash attention, with
+  padding given as per-row key counts: it requires right-padded `kv_valid` (every valid key
+  before every padded one), which is what our tokenizers and towers produce. "xla" takes any
+  `kv_valid` as a dense mask. Attention dropout (training only) uses Flax's reference path.
+  """
+  mask = key_mask(kv_valid, query.shape[1], key.shape[1], causal)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
+                                    dropout_rate=dropout_rate, deterministic=False,
+                                    force_fp32_for_softmax=True)
+  if implementation == "cudnn" and query.dtype != jnp.float32:
+    lengths = None
+    if kv_valid is not None:
+      lengths = jnp.sum(kv_valid.astype(jnp.int32), axis=-1)
+    return jax.nn.dot_product_attention(query, key, value, is_causal=causal,
+                                        key_value_seq_lengths=lengths, implementation="cudnn")
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
+
+
+class ProjectionWeights(nn.Module):
+  """A kernel [*in, *out] and bias [*out], initialized and named as nn.DenseGeneral's (so
+  checkpoints and `load_hf` keep their layout), returned rather than applied."""
+  in_shape: Tuple[int, ...]
+  out_shape: Tuple[int, ...]
+
+  @nn.compact
+  def __call__(self):
+    flat = (int(np.prod(self.in_shape)), int(np.prod(self.out_shape)))
+    kernel = self.param("kernel", lambda rng: nn.initializers.lecun_normal()(rng, flat).reshape(
+        self.in_shape + self.out_shape))
+    return kernel, self.param("bias", nn.initializers.zeros, self.out_shape)
+
+
+class Attention(nn.Module):
+  """Multi-head attention of queries [B, Lq, W] to keys/values [B, Lk, Wkv] -> [B, Lq, W].
+
+  Parameters as nn.MultiHeadDotProductAttention's (query/key/value/out). Self-attention
+  projects q, k and v with one matrix product, cross-attention k and v with one.
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+  dropout_rate: float = 0.0
+  implementation: str = "xla"
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_kv, kv_valid=None, *, causal=False, train=False):
+    width = inputs_q.shape[-1]
+    heads = (self.num_heads, width // self.num_heads)
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
+    weights = {name: ProjectionWeights((x.shape[-1],), heads, name=name)()
+               for name, x in (("query", inputs_q), ("key", inputs_kv), ("value", inputs_kv))}
+    cast = lambda x: jnp.asarray(x, self.dtype)
+    names = ("query", "key", "value") if inputs_q is inputs_kv else ("key", "value")
+    kernel = jnp.stack([cast(weights[n][0]) for n in names], axis=1)  # [W, n, heads, dim]
+    bias = jnp.stack([cast(weights[n][1]) for n in names])
+    projected = jnp.einsum("blw,wnhd->blnhd", cast(inputs_kv), kernel) + bias
+    if inputs_q is inputs_kv:
+      query, key, value = (projected[:, :, i] for i in range(3))
+    else:
+      key, value = projected[:, :, 0], projected[:, :, 1]
+      query = jnp.einsum("blw,whd->blhd", cast(inputs_q), cast(weights["query"][0]))
+      query = query + cast(weights["query"][1])
+    dropout_rng = None
+    if train and self.dropout_rate > 0.0:
+      dropout_rng = self.make_rng("dropout")
+    out = attention(query, key, value, kv_valid, causal=causal,
+                    implementation=self.implementation, dropout_rate=self.dropout_rate,
+                    dropout_rng=dropout_rng)
+    out_kernel, out_bias = ProjectionWeights(heads, (width,), name="out")()
+    return jnp.einsum("blhd,hdw->blw", out, cast(out_kernel)) + cast(out_bias)
 
 
 class MlpBlock(nn.Module):
@@ -74,35 +145,23 @@ class EncoderBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   attention_dropout: Optional[float] = None  # None: the same as `dropout`
   attention_impl: str = "xla"
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x, attention_mask, train):  # positional: nn.remat needs it static
+  def __call__(self, x, valid, train):  # positional: nn.remat needs `train` static
     layer_norm = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name=name)
     residual_dropout = nn.Dropout(self.dropout, deterministic=not train)
-    attn = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype,
-        attention_fn=functools.partial(attention, implementation=self.attention_impl),
-        dropout_rate=self.dropout if self.attention_dropout is None else self.attention_dropout,
-        deterministic=not train, name="attn")
+    attn = Attention(
+        self.num_heads, self.dtype,
+        self.dropout if self.attention_dropout is None else self.attention_dropout,
+        self.attention_impl, name="attn")
+    attend = lambda y: attn(y, y, valid, causal=self.causal, train=train)
     mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")
     if self.norm == "pre":
-      y = layer_norm("ln_attn")(x)
-      x = x + residual_dropout(attn(y, y, mask=attention_mask))
+      x = x + residual_dropout(attend(layer_norm("ln_attn")(x)))
       return x + residual_dropout(mlp(layer_norm("ln_mlp")(x), train=train))
-    x = layer_norm("ln_attn")(x + residual_dropout(attn(x, x, mask=attention_mask)))
+    x = layer_norm("ln_attn")(x + residual_dropout(attend(x)))
     return layer_norm("ln_mlp")(x + residual_dropout(mlp(x, train=train)))
-
-
-def attention_mask(valid: Optional[jnp.ndarray], length: int, causal: bool):
-  """bool[B or 1, 1, L, L]: query q may attend to key k (k is valid, and k <= q if causal).
-
-  Padded queries attend like the others; their outputs are never used.
-  """
-  mask = None if valid is None else valid.astype(bool)[:, None, None, :]
-  if causal:
-    lower = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    mask = lower if mask is None else mask & lower
-  return mask
 
 
 class Encoder(nn.Module):
@@ -134,13 +193,19 @@ class Encoder(nn.Module):
                        f"{ATTENTION_IMPLS}")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
-    mask = attention_mask(valid, x.shape[1], self.causal)
+    length = x.shape[1]
+    if self.attention_impl == "cudnn" and length % 2 and jnp.dtype(self.dtype) != jnp.float32:
+      # cuDNN trains only on even lengths: one padded token, masked out as a key.
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+      valid = jnp.ones((x.shape[0], length), bool) if valid is None else valid.astype(bool)
+      valid = jnp.pad(valid, ((0, 0), (0, 1)))
     block_cls = nn.remat(EncoderBlock, static_argnums=(3,)) if self.remat else EncoderBlock
     for i in range(self.num_layers):
       block = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.norm,
                         self.activation, self.layer_norm_eps, self.attention_dropout,
-                        self.attention_impl, name=f"block{i}")
-      x = block(x, mask, train)
+                        self.attention_impl, self.causal, name=f"block{i}")
+      x = block(x, valid, train)
+    x = x[:, :length]
     if self.final_norm:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln_final")(x)
     return x

@@ -264,7 +264,7 @@ def setup(config, workdir, *, step=None, require_checkpoint=False):
   else:
     if require_checkpoint:
       raise FileNotFoundError(f"{workdir}: no checkpoint to restore (train first)")
-    state = jax.jit(create, out_shardings=shardings)(example)
+    state = state_lib.init_on_devices(create, example, shardings)
     if pretrained:  # Outside jit: the weights would otherwise become compiled-in constants.
       state = state.replace(params=towers.insert_pretrained(
           state.params, jax.device_put(pretrained, replicated)))

@@ -1,5 +1,6 @@
 """The train state: everything a checkpoint holds."""
 
+import contextlib
 from typing import Any
 
 import flax.struct
@@ -31,6 +32,28 @@ def create_train_state(model, tx, example_batch, seed, queue_size=0):
                 "ids": jnp.full((queue_size,), -1, jnp.int32)} for m in model.towers}
   queues["pointer"] = jnp.zeros((), jnp.int32)
   return state.replace(momentum_params=jax.tree.map(jnp.copy, params), queues=queues)
+
+
+def init_on_devices(create, example_batch, shardings):
+  """Runs `create(example_batch)` (e.g. a partial of create_train_state) jitted into
+  `shardings`.
+
+  On GPU, XLA inlines and fuses one copy of the ThreeFry hash per initialized array, which
+  took 3 min 20 s to compile for ViT-B/16 + text-B on an H100; jax's ThreeFry kernel (same
+  random bits) keeps that compile short.
+  """
+  with _config_value("jax_threefry_gpu_kernel_lowering", True):
+    return jax.jit(create, out_shardings=shardings)(example_batch)
+
+
+@contextlib.contextmanager
+def _config_value(name, value):
+  previous = getattr(jax.config, name)
+  jax.config.update(name, value)
+  try:
+    yield
+  finally:
+    jax.config.update(name, previous)
 
 
 def ema(momentum_params, params, momentum):
