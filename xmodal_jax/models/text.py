@@ -3,7 +3,6 @@
 Each maps {"input_ids": int[B, L], "attention_mask": int[B, L]} to `transformer.tower_output`.
 """
 
-from typing import Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,9 +40,7 @@ class BertTextEncoder(transformer.TrunkOptions, kw_only=True):
   type_vocab_size: int = 2
   pad_token_id: int = 0
   positions_after_padding_id: bool = False
-  activation: str = "gelu"
   layer_norm_eps: float = 1e-12
-  attention_dropout: Optional[float] = None
   pooling: str = "pooler"
 
   @nn.compact
@@ -61,10 +58,7 @@ class BertTextEncoder(transformer.TrunkOptions, kw_only=True):
          + embed(self.type_vocab_size, self.width, "token_type_embeddings")(token_types))
     x = nn.LayerNorm(self.layer_norm_eps, name="embeddings_ln")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
-    x = self.encoder(norm="post", activation=self.activation,
-                     layer_norm_eps=self.layer_norm_eps,
-                     attention_dropout=self.attention_dropout, final_norm=False)(
-                         x, valid, train=train)
+    x = self.encoder(norm="post", final_norm=False)(x, valid, train=train)
     if self.pooling == "pooler":
       pooled = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name="pooler")(x[:, 0]))
     else:
@@ -85,7 +79,6 @@ class CausalTextEncoder(transformer.TrunkOptions, kw_only=True):
   eos_token_id: int = 2
   activation: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
-  attention_dropout: Optional[float] = None
   pooling: str = "eos"
 
   @nn.compact
@@ -96,9 +89,7 @@ class CausalTextEncoder(transformer.TrunkOptions, kw_only=True):
          + embed(self.max_positions, self.width, "position_embedding")(
              jnp.arange(ids.shape[1])[None]))
     x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
-    x = self.encoder(activation=self.activation, layer_norm_eps=self.layer_norm_eps,
-                     attention_dropout=self.attention_dropout, causal=True)(
-                         x, valid, train=train)
+    x = self.encoder(causal=True)(x, valid, train=train)
     if self.pooling == "eos":
       end = ids if self.eos_token_id == 2 else (ids == self.eos_token_id).astype(jnp.int32)
       pooled = jnp.take_along_axis(x, jnp.argmax(end, axis=1)[:, None, None], axis=1)[:, 0]

@@ -5,6 +5,7 @@ RoBERTa, MiniLM) stacks, each family's activation and LayerNorm epsilon, and cau
 (CLIP's text transformer).
 """
 
+import dataclasses
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -212,7 +213,10 @@ class Encoder(nn.Module):
 
 
 class TrunkOptions(nn.Module):
-  """The options every tower's transformer trunk shares (a base for TokenEncoder and towers)."""
+  """The options every tower's transformer trunk shares (a base for TokenEncoder and towers).
+
+  Pretrained families override the defaults of `activation` and `layer_norm_eps`.
+  """
   num_layers: int
   num_heads: int
   mlp_dim: int
@@ -222,11 +226,17 @@ class TrunkOptions(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   attention_impl: str = "xla"  # or "cudnn" (GPU, bfloat16)
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-6
+  attention_dropout: Optional[float] = None  # None: the same as `dropout`
 
   def encoder(self, **kwargs):
-    """An Encoder with these options (and family-specific `kwargs`), named "encoder"."""
+    """An Encoder with these options (and family-specific `kwargs`: norm, causal,
+    final_norm), named "encoder"."""
     return Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                   self.remat, attention_impl=self.attention_impl, name="encoder", **kwargs)
+                   self.remat, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
+                   attention_dropout=self.attention_dropout,
+                   attention_impl=self.attention_impl, name="encoder", **kwargs)
 
   def pool(self, tokens, valid, *, train, num_prefix_tokens=1):
     """Pools with the tower's `pooling` (cls / mean / gpo) under the name "pool"."""
@@ -235,9 +245,9 @@ class TrunkOptions(nn.Module):
 
   def trunk(self):
     """A TokenEncoder with these options, to call from a tower's compact __call__."""
-    return TokenEncoder(self.num_layers, self.num_heads, self.mlp_dim, self.pooling,
-                        self.gpo_drop_rate, self.dropout, self.dtype, self.remat,
-                        self.attention_impl, name="trunk")
+    options = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrunkOptions)
+               if f.name not in ("parent", "name")}
+    return TokenEncoder(**options, name="trunk")
 
 
 def tower_output(pooled, tokens, valid, grid=None):

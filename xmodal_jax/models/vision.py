@@ -30,9 +30,7 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
   pre_norm: bool = False
   final_norm: str = "tokens"  # or "pooled"
   pooler: str = "dense_tanh"
-  activation: str = "gelu"
   layer_norm_eps: float = 1e-12
-  attention_dropout: Optional[float] = None
   pooling: str = "pooler"
 
   def input_size(self):
@@ -67,9 +65,7 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
     if self.pre_norm:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln_pre")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
-    x = self.encoder(activation=self.activation, layer_norm_eps=self.layer_norm_eps,
-                     attention_dropout=self.attention_dropout,
-                     final_norm=self.final_norm == "tokens")(x, train=train)
+    x = self.encoder(final_norm=self.final_norm == "tokens")(x, train=train)
     if self.pooling != "pooler":
       pooled = self.pool(x, None, train=train, num_prefix_tokens=self.num_prefix_tokens)
     elif self.pooler == "dense_tanh":
