@@ -3,7 +3,6 @@
 Each maps {"input_ids": int[B, L], "attention_mask": int[B, L]} to `transformer.tower_output`.
 """
 
-
 import flax.linen as nn
 import jax.numpy as jnp
 
