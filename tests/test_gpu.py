@@ -83,3 +83,9 @@ def test_cudnn_and_xla_two_tower_gradients_agree():
       assert np.linalg.norm(b) < 1e-3 * scale, name
     else:
       assert np.linalg.norm(a - b) < 5e-2 * max(np.linalg.norm(a), 1e-3 * scale), name
+
+
+def test_auto_attention_is_cudnn_on_gpu_for_half_precision():
+  assert transformer.resolve_attention_impl("auto", jnp.bfloat16, 64) == "cudnn"
+  assert transformer.resolve_attention_impl("auto", jnp.float32, 64) == "xla"
+  assert transformer.resolve_attention_impl("auto", jnp.bfloat16, 12) == "xla"

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal_jax.models import audio, features, text, vision
+from xmodal_jax.models import audio, features, text, transformer, vision
 
 SMALL = dict(num_layers=2, num_heads=2, mlp_dim=32)
 
@@ -139,3 +139,13 @@ def test_spec_augment_masks_bands_of_at_most_the_given_width():
   unchanged = audio.spec_augment(jax.random.key(0), spec, time_masks=2, time_width=0,
                                  freq_masks=2, freq_width=0)
   np.testing.assert_array_equal(unchanged, spec)
+
+
+def test_attention_impl_resolution_off_gpu():
+  resolve = transformer.resolve_attention_impl
+  assert resolve("auto", jnp.bfloat16, 64) == ("cudnn" if jax.default_backend() == "gpu"
+                                               else "xla")
+  assert resolve("cudnn", jnp.float32, 64) == "xla"  # cuDNN's kernel: half precision only.
+  assert resolve("cudnn", jnp.bfloat16, 64) == "cudnn"
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    resolve("flash", jnp.bfloat16, 64)

@@ -20,7 +20,8 @@ class FusionBlock(nn.Module):
   @nn.compact
   def __call__(self, x, x_valid, context, context_valid, *, train):
     def attend(name, queries, keys, key_valid):
-      return transformer.Attention(self.num_heads, self.dtype, self.dropout, name=name)(
+      # XLA attention: fusion inputs have any lengths (cuDNN trains on even ones only).
+      return transformer.Attention(self.num_heads, self.dtype, self.dropout, "xla", name=name)(
           queries, keys, key_valid, train=train)
     y = nn.LayerNorm(dtype=self.dtype, name="norm_self")(x)
     x = x + attend("self_attention", y, y, x_valid)

@@ -25,7 +25,21 @@ ACTIVATIONS = {
 NORMS = ("pre", "post")
 
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def resolve_attention_impl(implementation, dtype, head_dim):
+  """"xla" or "cudnn". "auto" is cuDNN's flash attention on GPUs for bfloat16/float16
+  compute and head dims its kernel takes (multiples of 8 up to 128), XLA's elsewhere; float32
+  compute always takes XLA's (cuDNN's kernel is half precision only)."""
+  if implementation not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={implementation!r}: expected one of {ATTENTION_IMPLS}")
+  if implementation == "xla" or jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    return "xla"
+  if implementation == "auto":
+    supported = jax.default_backend() == "gpu" and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if supported else "xla"
+  return implementation
 
 
 def key_mask(kv_valid: Optional[jnp.ndarray], num_queries: int, num_keys: int, causal: bool):
@@ -41,21 +55,23 @@ def key_mask(kv_valid: Optional[jnp.ndarray], num_queries: int, num_keys: int, c
   return mask
 
 
-def attention(query, key, value, kv_valid=None, *, causal=False, implementation="xla",
+def attention(query, key, value, kv_valid=None, *, causal=False, implementation="auto",
               dropout_rate=0.0, dropout_rng=None):
   """Scaled dot-product attention over [B, L, heads, head_dim] with a float32 softmax.
 
-  `implementation="cudnn"` (GPU, bfloat16/float16) runs cuDNN's fused flash attention, with
-  padding given as per-row key counts: it requires right-padded `kv_valid` (every valid key
-  before every padded one), which is what our tokenizers and towers produce. "xla" takes any
-  `kv_valid` as a dense mask. Attention dropout (training only) uses Flax's reference path.
+  `implementation` (see `resolve_attention_impl`): "cudnn" runs cuDNN's fused flash
+  attention, with padding given as per-row key counts: it requires right-padded `kv_valid`
+  (every valid key before every padded one), which is what our tokenizers and towers produce,
+  and even lengths in training (`Encoder` pads). "xla" takes any `kv_valid` as a dense mask.
+  Attention dropout (training only) uses Flax's reference path.
   """
+  implementation = resolve_attention_impl(implementation, query.dtype, query.shape[-1])
   mask = key_mask(kv_valid, query.shape[1], key.shape[1], causal)
   if dropout_rate > 0.0 and dropout_rng is not None:
     return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
                                     dropout_rate=dropout_rate, deterministic=False,
                                     force_fp32_for_softmax=True)
-  if implementation == "cudnn" and query.dtype != jnp.float32:
+  if implementation == "cudnn":
     lengths = None
     if kv_valid is not None:
       lengths = jnp.sum(kv_valid.astype(jnp.int32), axis=-1)
@@ -87,7 +103,7 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   dropout_rate: float = 0.0
-  implementation: str = "xla"
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, kv_valid=None, *, causal=False, train=False):
@@ -145,7 +161,7 @@ class EncoderBlock(nn.Module):
   activation: str = "gelu"
   layer_norm_eps: float = 1e-6
   attention_dropout: Optional[float] = None  # None: the same as `dropout`
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   causal: bool = False
 
   @nn.compact
@@ -183,19 +199,18 @@ class Encoder(nn.Module):
   attention_dropout: Optional[float] = None
   causal: bool = False
   final_norm: bool = True
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"  # see resolve_attention_impl
 
   @nn.compact
   def __call__(self, x, valid: Optional[jnp.ndarray] = None, *, train):
     if self.norm not in NORMS:
       raise ValueError(f"norm={self.norm!r}: expected one of {NORMS}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of "
-                       f"{ATTENTION_IMPLS}")
+    impl = resolve_attention_impl(self.attention_impl, self.dtype,
+                                  x.shape[-1] // self.num_heads)
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation={self.activation!r}: expected one of {sorted(ACTIVATIONS)}")
     length = x.shape[1]
-    if self.attention_impl == "cudnn" and length % 2 and jnp.dtype(self.dtype) != jnp.float32:
+    if impl == "cudnn" and length % 2:
       # cuDNN trains only on even lengths: one padded token, masked out as a key.
       x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
       valid = jnp.ones((x.shape[0], length), bool) if valid is None else valid.astype(bool)
@@ -204,7 +219,7 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       block = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.norm,
                         self.activation, self.layer_norm_eps, self.attention_dropout,
-                        self.attention_impl, self.causal, name=f"block{i}")
+                        impl, self.causal, name=f"block{i}")
       x = block(x, valid, train)
     x = x[:, :length]
     if self.final_norm:
@@ -225,7 +240,7 @@ class TrunkOptions(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
-  attention_impl: str = "xla"  # or "cudnn" (GPU, bfloat16)
+  attention_impl: str = "auto"  # or "xla", "cudnn": see resolve_attention_impl
   activation: str = "gelu"
   layer_norm_eps: float = 1e-6
   attention_dropout: Optional[float] = None  # None: the same as `dropout`
