@@ -7,8 +7,8 @@ Encodes the query with the run's model (newest checkpoint, or the export's step)
 against every other exported modality (or --gallery) by cosine and prints the top-k item ids
 with their scores and, when the dataset has text, each item's text. With --rerank=N and a
 model with a fusion encoder for the pair (seed 001), the top N are re-scored by the matching
-head and listed again; the candidates' tokens are recomputed from the export's split (one
-pass over it: exports hold embeddings, not tokens).
+head and listed again; the candidates' tokens are recomputed from just those items of the
+export's split (exports hold embeddings, not tokens).
 """
 
 import os
@@ -85,17 +85,22 @@ def read_query(experiment, kind, value):
 
 
 def item_texts(experiment, split, ids):
-  """{id: text} for `ids` when the dataset has a text feature, else {}."""
+  """{id: [captions]} for `ids` when the dataset has a text feature, else {}."""
   texts = [m.feature for m in experiment.config.modalities.values() if m.kind == "text"]
   if not texts:
     return {}
   wanted, found = set(int(i) for i in ids), {}
   for example in experiment.builder.as_dataset(split=split).as_numpy_iterator():
     if int(example["id"]) in wanted:
-      text = example[texts[0]]
-      text = text[0] if isinstance(text, np.ndarray) else text  # an item's first caption
-      found[int(example["id"])] = text.decode("utf-8")
+      captions = np.atleast_1d(example[texts[0]])
+      found[int(example["id"])] = [c.decode("utf-8") for c in captions]
   return found
+
+
+def row_ordinal(ids, mask, row):
+  """How many earlier export rows of the same item have the modality of `mask`: rows of one
+  item keep their order, so this is the row's caption index when captions are expanded."""
+  return int(np.count_nonzero((ids[:row] == ids[row]) & mask[:row]))
 
 
 def fusion_pair(experiment, query, gallery):
@@ -106,35 +111,49 @@ def fusion_pair(experiment, query, gallery):
   return None
 
 
-def gallery_tokens(experiment, split, gallery, rows):
-  """{export row: (tokens, valid)} for `rows` of the export, recomputed in one pass over
-  `split` (export rows follow the evaluation order)."""
-  wanted, found, offset = set(int(r) for r in rows), {}, 0
+def gallery_tokens(experiment, split, gallery, rows, ids, mask):
+  """{export row: (tokens, valid)} for `rows` of the export (whose `ids` and gallery `mask`
+  are given), recomputed from just those items of `split`.
+
+  An item can fill several rows (one per caption); rows of one item keep their order, so a
+  row is found as the n-th row of its item that has the gallery modality.
+  """
+  wanted = {(int(ids[r]), row_ordinal(ids, mask, int(r))): int(r) for r in rows}
+  seen, found = {}, {}
   embed = experiment.embed_fn(tokens=(gallery,))
-  batches = pipeline.eval_iterator(experiment.config, experiment.builder, split)
+  batches = pipeline.eval_iterator(experiment.config, experiment.builder, split,
+                                   ids=sorted({item for item, _ in wanted}))
   for out in loop.embed_batches(embed, experiment.state.params, batches, experiment.mesh):
-    for i in range(len(out["_id"])):
-      if offset + i in wanted:
-        found[offset + i] = (out["tokens"][gallery]["tokens"][i],
-                             out["tokens"][gallery]["valid"][i])
-    offset += len(out["_id"])
-    if len(found) == len(wanted):
-      break
+    for i, item in enumerate(out["_id"]):
+      if not out["_mask"][gallery][i]:
+        continue
+      key = (int(item), seen.get(int(item), 0))
+      seen[int(item)] = key[1] + 1
+      if key in wanted:
+        found[wanted[key]] = (out["tokens"][gallery]["tokens"][i],
+                              out["tokens"][gallery]["valid"][i])
+  missing = sorted(set(int(r) for r in rows) - set(found))
+  if missing:
+    raise ValueError(f"export rows {missing[:5]} (ids {[int(ids[r]) for r in missing[:5]]}) "
+                     f"were not found in split {split!r}: was the export made from it?")
   return found
 
 
-def rerank_hits(experiment, pair, modality, query_tokens, gallery, candidates, split):
-  """[(id, matching score)] of `candidates` ([(export row, id)]), best match first."""
-  found = gallery_tokens(experiment, split, gallery, [row for row, _ in candidates])
+def rerank_hits(experiment, pair, modality, query_tokens, gallery, candidates, split, ids,
+                mask):
+  """[(export row, id, matching score)] of `candidates` ([(export row, id, score)]), best
+  match first."""
+  found = gallery_tokens(experiment, split, gallery, [row for row, _, _ in candidates], ids,
+                         mask)
   tokens = {modality: {"tokens": query_tokens[0], "valid": query_tokens[1]},
-            gallery: {"tokens": np.stack([found[row][0] for row, _ in candidates]),
-                      "valid": np.stack([found[row][1] for row, _ in candidates])}}
+            gallery: {"tokens": np.stack([found[row][0] for row, _, _ in candidates]),
+                      "valid": np.stack([found[row][1] for row, _, _ in candidates])}}
   count = len(candidates)
   scores = loop.matching_scores(experiment.match_fn(), experiment.state.params, pair, tokens,
                                 modality, np.zeros(1, np.int64), np.arange(count),
                                 np.arange(count)[None], chunk=1)[0]
   order = np.argsort(-scores, kind="stable")
-  return [(candidates[i][1], float(scores[i])) for i in order]
+  return [candidates[i][:2] + (float(scores[i]),) for i in order]
 
 
 def main(argv):
@@ -160,21 +179,25 @@ def main(argv):
     rows = np.flatnonzero(masks[gallery])
     depth = min(max(_K.value, _RERANK.value), len(rows))
     scores, index = search.topk(query, embeddings[gallery][rows], depth)
-    hits = [(int(ids[rows[i]]), float(s)) for s, i in zip(scores[0], index[0])]
-    results[gallery] = hits[:_K.value]
+    hits = [(int(rows[i]), int(ids[rows[i]]), float(s)) for s, i in zip(scores[0], index[0])]
+    results[gallery] = (gallery, hits[:_K.value])
     pair = fusion_pair(experiment, modality, gallery) if _RERANK.value else None
     if _RERANK.value and pair is None:
       print(f"(no fusion encoder for {modality} and {gallery}: not re-ranked)")
     elif pair:
-      candidates = [(int(rows[i]), item) for i, (item, _) in zip(index[0], hits)]
       results[f"{gallery} re-ranked by the matching head of {pair} (top {depth})"] = (
-          rerank_hits(experiment, pair, modality, query_tokens, gallery, candidates,
-                      meta["split"])[:_K.value])
-  texts = item_texts(experiment, meta["split"], [i for r in results.values() for i, _ in r])
-  for gallery, hits in results.items():
-    print(f"{modality} query -> {gallery} ({meta['split']}, step {meta['step']}):")
-    for rank, (item, score) in enumerate(hits, start=1):
-      text = f"  {texts[item]!r}" if item in texts else ""
+          gallery, rerank_hits(experiment, pair, modality, query_tokens, gallery, hits,
+                               meta["split"], ids, masks[gallery])[:_K.value])
+  texts = item_texts(experiment, meta["split"],
+                     [item for _, hits in results.values() for _, item, _ in hits])
+  for title, (gallery, hits) in results.items():
+    print(f"{modality} query -> {title} ({meta['split']}, step {meta['step']}):")
+    is_text = config.modalities[gallery].kind == "text"
+    for rank, (row, item, score) in enumerate(hits, start=1):
+      text = ""
+      if item in texts:  # A text gallery's row is one caption; other items show their first.
+        caption = row_ordinal(ids, masks[gallery], row) if is_text else 0
+        text = f"  {texts[item][min(caption, len(texts[item]) - 1)]!r}"
       print(f"  {rank:3d}. id {item}  score {score:.4f}{text}")
 
 

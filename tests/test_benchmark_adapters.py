@@ -4,6 +4,8 @@ reads back the right counts, ids, captions and splits."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,7 +200,8 @@ def test_clotho(tmp_path):
 
 def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   """configs/image_text.py:align_fuse (tiny towers: patches pooled to a grid for LMIM, a
-  fusion encoder re-ranking) trains and evaluates on a flickr30k_karpathy build."""
+  fusion encoder re-ranking) trains and evaluates on a flickr30k_karpathy build; its export
+  is searched with an image file, re-ranked."""
   from conftest import run_train  # pylint: disable=g-import-not-at-top
   manual = tmp_path / "files"
   entries = []
@@ -220,3 +223,43 @@ def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   # caption is in the other gallery (chance 1 positive of 8 = 2/8 for R@1 of an image).
   assert last["test/text->image/chance_R@1"] == pytest.approx(25.0)
   assert last["test/image->text/chance_R@1"] == pytest.approx(25.0)
+
+  # An image file as a search query, its top 4 captions re-ranked by the matching head.
+  args = ["--config=configs/image_text.py:tiny,flickr30k,align_fuse",
+          f"--config.data.data_dir={data_dir}", "--config.modalities.text.tokenizer=digit_words",
+          f"--workdir={tmp_path / 'run'}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  launch = lambda name, *extra: subprocess.run(
+      [sys.executable, os.path.join("launch", name), *args, *extra], env=env,
+      capture_output=True, text=True, timeout=600, check=True).stdout
+  launch("export.py", f"--out={tmp_path / 'export'}")
+  printed = launch("search.py", f"--export={tmp_path / 'export'}", "--gallery=text",
+                   f"--query-image={manual / 'flickr30k-images' / '9.jpg'}", "--rerank=4")
+  first, reranked = printed.split("re-ranked by the matching head of text:image (top 5)")
+  assert len([l for l in reranked.splitlines() if ". id " in l]) == 5
+  # Each row shows its own caption: the 8 test captions, each once across the top 5 (+ 5).
+  shown = [l.split("  ")[-1] for l in first.splitlines() if ". id " in l]
+  assert len(set(shown)) == len(shown) == 5
+
+  # The candidates' tokens, recomputed from just their items, equal a full pass's (the n-th
+  # caption row of an item maps to its n-th caption).
+  from configs import image_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch"))
+  import search  # pylint: disable=g-import-not-at-top
+  config = image_text.get_config("tiny,flickr30k,align_fuse")
+  config.data.data_dir = str(data_dir)
+  config.modalities.text.tokenizer = "digit_words"
+  experiment = loop.setup(config, str(tmp_path / "run"), require_checkpoint=True)
+  split = config.data.eval_split
+  _, masks, ids, tokens = loop.embed_split(
+      experiment.embed_fn(tokens=("text",)), experiment.state.params,
+      pipeline.eval_iterator(config, experiment.builder, split), experiment.mesh)
+  rows = np.flatnonzero(masks["text"] & np.isin(ids, ids[masks["text"]][[1, -1]]))
+  assert len(rows) == 4  # Two items, both captions of each.
+  found = search.gallery_tokens(experiment, split, "text", rows[::-1], ids, masks["text"])
+  for row in rows:
+    np.testing.assert_allclose(found[row][0], tokens["text"]["tokens"][row], atol=1e-5)
+    np.testing.assert_array_equal(found[row][1], tokens["text"]["valid"][row])

@@ -180,8 +180,11 @@ def pad_batch(batch, size):
   return jax.tree_util.tree_map_with_path(pad, batch)
 
 
-def _eval_dataset(config, builder, split):
+def _eval_dataset(config, builder, split, ids=None):
   ds = builder.as_dataset(split=split, shuffle_files=False)
+  if ids is not None:
+    wanted = tf.constant(np.asarray(ids, np.int64))
+    ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["id"], tf.int64), wanted)))
   expanded = caption_lists(config, builder)
   if expanded:
     ds = _expand_captions(ds, config.modalities[expanded[0]].feature)
@@ -207,14 +210,18 @@ def eval_batch_count(config, builder, split, process_count=None):
   return -(-max(sizes) // batch_size)
 
 
-def eval_iterator(config, builder, split, *, process_index=None, process_count=None):
+def eval_iterator(config, builder, split, *, process_index=None, process_count=None,
+                  ids=None):
   """Every example of this process's share of `split` exactly once, in order, in batches
   padded with masked rows (id -1); with several processes, every process yields the same
-  number of batches."""
+  number of batches. `ids` (one process only) keeps just those items, in split order."""
   index, count = _host(process_index, process_count)
+  if ids is not None and count > 1:
+    raise ValueError(f"eval_iterator(ids=...) reads on one process, not {count}")
   batch_size = per_host_batch_size(config.eval_batch_size, count)
   host_split = tfds.even_splits(split, n=count)[index]
-  ds = _eval_dataset(config, builder, host_split).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  ds = _eval_dataset(config, builder, host_split, ids).batch(batch_size).prefetch(
+      tf.data.AUTOTUNE)
   num_batches = eval_batch_count(config, builder, split, count) if count > 1 else None
   last = None
   for last in _numpy_batches(config, ds):
