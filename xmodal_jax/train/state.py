@@ -34,7 +34,7 @@ def create_train_state(model, tx, example_batch, seed, queue_size=0):
   return state.replace(momentum_params=jax.tree.map(jnp.copy, params), queues=queues)
 
 
-def init_on_devices(create, example_batch, shardings):
+def init_on_devices(create, example_batch, shardings=None):
   """Runs `create(example_batch)` (e.g. a partial of create_train_state) jitted into
   `shardings`.
 
