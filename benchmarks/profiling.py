@@ -80,23 +80,28 @@ def print_summary(kernels, kinds, busy_ms):
 def describe_fusions(dump_dir, kernel_names, max_lines=12):
   """The optimized-HLO text of each named fusion (from an --xla_dump_to folder): the
   instruction that calls it and the first lines of its fused computation."""
-  texts = [open(p).read() for p in glob.glob(os.path.join(dump_dir, "*after_optimizations.txt"))]
+  paths = glob.glob(os.path.join(dump_dir, "*train_step*after_optimizations.txt"))
+  if len(paths) != 1:
+    # Fusion names repeat across modules: with two variants' steps they would be ambiguous.
+    raise ValueError(f"{dump_dir}: expected the dump of one train step, found {len(paths)}; "
+                     "dump one variant per run")
+  with open(paths[0]) as f:
+    lines = f.read().splitlines()
   out = []
   for name in kernel_names:
     hlo_name = re.sub(r"_(\d+)$", r".\1", name)  # Kernels are named after HLO, "." -> "_".
-    for text in texts:
-      call = next((l for l in text.splitlines()
-                   if l.strip().startswith((f"%{hlo_name} =", f"%{name} ="))), None)
-      if call is None:
-        continue
-      out.append(f"== {name}\n{call.strip()[:400]}")
-      called = call.split("calls=%")[-1].split(",")[0].split(" ")[0] if "calls=%" in call else ""
-      if called:
-        start = text.find(f"%{called} (")
-        body = text[start:].splitlines()[1:max_lines + 1] if start >= 0 else []
-        body = body[:body.index("}")] if "}" in body else body
-        out.extend("    " + l.strip()[:200] for l in body)
-      break
+    call = next((l for l in lines if l.strip().startswith((f"%{hlo_name} =", f"%{name} ="))),
+                None)
+    if call is None:
+      continue
+    out.append(f"== {name}\n{call.strip()[:400]}")
+    if "calls=%" not in call:
+      continue
+    called = call.split("calls=%")[-1].split(",")[0].split(" ")[0]
+    start = next((i for i, l in enumerate(lines) if l.startswith(f"%{called} (")), None)
+    body = [] if start is None else lines[start + 1:start + 1 + max_lines]
+    body = body[:body.index("}")] if "}" in body else body
+    out.extend("    " + l.strip()[:200] for l in body)
   return "\n".join(out)
 
 

@@ -89,12 +89,9 @@ def item_texts(experiment, split, ids):
   texts = [m.feature for m in experiment.config.modalities.values() if m.kind == "text"]
   if not texts:
     return {}
-  wanted, found = set(int(i) for i in ids), {}
-  for example in experiment.builder.as_dataset(split=split).as_numpy_iterator():
-    if int(example["id"]) in wanted:
-      captions = np.atleast_1d(example[texts[0]])
-      found[int(example["id"])] = [c.decode("utf-8") for c in captions]
-  return found
+  ds = pipeline.keep_items(experiment.builder.as_dataset(split=split), sorted(set(ids)))
+  return {int(example["id"]): [c.decode("utf-8") for c in np.atleast_1d(example[texts[0]])]
+          for example in ds.as_numpy_iterator()}
 
 
 def row_ordinal(ids, mask, row):

@@ -180,11 +180,16 @@ def pad_batch(batch, size):
   return jax.tree_util.tree_map_with_path(pad, batch)
 
 
+def keep_items(ds, ids):
+  """The examples of `ds` whose "id" is one of `ids`, in their order."""
+  wanted = tf.constant(np.asarray(ids, np.int64))
+  return ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["id"], tf.int64), wanted)))
+
+
 def _eval_dataset(config, builder, split, ids=None):
   ds = builder.as_dataset(split=split, shuffle_files=False)
   if ids is not None:
-    wanted = tf.constant(np.asarray(ids, np.int64))
-    ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["id"], tf.int64), wanted)))
+    ds = keep_items(ds, ids)
   expanded = caption_lists(config, builder)
   if expanded:
     ds = _expand_captions(ds, config.modalities[expanded[0]].feature)

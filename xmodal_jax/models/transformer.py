@@ -66,17 +66,18 @@ def attention(query, key, value, kv_valid=None, *, causal=False, implementation=
   Attention dropout (training only) uses Flax's reference path.
   """
   implementation = resolve_attention_impl(implementation, query.dtype, query.shape[-1])
-  mask = key_mask(kv_valid, query.shape[1], key.shape[1], causal)
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
-                                    dropout_rate=dropout_rate, deterministic=False,
-                                    force_fp32_for_softmax=True)
-  if implementation == "cudnn":
+  training_dropout = dropout_rate > 0.0 and dropout_rng is not None
+  if implementation == "cudnn" and not training_dropout:
     lengths = None
     if kv_valid is not None:
       lengths = jnp.sum(kv_valid.astype(jnp.int32), axis=-1)
     return jax.nn.dot_product_attention(query, key, value, is_causal=causal,
                                         key_value_seq_lengths=lengths, implementation="cudnn")
+  mask = key_mask(kv_valid, query.shape[1], key.shape[1], causal)
+  if training_dropout:
+    return nn.dot_product_attention(query, key, value, mask=mask, dropout_rng=dropout_rng,
+                                    dropout_rate=dropout_rate, deterministic=False,
+                                    force_fp32_for_softmax=True)
   return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
 
 
