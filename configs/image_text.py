@@ -15,6 +15,7 @@ Variants (`--config=configs/image_text.py:VARIANT`):
            matching with hard negatives in a 6-layer fusion encoder over the text tokens;
            evaluation re-ranks the top 128 with the matching head.
   tiny     a few steps of tiny towers on 32 x 32 images, for tests and smoke runs.
+  fp8      both towers' block matmuls in float8 (models/fp8.py; for H100-class GPUs).
 """
 
 import ml_collections
@@ -54,10 +55,10 @@ def get_config(variant=""):
   config.keep_checkpoints = 3
 
   variants = set(filter(None, variant.split(",")))
-  unknown = variants - {"clip", "flickr30k", "tiny", "align_fuse"}
+  unknown = variants - {"clip", "flickr30k", "tiny", "align_fuse", "fp8"}
   if unknown:
     raise ValueError(f"configs/image_text.py: unknown variant(s) {sorted(unknown)}; "
-                     "expected clip, flickr30k, tiny, align_fuse")
+                     "expected clip, flickr30k, tiny, align_fuse, fp8")
   if "flickr30k" in variants:
     config.data.name = "flickr30k_karpathy"
     config.data.shuffle_buffer = 30_000
@@ -91,4 +92,7 @@ def get_config(variant=""):
     config.log_every = 2
     config.eval_every = 4
     config.checkpoint_every = 2
+  if "fp8" in variants:
+    for tower in config.model.towers.values():
+      tower["fp8"] = True
   return config

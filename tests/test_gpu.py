@@ -1,4 +1,5 @@
-"""GPU-only checks: cuDNN's fused attention against a dense float64 NumPy reference.
+"""GPU-only checks: cuDNN's fused attention against a dense float64 NumPy reference; float8
+matmuls compiled to FP8 GEMMs.
 
 Skipped where no GPU is present (CI); run on a lent GPU with `pytest tests/test_gpu.py`.
 """
@@ -9,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from xmodal_jax.models import towers, transformer
+from xmodal_jax.models import towers, transformer, vision
 from configs import sizes
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -89,3 +90,18 @@ def test_auto_attention_is_cudnn_on_gpu_for_half_precision():
   assert transformer.resolve_attention_impl("auto", jnp.bfloat16, 64) == "cudnn"
   assert transformer.resolve_attention_impl("auto", jnp.float32, 64) == "xla"
   assert transformer.resolve_attention_impl("auto", jnp.bfloat16, 12) == "xla"
+
+
+def test_fp8_matmuls_compile_to_cublaslt_fp8_gemms():
+  """fp8=True: every block product, forward (q/k/v, out, fc1, fc2) and both backward ones,
+  becomes a cuBLASLt FP8 GEMM (XLA's rewrite of the quantize-dequantize pattern)."""
+  tower = vision.PatchTransformer(width=64, image_size=(32, 32), patch_size=8, num_layers=2,
+                                  num_heads=2, mlp_dim=128, dtype=jnp.bfloat16, fp8=True)
+  pixels = jnp.asarray(np.random.default_rng(0).normal(size=(16, 32, 32, 3)), jnp.float32)
+  params = tower.init(jax.random.key(0), {"pixels": pixels}, train=False)["params"]
+  loss = lambda p: jnp.sum(
+      tower.apply({"params": p}, {"pixels": pixels}, train=False)["pooled"]
+      .astype(jnp.float32) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  gemms = hlo.count('custom_call_target="__cublas$lt$matmul$f8"')
+  assert gemms == 2 * 4 * 3, gemms

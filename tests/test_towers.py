@@ -1,4 +1,5 @@
-"""Tower options every tower shares: bfloat16 compute, rematerialization, pooling choices;
+"""Tower options every tower shares: bfloat16 compute, float8 matmuls, rematerialization,
+pooling choices;
 video as frames through an image tower; precomputed features."""
 
 import jax
@@ -59,6 +60,28 @@ def test_remat_gives_the_same_gradients(index):
     return jax.grad(loss)(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
                grads(plain), grads(remat))
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_fp8_matmuls_take_the_same_params_and_stay_close(index):
+  """fp8=True rounds every block's matmul operands (tests/test_fp8.py checks the rounding
+  exactly): same params, outputs and gradients near float32's, yet not equal to them."""
+  rng = np.random.default_rng(2)
+  plain, inputs = towers_and_inputs(rng)[index]
+  low, _ = towers_and_inputs(rng, fp8=True)[index]
+  params = plain.init(jax.random.key(0), inputs, train=False)["params"]
+  assert (jax.tree.structure(low.init(jax.random.key(0), inputs, train=False)["params"])
+          == jax.tree.structure(params))
+
+  def output_and_grads(tower):
+    pooled = lambda p: tower.apply({"params": p}, inputs, train=False)["pooled"]
+    out, grads = pooled(params), jax.grad(lambda p: jnp.sum(pooled(p) ** 2))(params)
+    return np.asarray(out), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
+  (out, grads), (out8, grads8) = output_and_grads(plain), output_and_grads(low)
+  error = np.linalg.norm(out8 - out) / np.linalg.norm(out)
+  assert 1e-3 < error < 0.2, error  # e4m3 keeps 3 mantissa bits: a few % per product
+  cosine = grads8 @ grads / np.linalg.norm(grads8) / np.linalg.norm(grads)
+  assert cosine > 0.9, cosine  # e5m2 gradients (2 mantissa bits) through 2 blocks
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean", "gpo"])

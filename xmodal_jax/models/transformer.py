@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmodal_jax.models import fp8 as fp8_lib
 from xmodal_jax.models import pooling
 
 ACTIVATIONS = {
@@ -95,16 +96,34 @@ class ProjectionWeights(nn.Module):
     return kernel, self.param("bias", nn.initializers.zeros, self.out_shape)
 
 
+def project(x, kernel, bias, *, fp8=False):
+  """x [..., *in] times kernel [*in, *out] plus bias [*out] -> [..., *out].
+
+  One 2-D matrix product over the flattened leading and `in` axes (the shape XLA's GEMM
+  rewrites take, also for the weight gradient); with `fp8`, in float8 (see fp8.py).
+  """
+  num_in = kernel.ndim - bias.ndim
+  in_size = int(np.prod(kernel.shape[:num_in]))
+  if x.shape[x.ndim - num_in:] != kernel.shape[:num_in]:
+    raise ValueError(f"inputs {x.shape} do not end in the kernel's input axes {kernel.shape}")
+  dot_general = fp8_lib.dot_general if fp8 else jax.lax.dot_general
+  out = dot_general(x.reshape(-1, in_size), kernel.reshape(in_size, -1),
+                    (((1,), (0,)), ((), ())))
+  return out.reshape(x.shape[:x.ndim - num_in] + bias.shape) + bias
+
+
 class Attention(nn.Module):
   """Multi-head attention of queries [B, Lq, W] to keys/values [B, Lk, Wkv] -> [B, Lq, W].
 
   Parameters as nn.MultiHeadDotProductAttention's (query/key/value/out). Self-attention
-  projects q, k and v with one matrix product, cross-attention k and v with one.
+  projects q, k and v with one matrix product, cross-attention k and v with one; `fp8` runs
+  the projections in float8.
   """
   num_heads: int
   dtype: Any = jnp.float32
   dropout_rate: float = 0.0
   implementation: str = "auto"
+  fp8: bool = False
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, kv_valid=None, *, causal=False, train=False):
@@ -118,37 +137,42 @@ class Attention(nn.Module):
     names = ("query", "key", "value") if inputs_q is inputs_kv else ("key", "value")
     kernel = jnp.stack([cast(weights[n][0]) for n in names], axis=1)  # [W, n, heads, dim]
     bias = jnp.stack([cast(weights[n][1]) for n in names])
-    projected = jnp.einsum("blw,wnhd->blnhd", cast(inputs_kv), kernel) + bias
+    projected = project(cast(inputs_kv), kernel, bias, fp8=self.fp8)
     if inputs_q is inputs_kv:
       query, key, value = (projected[:, :, i] for i in range(3))
     else:
       key, value = projected[:, :, 0], projected[:, :, 1]
-      query = jnp.einsum("blw,whd->blhd", cast(inputs_q), cast(weights["query"][0]))
-      query = query + cast(weights["query"][1])
+      query = project(cast(inputs_q), *map(cast, weights["query"]), fp8=self.fp8)
     dropout_rng = None
     if train and self.dropout_rate > 0.0:
       dropout_rng = self.make_rng("dropout")
     out = attention(query, key, value, kv_valid, causal=causal,
                     implementation=self.implementation, dropout_rate=self.dropout_rate,
                     dropout_rng=dropout_rng)
-    out_kernel, out_bias = ProjectionWeights(heads, (width,), name="out")()
-    return jnp.einsum("blhd,hdw->blw", out, cast(out_kernel)) + cast(out_bias)
+    out_weights = ProjectionWeights(heads, (width,), name="out")()
+    return project(out, *map(cast, out_weights), fp8=self.fp8)
 
 
 class MlpBlock(nn.Module):
-  """Position-wise feed-forward: Dense -> activation -> Dense."""
+  """Position-wise feed-forward: Dense -> activation -> Dense (params as nn.Dense's)."""
   mlp_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
   activation: str = "gelu"
+  fp8: bool = False
 
   @nn.compact
   def __call__(self, x, *, train):
     width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
-    x = ACTIVATIONS[self.activation](x)
+    cast = lambda a: jnp.asarray(a, self.dtype)
+
+    def dense(y, size, name):
+      kernel, bias = ProjectionWeights((y.shape[-1],), (size,), name=name)()
+      return project(cast(y), cast(kernel), cast(bias), fp8=self.fp8)
+
+    x = ACTIVATIONS[self.activation](dense(x, self.mlp_dim, "fc1"))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+    return dense(x, width, "fc2")
 
 
 class EncoderBlock(nn.Module):
@@ -164,6 +188,7 @@ class EncoderBlock(nn.Module):
   attention_dropout: Optional[float] = None  # None: the same as `dropout`
   attention_impl: str = "auto"
   causal: bool = False
+  fp8: bool = False  # the matrix products in float8 (see fp8.py)
 
   @nn.compact
   def __call__(self, x, valid, train):  # positional: nn.remat needs `train` static
@@ -172,9 +197,10 @@ class EncoderBlock(nn.Module):
     attn = Attention(
         self.num_heads, self.dtype,
         self.dropout if self.attention_dropout is None else self.attention_dropout,
-        self.attention_impl, name="attn")
+        self.attention_impl, self.fp8, name="attn")
     attend = lambda y: attn(y, y, valid, causal=self.causal, train=train)
-    mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, name="mlp")
+    mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, self.fp8,
+                   name="mlp")
     if self.norm == "pre":
       x = x + residual_dropout(attend(layer_norm("ln_attn")(x)))
       return x + residual_dropout(mlp(layer_norm("ln_mlp")(x), train=train))
@@ -201,6 +227,7 @@ class Encoder(nn.Module):
   causal: bool = False
   final_norm: bool = True
   attention_impl: str = "auto"  # see resolve_attention_impl
+  fp8: bool = False  # the blocks' matrix products in float8 (see fp8.py)
 
   @nn.compact
   def __call__(self, x, valid: Optional[jnp.ndarray] = None, *, train):
@@ -220,7 +247,7 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       block = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.norm,
                         self.activation, self.layer_norm_eps, self.attention_dropout,
-                        impl, self.causal, name=f"block{i}")
+                        impl, self.causal, self.fp8, name=f"block{i}")
       x = block(x, valid, train)
     x = x[:, :length]
     if self.final_norm:
@@ -245,6 +272,7 @@ class TrunkOptions(nn.Module):
   activation: str = "gelu"
   layer_norm_eps: float = 1e-6
   attention_dropout: Optional[float] = None  # None: the same as `dropout`
+  fp8: bool = False  # the blocks' matrix products in float8 (see fp8.py; H100 and newer)
 
   def encoder(self, **kwargs):
     """An Encoder with these options (and family-specific `kwargs`: norm, causal,
@@ -252,7 +280,8 @@ class TrunkOptions(nn.Module):
     return Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
                    self.remat, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
                    attention_dropout=self.attention_dropout,
-                   attention_impl=self.attention_impl, name="encoder", **kwargs)
+                   attention_impl=self.attention_impl, fp8=self.fp8, name="encoder",
+                   **kwargs)
 
   def pool(self, tokens, valid, *, train, num_prefix_tokens=1):
     """Pools with the tower's `pooling` (cls / mean / gpo) under the name "pool"."""
