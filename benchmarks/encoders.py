@@ -3,9 +3,12 @@
   python benchmarks/encoders.py --size=B --batch=32 --out=encoders.json
   python benchmarks/encoders.py --towers= --two_tower_batch=256   # only the train step
 
+Variants are "dtype[:flag...]": compute dtype (params stay float32) and flags remat (per
+block), fp8 (the blocks' matrix products in float8, models/fp8.py) and an attention
+implementation (xla, cudnn, auto; cudnn variants are skipped off GPU).
 Per tower: samples/s of value_and_grad(sum of pooled outputs^2) w.r.t. the tower's params,
-float32 vs bfloat16 compute (float32 params), with and without per-block remat; ratios are
-to float32 without remat in the same run. Two-tower: one full train step of our
+per variant; ratios are to the first variant in the same run. Two-tower: one full train
+step of our
 MultiModalModel (ViT image tower + CLIP-style text tower, contrastive loss in shard_map,
 AdamW update) at --two_tower_batch; model FLOPs per step counted analytically (3x the
 forward's matmuls), MFU against the device's bf16 dense peak. open_clip
@@ -31,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import profiling
 from configs import sizes
 from xmodal_jax import parallel
-from xmodal_jax.models import towers
+from xmodal_jax.models import towers, transformer
 from xmodal_jax.train import state as state_lib, step as step_lib
 
 OPEN_CLIP_B16_H100 = 2535.0  # samples/s, ViT-B/16 train step, torch.compile, one H100
@@ -66,19 +69,55 @@ def tokens(batch, length, vocab):
   return {"input_ids": ids, "attention_mask": np.ones((batch, length), np.int32)}
 
 
-def timed(fn, args, repeats):
-  """Median seconds per call after one compile-and-warm-up call."""
-  jax.block_until_ready(fn(*args))
+def parse_variant(text):
+  """"dtype[:flag...]" -> tower options {dtype, remat, fp8, attention_impl}."""
+  dtype, *flags = text.split(":")
+  try:
+    jnp.dtype(dtype)
+  except TypeError as e:
+    raise ValueError(f"variant {text!r}: {dtype!r} is not a dtype") from e
+  options = dict(dtype=dtype, remat=False, fp8=False, attention_impl="auto")
+  for flag in flags:
+    if flag in ("remat", "fp8"):
+      options[flag] = True
+    elif flag in transformer.ATTENTION_IMPLS:
+      options["attention_impl"] = flag
+    else:
+      raise ValueError(f"variant {text!r}: unknown flag {flag!r}; expected remat, fp8 or one "
+                       f"of {transformer.ATTENTION_IMPLS}")
+  return options
+
+
+def variant_name(options):
+  flags = [options["attention_impl"]] + [f for f in ("fp8", "remat") if options[f]]
+  return ":".join([options["dtype"]] + flags)
+
+
+def seconds_per_call(call, repeats, rounds=3):
+  """(median over `rounds`, each round's) mean seconds per call of `repeats` calls dispatched
+  back to back, as training runs them, with one wait at the end. `call` returns what to wait
+  on; the caller has run it once to compile."""
   times = []
-  for _ in range(repeats):
+  for _ in range(rounds):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for _ in range(repeats):
+      out = call()
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - start) / repeats)
+  return float(np.median(times)), times
 
 
-def tower_row(name, config, make_inputs, batch, dtype, remat, repeats):
-  tower, _ = towers.build_tower(dict(config) | dict(dtype=dtype, remat=remat), name)
+def with_options(config, options):
+  """A tower config with variant `options`; a frames tower passes them on to its image tower
+  (the frames module itself takes only dtype and remat, for its temporal encoder)."""
+  if config["name"] != "frames":
+    return dict(config) | options
+  return dict(config) | dict(image=dict(config["image"]) | options, dtype=options["dtype"],
+                             remat=options["remat"])
+
+
+def tower_row(name, config, make_inputs, batch, options, repeats):
+  tower, _ = towers.build_tower(with_options(config, options), name)
   inputs = jax.tree.map(jnp.asarray, make_inputs(batch))
   params = state_lib.init_on_devices(
       lambda x: tower.init(jax.random.key(0), x, train=False)["params"], inputs, None)
@@ -88,16 +127,18 @@ def tower_row(name, config, make_inputs, batch, dtype, remat, repeats):
     loss = lambda p: jnp.sum(
         tower.apply({"params": p}, inputs, train=False)["pooled"].astype(jnp.float32) ** 2)
     return jax.value_and_grad(loss)(params)
-  seconds = timed(fwd_bwd, (params, inputs), repeats)
-  return {"tower": name, "batch": batch, "dtype": dtype, "remat": remat,
+  jax.block_until_ready(fwd_bwd(params, inputs))  # Compile and warm up.
+  seconds, times = seconds_per_call(lambda: fwd_bwd(params, inputs), repeats)
+  return {"tower": name, "batch": batch, "variant": variant_name(options), **options,
           "params_M": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
-          "ms": 1e3 * seconds, "samples_per_s": batch / seconds}
+          "ms": 1e3 * seconds, "ms_each_timing": [1e3 * t for t in times],
+          "samples_per_s": batch / seconds}
 
 
-def two_tower_step(size, batch, dtype, remat, attention_impl="xla", image_activation="gelu"):
-  """(jitted step, state, batch) for ViT + CLIP text at `size` (CLIP's B/16 pair)."""
+def two_tower_step(size, batch, options, image_activation="gelu"):
+  """(jitted step, state, batch) for ViT + CLIP text at `size` (CLIP's B/16 pair) with tower
+  `options` (parse_variant's)."""
   image = 224 if size != "tiny" else 32
-  options = dict(dtype=dtype, remat=remat, attention_impl=attention_impl)
   model_config = ml_collections.ConfigDict(dict(embed_dim=512, towers=dict(
       image=sizes.vit(size, image, activation=image_activation, **options),
       text=sizes.clip_text(size, **options))))
@@ -145,35 +186,33 @@ def step_flops(size, batch, image=224, text_length=77):
   return 3.0 * forward
 
 
-def two_tower_row(size, batch, dtype, remat, attention_impl, repeats, flops, profile_dir="",
+def two_tower_row(size, batch, options, repeats, flops, profile_dir="",
                   image_activation="gelu"):
-  """Times `repeats` back-to-back steps (three times; the median), as training runs them."""
+  """Times train steps with `seconds_per_call` (the state threads through them)."""
   start = time.perf_counter()
-  step, state, batch_ = two_tower_step(size, batch, dtype, remat, attention_impl,
-                                       image_activation)
+  step, state, batch_ = two_tower_step(size, batch, options, image_activation)
   state, metrics = step(state, batch_)  # Compile and warm up.
   first_loss = float(metrics["loss"])
   print(f"  compile and first step: {time.perf_counter() - start:.1f} s; first loss "
         f"{first_loss:.5f}", flush=True)
-  times = []
-  for _ in range(3):
-    start = time.perf_counter()
-    for _ in range(repeats):
-      state, metrics = step(state, batch_)
-    jax.block_until_ready(metrics["loss"])
-    times.append((time.perf_counter() - start) / repeats)
-  seconds = float(np.median(times))
+  current = {"state": state}
+
+  def call():
+    current["state"], metrics = step(current["state"], batch_)
+    return metrics["loss"]
+  seconds, times = seconds_per_call(call, repeats)
+  state = current["state"]
   kind = jax.devices()[0].device_kind
   peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
-  row = {"model": f"vit_{size}+clip_text_{size}", "batch": batch, "dtype": dtype,
-         "remat": remat, "attention": attention_impl, "image_activation": image_activation,
+  row = {"model": f"vit_{size}+clip_text_{size}", "batch": batch,
+         "variant": variant_name(options), **options, "image_activation": image_activation,
          "first_loss": first_loss, "ms": 1e3 * seconds,
          "ms_each_timing": [1e3 * t for t in times], "samples_per_s": batch / seconds,
          "tflops_per_step": flops / 1e12, "achieved_tflops": flops / seconds / 1e12,
          "mfu": flops / seconds / peak if peak else None,
          "vs_open_clip_h100": batch / seconds / OPEN_CLIP_B16_H100}
   if profile_dir:
-    directory = os.path.join(profile_dir, f"{dtype}_{attention_impl}_remat{int(remat)}")
+    directory = os.path.join(profile_dir, variant_name(options).replace(":", "_"))
     profiling.trace(step, state, batch_, 3, directory)
     kernels, kinds, busy = profiling.summarize(directory, 3)
     profiling.print_summary(kernels, kinds, busy)
@@ -188,11 +227,11 @@ def main():
                       "features_mlp", help="comma-separated; empty for none")
   parser.add_argument("--batch", type=int, default=32, help="per-tower benchmark batch")
   parser.add_argument("--tower_variants", default="float32,bfloat16,bfloat16:remat",
-                      help="dtype[:remat] entries per tower; times are ratios to the first")
+                      help="dtype[:flag...] entries per tower (see the module docstring); "
+                      "times are ratios to the first")
   parser.add_argument("--two_tower_batch", type=int, default=256, help="0 to skip")
   parser.add_argument("--two_tower_variants", default="float32:xla,bfloat16:xla",
-                      help="dtype:attention[:remat] entries (attention xla or cudnn; cudnn "
-                      "is skipped off GPU)")
+                      help="dtype[:flag...] entries, e.g. bfloat16:cudnn:fp8")
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--out", default="")
   parser.add_argument("--image_activation", default="gelu",
@@ -204,38 +243,37 @@ def main():
   args = parser.parse_args()
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; size {args.size}", flush=True)
 
+  tower_variants = [parse_variant(v) for v in args.tower_variants.split(",")]
+  two_tower_variants = [parse_variant(v) for v in args.two_tower_variants.split(",")]
   configs = tower_configs(args.size)
   rows = []
   for name in filter(None, args.towers.split(",")):
     config, make_inputs = configs[name]
     base = None
-    for variant in args.tower_variants.split(","):
-      dtype, remat = variant.split(":")[0], variant.endswith(":remat")
+    for options in tower_variants:
+      if options["attention_impl"] == "cudnn" and jax.default_backend() != "gpu":
+        continue
       batch = args.batch if name != "video_frames" else max(1, args.batch // 8)
-      row = tower_row(name, config, make_inputs, batch, dtype, remat, args.repeats)
+      row = tower_row(name, config, make_inputs, batch, options, args.repeats)
       base = base or row["ms"]
       row["time_vs_first_variant"] = row["ms"] / base
       rows.append(row)
-      print(f"{name:13s} B={row['batch']:4d} {dtype:8s} remat={int(remat)} "
+      print(f"{name:13s} B={row['batch']:4d} {row['variant']:22s} "
             f"{row['params_M']:7.1f}M  {row['ms']:9.1f} ms  {row['samples_per_s']:9.1f}/s  "
-            f"x{row['time_vs_first_variant']:.2f} time vs {args.tower_variants.split(',')[0]}",
-            flush=True)
+            f"x{row['time_vs_first_variant']:.2f} time vs the first variant", flush=True)
 
   two_tower = []
   if args.two_tower_batch:
     flops = step_flops(args.size, args.two_tower_batch, 224 if args.size != "tiny" else 32)
     print(f"two-tower step: {flops / 1e12:.2f} TFLOP of model FLOPs (analytic)", flush=True)
-    variants = [(v.split(":") + [""])[:3] for v in args.two_tower_variants.split(",")]
-    for dtype, impl, remat in variants:
-      remat = remat == "remat"
-      if impl == "cudnn" and jax.default_backend() != "gpu":
+    for options in two_tower_variants:
+      if options["attention_impl"] == "cudnn" and jax.default_backend() != "gpu":
         continue
-      row = two_tower_row(args.size, args.two_tower_batch, dtype, remat, impl, args.repeats,
-                          flops, args.profile_dir, args.image_activation)
+      row = two_tower_row(args.size, args.two_tower_batch, options, args.repeats, flops,
+                          args.profile_dir, args.image_activation)
       two_tower.append(row)
       mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] else "n/a"
-      print(f"two-tower {row['model']} B={row['batch']} {dtype} remat={int(remat)} "
-            f"attention={impl}: "
+      print(f"two-tower {row['model']} B={row['batch']} {row['variant']}: "
             f"{row['ms']:.1f} ms/step, {row['samples_per_s']:.0f} samples/s, "
             f"{row['achieved_tflops']:.1f} TFLOP/s, MFU {mfu}, "
             f"x{row['vs_open_clip_h100']:.2f} open_clip's H100 figure", flush=True)
