@@ -1,16 +1,19 @@
-"""Seed 001: ITC / IMS / LMIM / matching against NumPy formulas, hard negatives, the queue's
-FIFO order, the EMA formula, checkpoint restore of queues, 8 devices against 1, and
-re-ranking."""
+"""Seed 001: ITC / IMS / LMIM / matching against NumPy formulas, the queue kept in place on 8
+devices, hard negatives, the queue's FIFO order, the EMA formula, checkpoint restore of
+queues, 8 devices against 1, and re-ranking."""
 
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from xmodal_jax import parallel
 from xmodal_jax.eval import rerank
 from xmodal_jax.losses import alignment
 
@@ -63,6 +66,43 @@ def test_queue_contrastive_matches_numpy_with_positive_aware_targets(alpha):
                               alpha)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   assert int(count) == 5  # the query without its modality is not counted
+
+
+def test_queue_stays_in_place_on_eight_devices():
+  """With the queue's rows sharded, scores against it stay sharded by columns: no collective
+  moves anything of the queue's length, and value and query gradient are the 1-device ones."""
+  mesh = parallel.make_mesh()
+  assert mesh.size == 8
+  rng = np.random.default_rng(3)
+  batch, size, dim = 16, 96, 8
+  ids = rng.integers(0, 12, size=batch).astype(np.int32)
+  queue_ids = rng.integers(-1, 30, size=size).astype(np.int32)
+  key_mask, query_mask = rng.random(batch) > 0.2, rng.random(batch) > 0.2
+  q, qm, k = (normalized(rng, batch, dim) for _ in range(3))
+  queue = normalized(rng, size, dim)
+
+  def loss(q, qm, k, queue, ids, key_mask, query_mask, queue_ids, columns):
+    return alignment.queue_contrastive(q, qm, k, queue, 5.0, ids=ids, key_mask=key_mask,
+                                       query_mask=query_mask, queue_ids=queue_ids, alpha=0.4,
+                                       queue_columns=columns)[0]
+  args = (q, qm, k, queue, ids, key_mask, query_mask, queue_ids)
+  rows = NamedSharding(mesh, P(parallel.DATA_AXIS))
+  sharded = jax.jit(jax.value_and_grad(functools.partial(
+      loss, columns=NamedSharding(mesh, P(None, parallel.DATA_AXIS)))))
+  sharded_args = [jax.device_put(x, rows) for x in args]
+  hlo = sharded.lower(*sharded_args).compile().as_text()
+  collectives = [line for line in hlo.splitlines() if re.search(
+      r"= \S+ (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)\(", line)]
+  assert collectives  # the queries are gathered
+  for line in collectives:
+    shapes = re.findall(r"\[([\d,]*)\]", line.split("=", 1)[1].split("(", 1)[0])
+    assert all(str(size) not in dims.split(",") for dims in shapes), line
+  value, grad = sharded(*sharded_args)
+  want_value, want_grad = jax.value_and_grad(functools.partial(loss, columns=None))(*args)
+  np.testing.assert_allclose(value, np_queue_contrastive(
+      q, qm, k, queue, 5.0, ids, key_mask, query_mask, queue_ids, 0.4), rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
 
 
 def test_lmim_matches_numpy():
@@ -145,25 +185,43 @@ def test_matching_loss_matches_numpy():
   np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-5)
 
 
-def test_queue_keeps_the_most_recent_entries_in_order():
+def ring_rows(step, batch, size, shards):
+  """Queue rows of the batch enqueued at `step` (0-based), in batch order: block k of
+  size / shards rows takes batch rows k * run .. (k + 1) * run - 1 (run = batch / shards)."""
+  run, block = batch // shards, size // shards
+  offset = step * batch % size // shards
+  return np.concatenate([k * block + offset + np.arange(run) for k in range(shards)])
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_queue_keeps_the_most_recent_entries_in_order(shards):
   size, batch, dim = 12, 4, 3
   queue = jnp.zeros((size, dim))
   ids = jnp.full((size,), -1, jnp.int32)
   pointer = jnp.zeros((), jnp.int32)
   history = []
+  enqueue = jax.jit(functools.partial(alignment.enqueue, shards=shards))
   for step in range(7):
     keys = jnp.full((batch, dim), float(step)) + jnp.arange(batch)[:, None] / 10
     step_ids = jnp.arange(batch) + 100 * step
     valid = jnp.arange(batch) != (step % batch)  # one item per step lacks the modality
-    queue, ids, pointer = jax.jit(alignment.enqueue)(queue, ids, pointer, keys, step_ids, valid)
+    queue, ids, pointer = enqueue(queue, ids, pointer, keys, step_ids, valid)
     history += [(np.asarray(k), int(i) if v else -1) for k, i, v in zip(keys, step_ids, valid)]
-    order = (int(pointer) + np.arange(size)) % size  # oldest first
+    assert int(pointer) == (step + 1) * batch % size
     recent = history[-size:]
-    filled = min(len(history), size)
-    np.testing.assert_array_equal(np.asarray(ids)[order][size - filled:],
-                                  [i for _, i in recent])
-    np.testing.assert_array_equal(np.asarray(queue)[order][size - filled:],
-                                  np.stack([k for k, _ in recent]))
+    # The latest size / batch steps' keys, each batch where ring_rows puts it.
+    for back in range(min(step + 1, size // batch)):
+      rows = ring_rows(step - back, batch, size, shards)
+      entries = history[(step - back) * batch:(step - back + 1) * batch]
+      np.testing.assert_array_equal(np.asarray(ids)[rows], [i for _, i in entries])
+      np.testing.assert_array_equal(np.asarray(queue)[rows], np.stack([k for k, _ in entries]))
+    if shards == 1:  # one ring: oldest first from the pointer on
+      order = (int(pointer) + np.arange(size)) % size
+      filled = min(len(history), size)
+      np.testing.assert_array_equal(np.asarray(ids)[order][size - filled:],
+                                    [i for _, i in recent])
+    filled = sorted(i for i in np.asarray(ids) if i >= 0)
+    assert filled == sorted(i for _, i in recent if i >= 0)  # the same entries either way
 
 
 def test_rerank_with_an_oracle_and_with_the_embedding_scores():
@@ -220,10 +278,10 @@ def test_align_fuse_trains_logs_each_term_and_reranks(aligned_run):
 
 def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
   """Restored checkpoints of steps 1..4: step n's momentum keys (the batch's ids, and the
-  embeddings its EMA params give) sit at rows 16(n-1)..16n-1 of every queue and stay there,
-  in order, at later steps; the EMA follows ema_n = m ema_(n-1) + (1 - m) params_(n-1)."""
+  embeddings its EMA params give) sit at the rows `ring_rows` gives (each device's 2 batch
+  rows in its block of 8 queue rows) and stay there at later steps; the EMA follows
+  ema_n = m ema_(n-1) + (1 - m) params_(n-1)."""
   import flax  # pylint: disable=g-import-not-at-top
-  from xmodal_jax import parallel  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
   config, workdir, _ = aligned_run
@@ -237,13 +295,16 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
     assert int(queues["pointer"]) == 16 * n % 64
     batch = parallel.shard_batch(next(batches), first.mesh)
     keys = embed({"params": states[n].state.momentum_params}, batch)
-    rows = slice(16 * (n - 1), 16 * n)
+    shards = first.mesh.shape[parallel.DATA_AXIS]
+    assert shards == 8
+    rows = ring_rows(n - 1, 16, 64, shards)
+    written = np.concatenate([ring_rows(i, 16, 64, shards) for i in range(n)])
     for modality, emb in keys.items():
       for later in range(n, 5):  # kept, in place, by every later step
         queue = states[later].state.queues[modality]
-        np.testing.assert_array_equal(np.asarray(queue["ids"][rows]), np.asarray(batch["_id"]))
-        np.testing.assert_allclose(np.asarray(queue["emb"][rows]), np.asarray(emb), atol=1e-5)
-      assert (np.asarray(queues[modality]["ids"][16 * n:]) == -1).all()
+        np.testing.assert_array_equal(np.asarray(queue["ids"])[rows], np.asarray(batch["_id"]))
+        np.testing.assert_allclose(np.asarray(queue["emb"])[rows], np.asarray(emb), atol=1e-5)
+      assert (np.delete(np.asarray(queues[modality]["ids"]), written) == -1).all()
     if n > 1:
       previous = states[n - 1].state
       expected = jax.tree.map(lambda e, p: m * np.asarray(e) + (1 - m) * np.asarray(p),
@@ -254,7 +315,6 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
 
 
 def test_eight_devices_give_the_single_device_losses(aligned_run):
-  from xmodal_jax import parallel  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
   config, workdir, _ = aligned_run

@@ -3,9 +3,12 @@ momentum embeddings and a queue with positive-aware targets, and LMIM between a 
 global vector and its local features.
 
 Every function takes global-batch arrays: under jit on a mesh they stay sharded by rows
-(the caller constrains them) and XLA gathers the columns, so a value equals the
-single-device value on the same global batch.
+(the caller constrains them) and XLA gathers the columns, except the queue's, which stay in
+place (see `queue_contrastive`); a value equals the single-device value on the same global
+batch.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,44 +16,52 @@ import jax.numpy as jnp
 NEG = -1e9
 
 
-def positive_targets(ids, column_ids, column_valid):
-  """y_ij = 1[ids_i == column_ids_j, column j valid] / (positives of i): every column of the
-  same item (another caption, a queue entry of an earlier step) is a positive."""
-  same = (ids[:, None] == column_ids[None, :]) & column_valid[None, :]
-  count = same.sum(axis=1, keepdims=True)
-  return same / jnp.maximum(count, 1), count[:, 0]
-
-
-def soft_cross_entropy(logits, targets, valid):
-  """sum_j -targets_ij log_softmax(logits_i)_j over columns `valid`, per row."""
-  logits = jnp.where(valid[None, :], logits, NEG)
-  return -(targets * jax.nn.log_softmax(logits, axis=-1)).sum(axis=-1)
-
-
 def queue_contrastive(query, momentum_query, keys, queue, scale, *, ids, key_mask, query_mask,
-                      queue_ids, alpha=None):
+                      queue_ids, alpha=None, queue_columns=None):
   """Cross-entropy of s q_i against the columns [batch momentum keys; queue] with
-  positive-aware targets, distilled when `alpha` is given (a number or a traced scalar):
+  positive-aware targets y_ij = 1[same item, column valid] / (positives of i): every column
+  of the same item (another caption, a queue entry of an earlier step) is a positive.
+  Distilled when `alpha` is given (a number or a traced scalar):
   alpha softmax(s q'_i C^T) + (1 - alpha) y.
 
   query, momentum_query: [B, D] (online and momentum embeddings of the query modality);
   keys: [B, D] momentum embeddings of the key modality (the same modality for IMS);
   queue: [Q, D] with queue_ids [Q] (-1: empty). Rows count where query_mask holds and a
   positive exists. Returns (mean loss over counted rows, number of counted rows).
+
+  The batch and the queue columns are scored apart and joined by per-row log-sum-exps, so
+  `queue_columns`, a sharding for the [B, Q] scores against the queue (NamedSharding(mesh,
+  P(None, axis)) when the queue's rows are sharded over `axis`), keeps each device on its
+  own queue rows: the B queries are gathered instead of the Q queue rows.
   """
-  columns = jnp.concatenate([keys, queue])
-  column_ids = jnp.concatenate([ids, queue_ids])
-  column_valid = jnp.concatenate([key_mask, queue_ids >= 0])
-  logits = scale * query @ columns.T
-  targets, positives = positive_targets(ids, column_ids, column_valid)
+  place = lambda x: x if queue_columns is None else jax.lax.with_sharding_constraint(
+      x, queue_columns)
+  parts = [(keys, ids, key_mask.astype(bool), lambda x: x),
+           (queue, queue_ids, queue_ids >= 0, place)]
+  logits, same = [], []
+  for columns, column_ids, column_valid, put in parts:
+    logits.append(put(jnp.where(column_valid[None, :], scale * query @ columns.T, NEG)))
+    same.append(put((ids[:, None] == column_ids[None, :]) & column_valid[None, :]))
+  positives = sum(x.sum(axis=1) for x in same)
+  targets = [x / jnp.maximum(positives, 1)[:, None] for x in same]
   if alpha is not None:
-    momentum_logits = jnp.where(column_valid[None, :], scale * momentum_query @ columns.T, NEG)
-    targets = alpha * jax.nn.softmax(momentum_logits, axis=-1) + (1 - alpha) * targets
-  targets = jax.lax.stop_gradient(targets)
+    momentum_logits = [put(jnp.where(column_valid[None, :],
+                                     scale * momentum_query @ columns.T, NEG))
+                       for columns, _, column_valid, put in parts]
+    normalizer = row_logsumexp(momentum_logits)
+    targets = [alpha * jnp.exp(m - normalizer[:, None]) + (1 - alpha) * y
+               for m, y in zip(momentum_logits, targets)]
+  normalizer = row_logsumexp(logits)
+  loss = -sum((jax.lax.stop_gradient(y) * (x - normalizer[:, None])).sum(axis=1)
+              for y, x in zip(targets, logits))
   rows = query_mask & (positives > 0)
-  loss = jnp.where(rows, soft_cross_entropy(logits, targets, column_valid), 0.0)
   count = rows.sum()
-  return loss.sum() / jnp.maximum(count, 1), count
+  return jnp.where(rows, loss, 0.0).sum() / jnp.maximum(count, 1), count
+
+
+def row_logsumexp(blocks):
+  """log sum_j exp(x_ij) over the columns of several [B, *] blocks, per row."""
+  return functools.reduce(jnp.logaddexp, [jax.nn.logsumexp(x, axis=1) for x in blocks])
 
 
 def lmim(global_emb, local_emb, local_valid, scale, *, mask):
@@ -127,11 +138,25 @@ def matching_loss(logits_pos, logits_neg_b, logits_neg_a, pos_ok, neg_b_ok, neg_
   return total / jnp.maximum(count, 1), correct / jnp.maximum(count, 1)
 
 
-def enqueue(queue, queue_ids, pointer, keys, ids, valid):
-  """Writes this step's momentum keys (ids; -1 where the item lacks the modality) at
-  `pointer` of a FIFO ring of Q entries (Q divisible by B); returns (queue, ids, pointer)."""
-  batch = keys.shape[0]
-  queue = jax.lax.dynamic_update_slice(queue, keys.astype(queue.dtype), (pointer, 0))
-  queue_ids = jax.lax.dynamic_update_slice(queue_ids, jnp.where(valid, ids, -1).astype(
-      queue_ids.dtype), (pointer,))
-  return queue, queue_ids, (pointer + batch) % queue.shape[0]
+def enqueue(queue, queue_ids, pointer, keys, ids, valid, shards=1):
+  """Writes this step's momentum keys (ids; -1 where the item lacks the modality) as the
+  newest entries of a FIFO ring of Q entries (Q divisible by B); returns (queue, ids,
+  pointer), `pointer` counting entries written, modulo Q.
+
+  The ring is `shards` equal blocks of rows, one per device when the queue's rows are
+  sharded over that many: block k takes the batch's k-th run of B / shards rows, at the
+  same offset in every block, so no device touches another's rows. The queue then holds the
+  same entries as one ring of Q (the latest Q / B batches), in another order.
+  """
+  batch, size = keys.shape[0], queue.shape[0]
+  if batch % shards or size % batch:
+    raise ValueError(f"enqueue: batch {batch} must divide the queue size {size} and be "
+                     f"divisible by shards={shards}")
+  blocks = lambda x: x.reshape((shards, -1) + x.shape[1:])
+  offset = pointer // shards
+  queue = jax.lax.dynamic_update_slice(blocks(queue), blocks(keys.astype(queue.dtype)),
+                                       (0, offset, 0)).reshape(queue.shape)
+  new_ids = jnp.where(valid, ids, -1).astype(queue_ids.dtype)
+  queue_ids = jax.lax.dynamic_update_slice(blocks(queue_ids), blocks(new_ids),
+                                           (0, offset)).reshape(queue_ids.shape)
+  return queue, queue_ids, (pointer + batch) % size

@@ -63,17 +63,20 @@ def distill_alpha(alignment_config, step):
 
 
 def alignment_objective(params, out, momentum_emb, queues, batch, scale, rng, alpha, *,
-                        model, loss_config):
-  """Seed 001's terms on the global batch: {name: value} for the weighted ones, and metrics."""
+                        model, loss_config, mesh):
+  """Seed 001's terms on the global batch: {name: value} for the weighted ones, and metrics.
+
+  Scores against a queue stay sharded by the queue's rows (over the data axis)."""
   weights, emb = loss_config.weights, out["emb"]
   ids, masks = batch["_id"], batch["_mask"]
   terms, metrics = {}, {}
+  queue_columns = jax.sharding.NamedSharding(mesh, P(None, parallel.DATA_AXIS))
 
   def queued(query, key):
     value, _ = alignment.queue_contrastive(
         emb[query], momentum_emb[query], momentum_emb[key], queues[key]["emb"], scale,
         ids=ids, key_mask=masks[key], query_mask=masks[query], queue_ids=queues[key]["ids"],
-        alpha=alpha)
+        alpha=alpha, queue_columns=queue_columns)
     return value
   if weights.get("itc"):
     for a, b in itertools.permutations(emb, 2):
@@ -132,7 +135,7 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
   if aligned:
     terms, align_metrics = alignment_objective(params, out, momentum_emb, queues, batch, scale,
                                                align_rng, alpha, model=model,
-                                               loss_config=loss_config)
+                                               loss_config=loss_config, mesh=mesh)
     for name, value in terms.items():
       loss += loss_config.weights[name] * value
     metrics.update(terms)
@@ -144,12 +147,14 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
 
 
 def update_queues(queues, momentum_emb, batch, mesh):
-  """Enqueues this step's momentum embeddings of every modality (FIFO, rows sharded)."""
+  """Enqueues this step's momentum embeddings of every modality (FIFO, rows sharded: each
+  device writes its batch rows into its own queue rows)."""
   sharded = jax.sharding.NamedSharding(mesh, P(parallel.DATA_AXIS))
   new, pointer = {}, queues["pointer"]
   for m, keys in momentum_emb.items():
-    emb, ids, new_pointer = alignment.enqueue(queues[m]["emb"], queues[m]["ids"], pointer,
-                                              keys, batch["_id"], batch["_mask"][m])
+    emb, ids, new_pointer = alignment.enqueue(
+        queues[m]["emb"], queues[m]["ids"], pointer, keys, batch["_id"], batch["_mask"][m],
+        shards=mesh.shape[parallel.DATA_AXIS])
     new[m] = {"emb": jax.lax.with_sharding_constraint(emb, sharded),
               "ids": jax.lax.with_sharding_constraint(ids, sharded)}
   new["pointer"] = new_pointer
