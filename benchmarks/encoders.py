@@ -243,16 +243,17 @@ def main():
   args = parser.parse_args()
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; size {args.size}", flush=True)
 
-  tower_variants = [parse_variant(v) for v in args.tower_variants.split(",")]
-  two_tower_variants = [parse_variant(v) for v in args.two_tower_variants.split(",")]
+  runnable = lambda options: (options["attention_impl"] != "cudnn"
+                              or jax.default_backend() == "gpu")  # cuDNN: GPUs only
+  tower_variants, two_tower_variants = (
+      [o for o in map(parse_variant, text.split(",")) if runnable(o)]
+      for text in (args.tower_variants, args.two_tower_variants))
   configs = tower_configs(args.size)
   rows = []
   for name in filter(None, args.towers.split(",")):
     config, make_inputs = configs[name]
     base = None
     for options in tower_variants:
-      if options["attention_impl"] == "cudnn" and jax.default_backend() != "gpu":
-        continue
       batch = args.batch if name != "video_frames" else max(1, args.batch // 8)
       row = tower_row(name, config, make_inputs, batch, options, args.repeats)
       base = base or row["ms"]
@@ -267,8 +268,6 @@ def main():
     flops = step_flops(args.size, args.two_tower_batch, 224 if args.size != "tiny" else 32)
     print(f"two-tower step: {flops / 1e12:.2f} TFLOP of model FLOPs (analytic)", flush=True)
     for options in two_tower_variants:
-      if options["attention_impl"] == "cudnn" and jax.default_backend() != "gpu":
-        continue
       row = two_tower_row(args.size, args.two_tower_batch, options, args.repeats, flops,
                           args.profile_dir, args.image_activation)
       two_tower.append(row)

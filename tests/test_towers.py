@@ -1,6 +1,5 @@
 """Tower options every tower shares: bfloat16 compute, float8 matmuls, rematerialization,
-pooling choices;
-video as frames through an image tower; precomputed features."""
+pooling choices; video as frames through an image tower; precomputed features."""
 
 import jax
 import jax.numpy as jnp
