@@ -126,11 +126,11 @@ def step_ratio(steps, data_dir):
   from configs import audio_video_text
   from xmodal_jax import parallel
   from xmodal_jax.data import pipeline
-  from xmodal_jax.train import loop, step as step_lib
+  from xmodal_jax.train import experiment as experiment_lib, step as step_lib
   config = audio_video_text.get_config()
   config.data.data_dir = data_dir
   with tempfile.TemporaryDirectory() as workdir:
-    experiment = loop.setup(config, workdir)
+    experiment = experiment_lib.setup(config, workdir)
   train_fn = jax.jit(functools.partial(
       step_lib.train_step, model=experiment.model, tx=experiment.tx, loss_config=config.loss,
       mesh=experiment.mesh, seed=config.seed))

@@ -7,14 +7,16 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
   align_fuse  seed 001: GPO pooling, momentum queues, ITC + IMS + LMIM + matching with hard
               negatives; evaluation also re-ranks the top 16 with the matching head. On
               this data add seed 000's in-batch InfoNCE (--config.loss.weights.contrastive=1):
-              without it audio stays far behind (ablation in the issue 7 note).
+              without it audio stays far behind (docs/methods.md, "Seed 001 on this data").
   tiny        a few steps of a smaller model, for tests and smoke runs.
 Variants combine with commas: `:tiny,regression`.
 """
 
 import ml_collections
 
-from configs import recipes
+from configs import recipes, variants
+
+VARIANTS = ("tiny", "regression", "sigmoid", "align_fuse")
 
 
 def tower(name, **kwargs):
@@ -23,11 +25,12 @@ def tower(name, **kwargs):
 
 
 def get_config(variant=""):
+  v = variants.parse(variant, VARIANTS, "configs/audio_video_text.py")
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.data = dict(name="digit_sequences", data_dir=ml_collections.config_dict.placeholder(str),
-                     train_split="train",
+  placeholder = ml_collections.config_dict.placeholder
+  config.data = dict(name="digit_sequences", data_dir=placeholder(str), train_split="train",
                      eval_split="test", shuffle_buffer=10_000, cache=True)
   config.modalities = dict(
       audio=dict(kind="audio", feature="audio", num_samples=25_600),
@@ -37,8 +40,8 @@ def get_config(variant=""):
   )
   config.model = dict(
       embed_dim=64,
-      logit_scale_init=2.659260,  # log(1 / 0.07), as CLIP
-      logit_bias_init=ml_collections.config_dict.placeholder(float),  # sigmoid loss only
+      logit_scale_init=placeholder(float),  # unset: the model's log(1 / 0.07), as CLIP
+      logit_bias_init=placeholder(float),  # sigmoid loss only
       towers=dict(
           audio=tower("audio_transformer", sample_rate=8000, patch_frames=8, fft_length=256,
                       hop_length=160, num_mels=40),
@@ -54,34 +57,29 @@ def get_config(variant=""):
   config.optimizer = dict(learning_rate=2e-3, warmup_steps=100, end_learning_rate_ratio=0.01,
                           weight_decay=0.05, b1=0.9, b2=0.98, grad_clip_norm=1.0)
 
-  # Fused queries (METHODS.md): "all" subsets of 2..M-1 modalities, "none", or a list such
-  # as ["audio+video"]; each queries every modality outside it.
-  config.eval = dict(fused="all", rerank_k=0)
+  # Evaluators by name (xmodal_jax/eval/evaluators.py). Retrieval's fused queries: "all"
+  # subsets of 2..M-1 modalities, "none", or a list such as ["audio+video"]; each queries
+  # every modality outside it.
+  config.evals = dict(retrieval=recipes.retrieval_eval(every=500))
   config.alignment = recipes.alignment_defaults()
 
   config.log_every = 50
-  config.eval_every = 500
   config.checkpoint_every = 250
   config.keep_checkpoints = 2
 
-  variants = set(filter(None, variant.split(",")))
-  unknown = variants - {"tiny", "regression", "sigmoid", "align_fuse"}
-  if unknown:
-    raise ValueError(f"configs/audio_video_text.py: unknown variant(s) {sorted(unknown)}; "
-                     "expected tiny, regression, sigmoid, align_fuse")
-  if "regression" in variants:
+  if v.regression:
     config.loss.weights = dict(contrastive=0.0, regression=1.0)
-  if "sigmoid" in variants:
+  if v.sigmoid:
     config.loss.kind = "sigmoid"
     config.model.logit_scale_init = 2.302585  # log(10), as SigLIP
     config.model.logit_bias_init = -10.0
-  if "align_fuse" in variants:
+  if v.align_fuse:
     recipes.align_fuse(config, fusion=dict(pairs=["text:audio", "text:video"], width=64,
                                            num_layers=2, num_heads=4, mlp_dim=128),
                        rerank_k=16, distill_ramp_steps=500)
     # 9,000 training items: a 65,536 queue would hold every item 7 times over, mostly stale.
     config.alignment.queue_size = 4_096
-  if "tiny" in variants:
+  if v.tiny:
     config.model.embed_dim = 32
     for t in config.model.towers.values():
       t.update(width=32, num_layers=1, num_heads=2, mlp_dim=64)
@@ -91,6 +89,7 @@ def get_config(variant=""):
     config.total_steps = 6
     config.optimizer.warmup_steps = 2
     config.log_every = 2
-    config.eval_every = 6
+    for evaluator in config.evals.values():
+      evaluator.every = 6
     config.checkpoint_every = 3
   return config

@@ -20,26 +20,43 @@ Variants (`--config=configs/image_text.py:VARIANT`):
 
 import ml_collections
 
-from configs import recipes, sizes
+from configs import recipes, sizes, variants
+
+VARIANTS = ("clip", "flickr30k", "tiny", "align_fuse", "fp8")
+# Seed 001's fusion encoder over the text tokens, by tower size.
+FUSION = {"B": dict(width=768, num_layers=6, num_heads=12, mlp_dim=3072, dtype="bfloat16"),
+          "tiny": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64, dtype="float32")}
 
 
 def get_config(variant=""):
+  v = variants.parse(variant, VARIANTS, "configs/image_text.py")
+  size = "tiny" if v.tiny else "B"
   placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(name="coco_karpathy", data_dir=placeholder(str), train_split="train",
-                     eval_split="test", shuffle_buffer=50_000, cache=False)
+  config.data = dict(name="flickr30k_karpathy" if v.flickr30k else "coco_karpathy",
+                     data_dir=placeholder(str), train_split="train", eval_split="test",
+                     shuffle_buffer=30_000 if v.flickr30k else 50_000, cache=False)
   config.modalities = dict(
       image=dict(kind="image", feature="image", image_size=224, crop_scale=(0.5, 1.0),
                  flip=True),
       text=dict(kind="text", feature="text", tokenizer="", max_length=77, captions="sample"),
   )
+  if v.tiny:
+    towers = dict(image=sizes.vit("tiny", image_size=32),
+                  text=sizes.bert("tiny", vocab_size=64))
+  elif v.clip:
+    towers = {name: dict(name="pretrained", path=placeholder(str), part=part, projection=True,
+                         dtype="bfloat16", remat=False)
+              for name, part in (("image", "vision"), ("text", "text"))}
+  else:
+    towers = dict(image=sizes.vit("B", dtype="bfloat16"),
+                  text=sizes.clip_text("B", dtype="bfloat16"))
   config.model = dict(
-      embed_dim=512,
-      logit_scale_init=2.659260,  # log(1 / 0.07), as CLIP
+      embed_dim=32 if v.tiny else 512,
+      logit_scale_init=placeholder(float),  # unset: the model's log(1 / 0.07), as CLIP
       logit_bias_init=placeholder(float),
-      towers=dict(image=sizes.vit("B", dtype="bfloat16"),
-                  text=sizes.clip_text("B", dtype="bfloat16")),
+      towers=towers,
   )
   config.loss = recipes.loss_defaults()
   config.batch_size = 1024
@@ -47,52 +64,32 @@ def get_config(variant=""):
   config.total_steps = 30_000
   config.optimizer = dict(learning_rate=5e-4, warmup_steps=2_000, end_learning_rate_ratio=0.0,
                           weight_decay=0.2, b1=0.9, b2=0.98, grad_clip_norm=1.0)
-  config.eval = dict(fused="none", rerank_k=0)
+  config.evals = dict(retrieval=recipes.retrieval_eval(every=2_000))
+  config.evals.retrieval.fused = "none"
   config.alignment = recipes.alignment_defaults()
   config.log_every = 100
-  config.eval_every = 2_000
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
 
-  variants = set(filter(None, variant.split(",")))
-  unknown = variants - {"clip", "flickr30k", "tiny", "align_fuse", "fp8"}
-  if unknown:
-    raise ValueError(f"configs/image_text.py: unknown variant(s) {sorted(unknown)}; "
-                     "expected clip, flickr30k, tiny, align_fuse, fp8")
-  if "flickr30k" in variants:
-    config.data.name = "flickr30k_karpathy"
-    config.data.shuffle_buffer = 30_000
-  if "clip" in variants:
-    for name, part in (("image", "vision"), ("text", "text")):
-      config.model.towers[name] = dict(name="pretrained", path=placeholder(str), part=part,
-                                       projection=True, dtype="bfloat16", remat=False)
-  if "align_fuse" in variants:
-    recipes.align_fuse(config, fusion=dict(pairs=["text:image"], width=768, num_layers=6,
-                                           num_heads=12, mlp_dim=3072, dtype="bfloat16"),
-                       rerank_k=128, distill_ramp_steps=1_000)
-    config.batch_size = 512  # queue_size must stay a multiple of it
-  if "tiny" in variants:
+  if v.tiny:
     config.modalities.image.image_size = 32
     config.modalities.text.max_length = 16
-    config.model.embed_dim = 32
-    config.model.towers = dict(image=sizes.vit("tiny", image_size=32),
-                               text=sizes.bert("tiny", vocab_size=64))
-    if "align_fuse" in variants:
-      for tower in config.model.towers.values():
-        tower["pooling"] = "gpo"
-      config.model.fusion.update(width=32, num_layers=1, num_heads=2, mlp_dim=64,
-                                 dtype="float32")
-      config.alignment.queue_size = 64
-      config.eval.rerank_k = 4
     config.batch_size = 16
     config.eval_batch_size = 16
     config.data.shuffle_buffer = 64
     config.total_steps = 4
     config.optimizer.warmup_steps = 1
     config.log_every = 2
-    config.eval_every = 4
+    config.evals.retrieval.every = 4
     config.checkpoint_every = 2
-  if "fp8" in variants:
+  if v.align_fuse:
+    recipes.align_fuse(config, fusion=dict(pairs=["text:image"], **FUSION[size]),
+                       rerank_k=4 if v.tiny else 128, distill_ramp_steps=1_000)
+    if v.tiny:
+      config.alignment.queue_size = 64
+    else:
+      config.batch_size = 512  # queue_size must stay a multiple of it
+  if v.fp8:
     for tower in config.model.towers.values():
       tower["fp8"] = True
   return config

@@ -16,15 +16,23 @@ def loss_defaults():
 
 
 def alignment_defaults():
-  """`config.alignment`: the momentum encoders and queues seed 001's itc/ims use."""
+  """`config.alignment`: the momentum encoders and queues seed 001's itc/ims use (the one
+  place their defaults are written)."""
   return ml_collections.ConfigDict(dict(momentum=0.995, queue_size=65_536, distill_alpha=0.0,
                                         distill_ramp_steps=0))
 
 
+def retrieval_eval(every):
+  """`config.evals.retrieval`: every ordered pair and every fused query (docs/methods.md)
+  on config.data.eval_split, every `every` steps and at the end."""
+  return ml_collections.ConfigDict(dict(type="retrieval", every=every, fused="all"))
+
+
 def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
-  """Seed 001 (METHODS.md) on `config`, TCL's weighting: (ITC both ways + IMS + LMIM) / 3 +
-  matching; GPO pooling on every tower, 16 local features, distillation alpha 0.4, the
-  fusion encoders `fusion` (pairs and sizes), re-ranking the top `rerank_k` at evaluation."""
+  """Seed 001 (docs/methods.md) on `config`, TCL's weighting: (ITC both ways + IMS + LMIM) /
+  3 + matching; GPO pooling on every tower, 16 local features, distillation alpha 0.4, the
+  fusion encoders `fusion` (pairs and sizes), and an evaluator re-ranking the top
+  `rerank_k` with their matching heads as often as retrieval is evaluated."""
   config.loss.weights = dict(contrastive=0.0, regression=0.0, itc=1 / 3, ims=1 / 3,
                              lmim=1 / 3, itm=1.0)
   for tower in config.model.towers.values():
@@ -33,4 +41,4 @@ def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
   config.model.fusion = fusion
   config.alignment.distill_alpha = 0.4
   config.alignment.distill_ramp_steps = distill_ramp_steps
-  config.eval.rerank_k = rerank_k
+  config.evals.rerank = dict(type="rerank", every=config.evals.retrieval.every, k=rerank_k)

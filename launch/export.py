@@ -20,9 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR  # launch/common.py
 import jax
-from xmodal_jax.data import pipeline
 from xmodal_jax.eval import export
-from xmodal_jax.train import loop
+from xmodal_jax.train import experiment as experiment_lib
 
 _SPLIT = flags.DEFINE_string("split", None, "Split to export (default: config's eval split).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -34,14 +33,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
-  experiment = loop.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
-                          require_checkpoint=True)
+  experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
+                                    require_checkpoint=True)
   config = experiment.config
   split = _SPLIT.value or config.data.eval_split
-  embed_fn = experiment.embed_fn(tokens=())
-  batches = loop.embed_batches(embed_fn, experiment.state.params,
-                               pipeline.eval_iterator(config, experiment.builder, split),
-                               experiment.mesh)
+  batches = experiment.embedder.batches(experiment.state.params, split)
   total = experiment.builder.info.splits[split].num_examples
   num_batches = -(-total // config.eval_batch_size)
   signature = {"workdir": os.path.abspath(WORKDIR.value), "step": experiment.step,

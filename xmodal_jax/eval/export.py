@@ -21,7 +21,7 @@ def _load_part(path):
 
 
 def write_export(out, batches, num_batches, signature, meta):
-  """Writes the export files from `batches` (an iterable of embed_batches' dicts).
+  """Writes the export files from `batches` (an iterable of Embedder.batches dicts).
 
   `signature` (a JSON-able dict) identifies what produced the parts; `meta` goes to
   meta.json with dims, count and masks added. Returns meta.

@@ -1,7 +1,8 @@
 """Retrieval metrics between every ordered pair of modalities.
 
 A query's positives are the gallery items that share its id. Its rank is 1 + the number of
-gallery items scoring strictly higher than its best-scoring positive (DESIGN.md).
+gallery items scoring strictly higher than its best-scoring positive (docs/methods.md,
+"Retrieval metrics").
 """
 
 import itertools
@@ -126,7 +127,8 @@ def fused_query_sets(modalities, fused="all"):
 
 
 def fuse(embeddings, modalities, weights=None):
-  """METHODS.md's fused query: normalize(sum over m of a_m z_m), a_m = 1 by default."""
+  """The fused query of docs/methods.md: normalize(sum over m of a_m z_m), a_m = 1 by
+  default."""
   total = sum((weights or {}).get(m, 1.0) * np.asarray(embeddings[m], np.float32)
               for m in modalities)
   return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
@@ -178,3 +180,10 @@ def format_table(metrics, split, ks=(1, 5, 10)):
     values = [metrics[f"{split}/{pair}/{c}"] for c in columns]
     lines.append(f"{pair:<{width}} " + " ".join(f"{v:>10.2f}" for v in values))
   return "\n".join(lines)
+
+
+def format_tables(metrics, ks=(1, 5, 10)):
+  """format_table for each prefix that has pair metrics in `metrics`, each under its name."""
+  prefixes = sorted({key.split("/")[0] for key in metrics
+                     if key.count("/") >= 2 and "->" in key.split("/")[1]})
+  return "\n\n".join(f"{prefix}\n{format_table(metrics, prefix, ks)}" for prefix in prefixes)

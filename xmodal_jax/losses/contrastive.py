@@ -7,43 +7,24 @@ single-device value on the global batch; `impl` picks how the other modality's r
 """
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
 
+from xmodal_jax.losses import pairs
 from xmodal_jax.parallel import streaming
 
 KINDS = ("softmax", "sigmoid")
-IMPLS = streaming.IMPLS
 
 
-def modality_pairs(modalities):
-  """All unordered pairs (m, n), m before n in the given order."""
-  return list(itertools.combinations(modalities, 2))
-
-
-def pair_name(m, n):
-  return f"{m}-{n}"
-
-
-def per_pair(value, name):
-  """A scalar, or a {pair name: scalar} mapping's entry for `name`."""
-  if isinstance(value, dict) or hasattr(value, "items"):
-    if name not in value:
-      raise ValueError(f"no value for pair {name!r} in {sorted(value)}")
-    return value[name]
-  return value
-
-
-def normalize_masks(embeddings, masks):
-  batch = jax.tree.leaves(embeddings)[0].shape[0]
-  masks = masks or {}
-  unknown = set(masks) - set(embeddings)
-  if unknown:
-    raise ValueError(f"masks name modalities {sorted(unknown)} that have no embeddings")
-  return {m: (jnp.ones((batch,), bool) if masks.get(m) is None else
-              jnp.asarray(masks[m], bool)) for m in embeddings}
+def check_options(*, kind, impl, has_bias=True, where=""):
+  """Raises on options contrastive_loss does not take; `where` prefixes the field in errors
+  ("config.loss." for a config)."""
+  if kind not in KINDS:
+    raise ValueError(f"{where}kind={kind!r}: expected one of {KINDS}")
+  pairs.check_options(impl=impl, where=where)
+  if kind == "sigmoid" and not has_bias:
+    raise ValueError(f"{where}kind='sigmoid' needs a bias (SigLIP initializes it to -10)")
 
 
 def softmax_direction_dense(q, g, scale, row_valid, col_valid, *, axis_name):
@@ -192,47 +173,36 @@ def contrastive_loss(embeddings, logit_scale, *, masks=None, pair_weights=None, 
     (loss, metrics): metrics["{m}-{n}/loss"] per pair and, for softmax, in-batch top-1
     accuracies metrics["{m}->{n}/accuracy"] per direction.
   """
-  if kind not in KINDS:
-    raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
-  if impl not in IMPLS:
-    raise ValueError(f"impl={impl!r}: expected one of {IMPLS}")
-  if kind == "sigmoid" and bias is None:
-    raise ValueError("kind='sigmoid' needs a bias (SigLIP initializes it to -10)")
-  modalities = list(embeddings)
-  if len(modalities) < 2:
-    raise ValueError(f"contrastive_loss needs at least 2 modalities, got {modalities}")
-  masks = normalize_masks(embeddings, masks)
-  pair_weights = pair_weights or {}
+  check_options(kind=kind, impl=impl, has_bias=bias is not None)
   options = dict(impl=impl, block_size=block_size, axis_name=axis_name)
   psum = lambda x: streaming.psum(x, axis_name)
 
-  metrics, total, weight_sum = {}, 0.0, 0.0
-  for m, n in modality_pairs(modalities):
-    name = pair_name(m, n)
-    scale = per_pair(logit_scale, name)
+  def pair_term(m, n, name, masks):
+    scale = pairs.per_pair(logit_scale, name)
     a, b = embeddings[m], embeddings[n]
     both = masks[m] & masks[n]
     count = psum(both.sum())
     denom = jnp.maximum(count, 1)
-    if kind == "softmax" and impl == "dense":
-      sum_mn, correct_mn = softmax_direction_dense(a, b, scale, both, masks[n],
-                                                   axis_name=axis_name)
-      sum_nm, correct_nm = softmax_direction_dense(b, a, scale, both, masks[m],
-                                                   axis_name=axis_name)
-      loss_sum, correct_mn, correct_nm = (psum(sum_mn + sum_nm), psum(correct_mn),
-                                          psum(correct_nm))
-    elif kind == "softmax":
-      loss_sum, correct_mn, correct_nm = softmax_pair_streamed(
-          a, b, scale, masks[m], masks[n], impl, block_size, axis_name)
-    if kind == "softmax":
+    metrics = {}
+    if kind == "sigmoid":
+      loss = psum(sigmoid_pair(a, b, scale, pairs.per_pair(bias, name), masks[m], masks[n],
+                               **options)) / denom
+    else:
+      if impl == "dense":
+        sum_mn, correct_mn = softmax_direction_dense(a, b, scale, both, masks[n],
+                                                     axis_name=axis_name)
+        sum_nm, correct_nm = softmax_direction_dense(b, a, scale, both, masks[m],
+                                                     axis_name=axis_name)
+        loss_sum, correct_mn, correct_nm = (psum(sum_mn + sum_nm), psum(correct_mn),
+                                            psum(correct_nm))
+      else:
+        loss_sum, correct_mn, correct_nm = softmax_pair_streamed(
+            a, b, scale, masks[m], masks[n], impl, block_size, axis_name)
       loss = loss_sum / (2 * denom)
       metrics[f"{m}->{n}/accuracy"] = correct_mn / denom
       metrics[f"{n}->{m}/accuracy"] = correct_nm / denom
-    else:
-      loss = psum(sigmoid_pair(a, b, scale, per_pair(bias, name), masks[m], masks[n],
-                               **options)) / denom
-    weight = jnp.where(count > 0, pair_weights.get(name, 1.0), 0.0)
-    total += weight * loss
-    weight_sum += weight
     metrics[f"{name}/loss"] = loss
-  return total / jnp.maximum(weight_sum, 1e-12), metrics
+    return loss, count, metrics
+
+  return pairs.mean_over_pairs("contrastive_loss", embeddings, masks, pair_weights, impl,
+                               pair_term)

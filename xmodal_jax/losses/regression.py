@@ -7,11 +7,24 @@ T_ij = min(sg((Z_m Z_m^T + Z_n Z_n^T) / 2)_ij, 1 - margin) (target="intra") or 0
 import jax
 import jax.numpy as jnp
 
-from xmodal_jax.losses.contrastive import modality_pairs, normalize_masks, pair_name
+from xmodal_jax.losses import pairs
 from xmodal_jax.parallel import streaming
 
 TARGETS = ("intra", "zero")
 LOSSES = ("mse", "smooth_l1")
+
+
+def check_options(*, target, loss, impl, margin=0.0, where=""):
+  """Raises on options similarity_regression_loss does not take; `where` prefixes the field
+  in errors ("config.loss.regression." for a config)."""
+  if target not in TARGETS:
+    raise ValueError(f"{where}target={target!r}: expected one of {TARGETS}")
+  if loss not in LOSSES:
+    raise ValueError(f"{where}loss={loss!r}: expected one of {LOSSES}")
+  if not 0.0 <= margin < 2.0:
+    raise ValueError(f"{where}margin={margin}: expected 0 <= margin < 2 (cosines lie in "
+                     "[-1, 1])")
+  pairs.check_options(impl=impl)
 
 
 def elementwise_error(diff, loss):
@@ -65,22 +78,10 @@ def similarity_regression_loss(embeddings, *, masks=None, target="intra", margin
   B - 1 without masks, so matches and non-matches count equally. Arguments as in
   contrastive_loss. Returns (loss, {"{m}-{n}/regression": per-pair loss}).
   """
-  if target not in TARGETS:
-    raise ValueError(f"target={target!r}: expected one of {TARGETS}")
-  if loss not in LOSSES:
-    raise ValueError(f"loss={loss!r}: expected one of {LOSSES}")
-  if impl not in streaming.IMPLS:
-    raise ValueError(f"impl={impl!r}: expected one of {streaming.IMPLS}")
-  modalities = list(embeddings)
-  if len(modalities) < 2:
-    raise ValueError(f"similarity_regression_loss needs at least 2 modalities, got "
-                     f"{modalities}")
-  masks = normalize_masks(embeddings, masks)
-  pair_weights = pair_weights or {}
+  check_options(target=target, loss=loss, impl=impl, margin=margin)
   psum = lambda x: streaming.psum(x, axis_name)
-  metrics, total, weight_sum = {}, 0.0, 0.0
-  for m, n in modality_pairs(modalities):
-    name = pair_name(m, n)
+
+  def pair_term(m, n, name, masks):
     num_diagonal = psum((masks[m] & masks[n]).sum()).astype(jnp.float32)
     num_terms = psum(masks[m].sum()).astype(jnp.float32) * psum(masks[n].sum())
     num_off = num_terms - num_diagonal
@@ -90,8 +91,7 @@ def similarity_regression_loss(embeddings, *, masks=None, target="intra", margin
         embeddings[m], embeddings[n], masks[m], masks[n], diagonal_weight, target=target,
         margin=margin, loss=loss, impl=impl, block_size=block_size, axis_name=axis_name)
     pair_loss = psum(pair_sum) / jnp.maximum(total_weight, 1e-12)
-    weight = jnp.where(num_terms > 0, pair_weights.get(name, 1.0), 0.0)
-    total += weight * pair_loss
-    weight_sum += weight
-    metrics[f"{name}/regression"] = pair_loss
-  return total / jnp.maximum(weight_sum, 1e-12), metrics
+    return pair_loss, num_terms, {f"{name}/regression": pair_loss}
+
+  return pairs.mean_over_pairs("similarity_regression_loss", embeddings, masks, pair_weights,
+                               impl, pair_term)

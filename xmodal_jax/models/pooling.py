@@ -1,4 +1,5 @@
-"""Pooling a set of token features [B, L, W] into one vector [B, W]: cls, mean or GPO."""
+"""Pooling token features [B, L, W]: into one vector [B, W] (cls, mean or GPO), or into a few
+local features [B, K, W] (runs of tokens, or a grid of patch cells) for LMIM."""
 
 import flax.linen as nn
 import jax
@@ -97,3 +98,34 @@ class Pool(nn.Module):
     if self.kind == "mean":
       return masked_mean(tokens, valid)
     return GPO(drop_rate=self.gpo_drop_rate, name="gpo")(tokens, valid, train=train)[0]
+
+
+def pool_locals(tokens, valid, max_locals):
+  """[B, L, W] tokens -> at most `max_locals` local features: the valid-weighted mean over
+  `max_locals` equal runs of positions (patches in raster order, frames, text tokens), valid
+  where a run has a valid token. Shorter sequences are returned as they are."""
+  length = tokens.shape[1]
+  if length <= max_locals:
+    return tokens, valid
+  segment = jnp.minimum(jnp.arange(length) * max_locals // length, max_locals - 1)
+  assign = (segment[None, :] == jnp.arange(max_locals)[:, None]) & valid[:, None, :]  # [B,K,L]
+  weights = assign / jnp.maximum(assign.sum(-1, keepdims=True), 1)
+  return jnp.einsum("bkl,blw->bkw", weights.astype(tokens.dtype), tokens), assign.any(-1)
+
+
+def pool_grid(tokens, num_prefix, rows, cols, side):
+  """Patch tokens [B, prefix + rows*cols, W] (raster order) -> the means over a side x side
+  grid of cells (cell r covers patch rows r*rows//side .. (r+1)*rows//side - 1): [B, side^2,
+  W], all valid. Grids smaller than `side` keep their patches."""
+  patches = tokens[:, num_prefix:].reshape(tokens.shape[0], rows, cols, tokens.shape[-1])
+  if rows <= side and cols <= side:
+    out = patches.reshape(tokens.shape[0], rows * cols, -1)
+    return out, jnp.ones(out.shape[:2], bool)
+
+  def cells(n):
+    assign = (jnp.arange(n)[None, :] * side // n) == jnp.arange(side)[:, None]  # [side, n]
+    return assign / assign.sum(axis=1, keepdims=True)
+  pooled = jnp.einsum("bhwc,sh,tw->bstc", patches, cells(rows).astype(tokens.dtype),
+                      cells(cols).astype(tokens.dtype))
+  out = pooled.reshape(tokens.shape[0], side * side, -1)
+  return out, jnp.ones(out.shape[:2], bool)

@@ -8,12 +8,12 @@ import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.losses import alignment
-from xmodal_jax.models import audio, features, fusion as fusion_lib, text, vision
+from xmodal_jax.models import audio, features, fusion as fusion_lib, pooling, text, vision
 
 # Towers by the name a config gives them; each maps {input name: array} to
 # `transformer.tower_output` (pooled [B, W], tokens, valid). "pretrained" (a Hugging Face
-# folder) and "frames" (an image tower per frame) are built by `build_tower`.
+# folder, through the loader `build_model` is given) and "frames" (an image tower per frame)
+# are built by `build_tower`.
 TOWERS = {
     "audio_transformer": audio.AudioTransformer,
     "video_transformer": vision.VideoTransformer,
@@ -35,11 +35,12 @@ class MultiModalModel(nn.Module):
   """{modality: inputs} -> {modality: float32[B, embed_dim] L2-normalized embeddings}.
 
   Modalities absent from the batch are skipped. Also owns `logit_scale`, stored as its log
-  (initialized to log(1/0.07) as in CLIP) and, if `logit_bias_init` is set, the sigmoid
-  loss's `logit_bias` (SigLIP: -10); callers read them from the params. With
-  `local_features` > 0, a local head per modality projects up to that many pooled runs of
-  tokens (a grid of cells for patch towers) into the embedding space (LMIM); `fusion` holds a FusionEncoder per pair "a:b"
-  (a's tokens attend to b's) for matching and re-ranking (seed 001).
+  (initialized to log(1/0.07) as in CLIP; the one place that default is written) and, if
+  `logit_bias_init` is set, the sigmoid loss's `logit_bias` (SigLIP: -10); callers read
+  them from the params. With `local_features` > 0, a local head per modality projects up to
+  that many pooled runs of tokens (a grid of cells for patch towers) into the embedding
+  space (LMIM); `fusion` holds a FusionEncoder per pair "a:b" (a's tokens attend to b's) for
+  matching and re-ranking (seed 001).
   """
   towers: Mapping[str, nn.Module]
   embed_dim: int
@@ -59,9 +60,13 @@ class MultiModalModel(nn.Module):
       self.logit_bias = self.param(
           "logit_bias", nn.initializers.constant(self.logit_bias_init), ())
 
-  def __call__(self, batch, *, train, details=False):
-    """Embeddings; with `details`, {"emb": embeddings, "tokens": {m: (tokens, valid)},
-    "locals": {m: (normalized local embeddings [B, K, D], valid [B, K])}}."""
+  def __call__(self, batch, *, train):
+    """{modality: float32[B, embed_dim]} L2-normalized embeddings."""
+    return self.details(batch, train=train, local_features=False)["emb"]
+
+  def details(self, batch, *, train, local_features=True):
+    """{"emb": embeddings, "tokens": {m: (tokens, valid)}, "locals": {m: (normalized local
+    embeddings [B, K, D], valid [B, K])}} ("locals" empty without local heads)."""
     embeddings, tokens, local = {}, {}, {}
     for modality, tower in self.towers.items():
       if modality not in batch:
@@ -70,17 +75,15 @@ class MultiModalModel(nn.Module):
       embeddings[modality] = l2_normalize(
           self.heads[modality](out["pooled"]).astype(jnp.float32))
       tokens[modality] = (out["tokens"], out["valid"])
-      if details and self.local_features:
+      if local_features and self.local_features:
         if "grid" in out:  # patches: a square grid of at most local_features cells
           side = max(int(np.sqrt(self.local_features)), 1)
-          pooled, valid = alignment.pool_grid(out["tokens"], *out["grid"], side)
+          pooled, valid = pooling.pool_grid(out["tokens"], *out["grid"], side)
         else:
-          pooled, valid = alignment.pool_locals(out["tokens"], out["valid"],
-                                                self.local_features)
+          pooled, valid = pooling.pool_locals(out["tokens"], out["valid"],
+                                              self.local_features)
         local[modality] = (l2_normalize(
             self.local_heads[modality](pooled).astype(jnp.float32)), valid)
-    if not details:
-      return embeddings
     return {"emb": embeddings, "tokens": tokens, "locals": local}
 
   def match(self, pair, query_tokens, query_valid, context_tokens, context_valid, *, train):
@@ -90,35 +93,35 @@ class MultiModalModel(nn.Module):
 
   def init_all(self, batch, *, train):
     """Runs every part once (towers, heads, local heads, fusion encoders): for init."""
-    out = self(batch, train=train, details=True)
+    out = self.details(batch, train=train)
     for pair in fusion_pairs(self):
       a, b = pair.split(":")
       self.match(pair, *out["tokens"][a], *out["tokens"][b], train=train)
     return out
 
 
-def build_tower(tower_config, where, vocab_size=None):
+def build_tower(tower_config, where, vocab_size=None, loader=None):
   """A tower from its config dict {name, **kwargs} -> (module, {param path: pretrained params}).
 
-  name="pretrained" loads `path` (a Hugging Face folder; `part` picks CLIP's text or vision
-  model) with the other keys as overrides (`build_model` also reads projection=True: CLIP's
-  projection into the modality's head and its logit scale); name="frames" builds its `image` tower the same
-  way. `where` names the config entry in errors.
+  name="pretrained" goes to `loader.tower(options, where)` (xmodal_jax.pretrained.Loader: a
+  Hugging Face folder `path`, `part` for CLIP, the other keys overriding the tower's
+  options); name="frames" builds its `image` tower the same way. `where` names the config
+  entry in errors.
   """
   kwargs = dict(tower_config)
   name = kwargs.pop("name", None)
   if "dtype" in kwargs:
     kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   if name == "pretrained":
-    from xmodal_jax import pretrained  # pylint: disable=g-import-not-at-top
-    if "path" not in kwargs:
-      raise ValueError(f"{where}: name='pretrained' needs path=<a Hugging Face model folder>")
-    module, params = pretrained.load_hf(kwargs.pop("path"), kwargs.pop("part", None), **kwargs)
-    return module.tower, {(): params}
+    if loader is None:
+      raise ValueError(f"{where}: name='pretrained' needs a loader (build_model(..., "
+                       "loader=xmodal_jax.pretrained.Loader()))")
+    module, params = loader.tower(kwargs, where)
+    return module, {(): params}
   if name == "frames":
     if "image" not in kwargs:
       raise ValueError(f"{where}: name='frames' needs image=<an image tower config>")
-    image, loaded = build_tower(kwargs.pop("image"), f"{where}.image")
+    image, loaded = build_tower(kwargs.pop("image"), f"{where}.image", loader=loader)
     try:
       module = vision.FrameVideoEncoder(image=image, **kwargs)
     except TypeError as e:
@@ -135,33 +138,36 @@ def build_tower(tower_config, where, vocab_size=None):
     raise ValueError(f"{where}: {e}") from e
 
 
-def build_model(model_config, vocab_sizes=None):
+def build_model(model_config, vocab_sizes=None, loader=None):
   """Builds MultiModalModel from `config.model`: {towers: {modality: {name, **kwargs}}}.
 
   `vocab_sizes` ({modality: int}) fills from-scratch text towers' vocab_size from their
-  tokenizers. Returns (model, pretrained): pretrained maps a param path in the model's
+  tokenizers. `loader` (xmodal_jax.pretrained.Loader) loads towers named "pretrained" and,
+  for a tower with projection=True, CLIP's projection into the modality's head and CLIP's
+  logit scale. Returns (model, pretrained): pretrained maps a param path in the model's
   params (a tuple of names) to the params loaded for it, for `insert_pretrained`.
   """
   towers, pretrained = {}, {}
   for modality, tower_config in model_config.towers.items():
     tower_config = dict(tower_config)
-    if tower_config.pop("projection", False):  # CLIP's projection and logit scale too.
-      from xmodal_jax.pretrained import hf  # pylint: disable=g-import-not-at-top
-      head, scale = hf.load_hf_projection(tower_config.get("path"), tower_config.get("part"),
-                                          model_config.embed_dim)
+    where = f"config.model.towers.{modality}"
+    if tower_config.pop("projection", False):
+      if loader is None:
+        raise ValueError(f"{where}.projection=True needs a loader "
+                         "(xmodal_jax.pretrained.Loader)")
+      head, scale = loader.projection(tower_config, where, model_config.embed_dim)
       pretrained[(f"heads_{modality}",)] = head
       pretrained[()] = {"logit_scale": scale}
-    tower, loaded = build_tower(tower_config, f"config.model.towers.{modality}",
-                                (vocab_sizes or {}).get(modality))
+    tower, loaded = build_tower(tower_config, where, (vocab_sizes or {}).get(modality), loader)
     towers[modality] = tower
     for path, params in loaded.items():
       pretrained[(f"towers_{modality}",) + path] = params
-  model = MultiModalModel(
-      towers=towers, embed_dim=model_config.embed_dim,
-      logit_scale_init=model_config.get("logit_scale_init", float(np.log(1 / 0.07))),
-      logit_bias_init=model_config.get("logit_bias_init", None),
-      local_features=model_config.get("local_features", 0),
-      fusion=build_fusion(model_config.get("fusion"), list(towers)))
+  options = {key: model_config[key] for key in ("logit_scale_init", "logit_bias_init",
+                                               "local_features")
+             if model_config.get(key) is not None}
+  model = MultiModalModel(towers=towers, embed_dim=model_config.embed_dim,
+                          fusion=build_fusion(model_config.get("fusion"), list(towers)),
+                          **options)
   return model, pretrained
 
 
@@ -173,6 +179,11 @@ def fusion_key(pair):
 def fusion_pairs(model):
   """The model's fusion pairs as "a:b"."""
   return [key.replace("-", ":", 1) for key in model.fusion]
+
+
+def fusion_pair(model, m, n):
+  """The model's fusion pair joining modalities `m` and `n` (either order), or None."""
+  return next((pair for pair in fusion_pairs(model) if set(pair.split(":")) == {m, n}), None)
 
 
 def build_fusion(fusion_config, modalities):

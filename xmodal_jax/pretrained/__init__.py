@@ -1,3 +1,3 @@
 """Pretrained checkpoints: Hugging Face model folders as our towers."""
 
-from xmodal_jax.pretrained.hf import load_hf
+from xmodal_jax.pretrained.hf import Loader, load_hf  # noqa: F401

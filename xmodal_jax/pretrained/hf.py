@@ -342,11 +342,21 @@ def load_hf(path, part=None, **overrides):
   and the Audio Spectrogram Transformer. `overrides` replace the tower's options (dtype,
   remat, dropout, pooling, ...). Nothing is fetched from a hub.
   """
-  import transformers  # pylint: disable=g-import-not-at-top
+  check_folder(path)
+  return convert(path, read_weights(path), part, overrides)
+
+
+def check_folder(path):
   if not os.path.isdir(path):
     raise FileNotFoundError(f"pretrained model folder {path!r} does not exist")
   if not os.path.exists(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face model folder")
+
+
+def convert(path, tensors, part, overrides):
+  """load_hf on the folder's already-read `tensors`."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  overrides = dict(overrides)
   config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
   model_type = config.model_type
   if model_type not in FAMILIES:
@@ -367,7 +377,7 @@ def load_hf(path, part=None, **overrides):
     prefixes = ("bert.", "roberta.", "vit.", "audio_spectrogram_transformer.", "text_model.",
                 "vision_model.")
   renames = LEGACY_VIT_NAMES if model_type in ("vit", "audio-spectrogram-transformer") else ()
-  w = Weights(canonical_names(read_weights(path), prefixes, renames), path)
+  w = Weights(canonical_names(tensors, prefixes, renames), path)
 
   token_inputs = {"input_ids": np.zeros((1, 4), np.int32),
                   "attention_mask": np.ones((1, 4), np.int32)}
@@ -399,11 +409,11 @@ def load_hf(path, part=None, **overrides):
   return HFModule(tower), jax.tree.map(lambda x: np.asarray(x, np.float32), params)
 
 
-def load_hf_projection(path, part, embed_dim):
-  """CLIP's projection of `part` ("text" or "vision") as params of our head (Dense [W, P]
-  with a zero bias) and its logit scale (stored as the log, as ours): the model starts
-  from CLIP's joint space. `embed_dim` must be CLIP's projection_dim."""
-  tensors = read_weights(path)
+def projection(path, tensors, part, embed_dim):
+  """CLIP's projection of `part` ("text" or "vision") from a CLIPModel folder's `tensors`, as
+  params of our head (Dense [W, P] with a zero bias), and its logit scale (stored as the
+  log, as ours): the model starts from CLIP's joint space. `embed_dim` must be CLIP's
+  projection_dim."""
   name = {"text": "text_projection.weight", "vision": "visual_projection.weight"}.get(part)
   if name is None or name not in tensors:
     raise ValueError(f"{path}: projection=True needs a CLIPModel folder with "
@@ -415,6 +425,38 @@ def load_hf_projection(path, part, embed_dim):
                      f"config.model.embed_dim={embed_dim}")
   head = {"kernel": weight.T.astype(np.float32), "bias": np.zeros(embed_dim, np.float32)}
   return head, np.asarray(tensors["logit_scale"], np.float32).reshape(())
+
+
+class Loader:
+  """Loads the towers a model config names "pretrained" (models.towers.build_model's
+  `loader`), reading each folder's weights once however many towers and projections come
+  from it (a CLIP folder gives both towers and both projections)."""
+
+  def __init__(self):
+    self._tensors = {}
+
+  def tensors(self, path):
+    if path not in self._tensors:
+      check_folder(path)
+      self._tensors[path] = read_weights(path)
+    return self._tensors[path]
+
+  def tower(self, options, where):
+    """(tower module, params) for the config entry `where`: {path, part, **overrides}."""
+    options = dict(options)
+    path = options.pop("path", None)
+    if not path:
+      raise ValueError(f"{where}: name='pretrained' needs path=<a Hugging Face model folder>")
+    part = options.pop("part", None)
+    module, params = convert(path, self.tensors(path), part, options)
+    return module.tower, params
+
+  def projection(self, options, where, embed_dim):
+    """(head params, logit scale) of CLIP's projection for the config entry `where`."""
+    path = options.get("path")
+    if not path:
+      raise ValueError(f"{where}: projection=True needs path=<a CLIPModel folder>")
+    return projection(path, self.tensors(path), options.get("part"), embed_dim)
 
 
 def check_fits(tower, params, example, path):

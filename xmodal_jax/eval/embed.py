@@ -1,0 +1,96 @@
+"""Embedding a dataset split with a trained model over the mesh: what evaluation, export and
+search share, and the matching head's scores for re-ranking."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from xmodal_jax import parallel
+
+
+def embed_step(params, batch, *, model, tokens=()):
+  """{"emb": {modality: L2-normalized [B, D]}, "tokens": {m: {"tokens", "valid"}}} for an
+  eval batch; "tokens" holds the modalities in `tokens` (re-ranking needs them), else {}."""
+  if not tokens:
+    return {"emb": model.apply({"params": params}, batch, train=False), "tokens": {}}
+  out = model.apply({"params": params}, batch, train=False, local_features=False,
+                    method="details")
+  return {"emb": out["emb"], "tokens": {m: {"tokens": out["tokens"][m][0],
+                                            "valid": out["tokens"][m][1]} for m in tokens}}
+
+
+def match_step(params, pair, query_tokens, query_valid, context_tokens, context_valid, *,
+               model):
+  """Matching scores (log-odds of "matched") of fusion pair "a:b" at evaluation."""
+  logits = model.apply({"params": params}, pair, query_tokens, query_valid, context_tokens,
+                       context_valid, train=False, method="match")
+  return logits[:, 1] - logits[:, 0]
+
+
+@dataclasses.dataclass
+class EmbeddedSplit:
+  """Every eval example of a split: emb {modality: float32[N, D]}, masks {modality:
+  bool[N]}, ids int64[N], and tokens {modality: {"tokens", "valid"}} when asked for."""
+  emb: dict
+  masks: dict
+  ids: np.ndarray
+  tokens: dict
+
+
+class Embedder:
+  """A model's jitted embedding and matching steps over `mesh`, fed by the config's eval
+  pipeline; compiled once per set of token modalities."""
+
+  def __init__(self, config, builder, model, mesh):
+    self.config, self.builder, self.model, self.mesh = config, builder, model, mesh
+    self._embed_fns = {}
+    self._match_fn = jax.jit(functools.partial(match_step, model=model), static_argnums=(1,))
+
+  def embed_fn(self, tokens=()):
+    """The jitted (params, sharded batch) -> embed_step output."""
+    tokens = tuple(sorted(tokens))
+    if tokens not in self._embed_fns:
+      self._embed_fns[tokens] = jax.jit(functools.partial(embed_step, model=self.model,
+                                                          tokens=tokens))
+    return self._embed_fns[tokens]
+
+  def batches(self, params, split, *, tokens=(), ids=None):
+    """Yields, per eval batch of `split` (only items `ids` when given), {"emb", "tokens",
+    "_mask", "_id"} as NumPy on every host, padding rows removed."""
+    from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    embed = self.embed_fn(tokens)
+    for batch in pipeline.eval_iterator(self.config, self.builder, split, ids=ids):
+      batch = parallel.shard_batch(batch, self.mesh)
+      out = dict(embed(params, batch), _mask=batch["_mask"], _id=batch["_id"])
+      out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
+      keep = out["_id"] >= 0
+      yield jax.tree.map(lambda x: x[keep], out)
+
+  def split(self, params, split, *, tokens=()):
+    """The whole of `split` as one EmbeddedSplit."""
+    joined = jax.tree.map(lambda *xs: np.concatenate(xs),
+                          *self.batches(params, split, tokens=tokens))
+    return EmbeddedSplit(joined["emb"], joined["_mask"], joined["_id"], joined["tokens"])
+
+  def matching_scores(self, params, pair, tokens, query_modality, query_rows, gallery_rows,
+                      top, chunk=32):
+    """float[Q, k] matching scores of each query row with its `top` gallery candidates
+    (indices into `gallery_rows`), in chunks of `chunk` queries (the last one padded, so one
+    compiled shape serves all). `tokens`: {modality: {"tokens", "valid"}} by row."""
+    a, b = pair.split(":")
+    num_queries, k = top.shape
+    out = np.zeros((num_queries, k), np.float32)
+    for start in range(0, num_queries, chunk):
+      rows = np.arange(start, start + chunk).clip(max=num_queries - 1)
+      query = np.repeat(query_rows[rows], k)
+      gallery = gallery_rows[top[rows].reshape(-1)]
+      items_a, items_b = (query, gallery) if query_modality == a else (gallery, query)
+      scores = self._match_fn(params, pair, tokens[a]["tokens"][items_a],
+                              tokens[a]["valid"][items_a], tokens[b]["tokens"][items_b],
+                              tokens[b]["valid"][items_b])
+      n = min(chunk, num_queries - start)
+      out[start:start + n] = np.asarray(scores).reshape(chunk, k)[:n]
+    return out

@@ -1,0 +1,123 @@
+"""An experiment built from a config and a workdir: the checked config, dataset builder,
+model, optimizer, mesh and the newest checkpoint's state. Training, evaluate, export and
+search all start here."""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xmodal_jax import parallel, pretrained as pretrained_lib
+from xmodal_jax.eval import embed, evaluators
+from xmodal_jax.losses import objectives
+from xmodal_jax.models import towers
+from xmodal_jax.train import checkpoint, optimizer, state as state_lib
+
+
+def validate_config(config):
+  """Stops on an inconsistent config before any data is read or anything compiled; each
+  objective and evaluator checks its own options."""
+  modalities = list(config.modalities)
+  if len(modalities) < 2:
+    raise ValueError(f"config.modalities: need at least 2 modalities, got {modalities}")
+  tower_names = list(config.model.towers)
+  if set(tower_names) != set(modalities):
+    raise ValueError(f"config.model.towers has {sorted(tower_names)} but config.modalities has "
+                     f"{sorted(modalities)}: every modality needs exactly one tower")
+  objectives.validate(config)
+  evaluators.validate(config)
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % jax.device_count():
+      raise ValueError(f"config.{key}={config[key]} does not divide by the "
+                       f"{jax.device_count()} devices")
+  for key in ("total_steps", "log_every", "checkpoint_every"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]}: expected a positive number of steps")
+
+
+def state_shardings(state, mesh):
+  """Queues are sharded by rows over the data axis; everything else is replicated."""
+  def spec(path, leaf):
+    keys = [getattr(p, "name", getattr(p, "key", None)) for p in path]
+    rows = "queues" in keys and getattr(leaf, "ndim", 0) >= 1
+    spec = (parallel.DATA_AXIS,) if rows else ()
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+  return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def resolve_tokenizers(config):
+  """A copy of `config` where each text modality without a `tokenizer` takes its pretrained
+  tower's folder (a Hugging Face model folder holds its tokenizer)."""
+  config = config.copy_and_resolve_references()
+  for name, modality in config.modalities.items():
+    if modality.kind != "text" or modality.get("tokenizer"):
+      continue
+    tower = config.model.towers[name]
+    if tower.get("name") != "pretrained":
+      raise ValueError(f"config.modalities.{name}.tokenizer is unset and its tower is not "
+                       "pretrained: name a tokenizer (a shipped name or a Hugging Face folder)")
+    with modality.unlocked():
+      modality.tokenizer = tower.path
+  return config
+
+
+@dataclasses.dataclass
+class Experiment:
+  """Everything built from a config and a workdir. `state` is the newest checkpoint's (or a
+  fresh one at `step` 0); `embedder` embeds splits with the model (eval/embed.py)."""
+  config: Any
+  builder: Any
+  model: Any
+  tx: Any
+  mesh: Any
+  state: Any
+  step: int
+  manager: Any
+  embedder: embed.Embedder
+
+
+def setup(config, workdir, *, step=None, require_checkpoint=False):
+  """Validates `config`, builds the dataset builder, model, optimizer and mesh, initializes
+  the state (pretrained towers in place) and restores checkpoint `step` (default: newest)."""
+  validate_config(config)
+  config = resolve_tokenizers(config)
+  from xmodal_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
+  builder = pipeline.get_builder(config.data)
+  pipeline.check_modalities(config, builder)
+  vocab_sizes = {name: len(preprocess.load_tokenizer(m.tokenizer))
+                 for name, m in config.modalities.items() if m.kind == "text"}
+  model, pretrained = towers.build_model(config.model, vocab_sizes,
+                                         loader=pretrained_lib.Loader())
+  tx = optimizer.make_optimizer(config)
+  mesh = parallel.make_mesh()
+
+  # Init needs shapes only: one row keeps its compile and run small.
+  example = jax.tree.map(lambda x: x[:1],
+                         next(pipeline.eval_iterator(config, builder, config.data.eval_split)))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  queue_size = (config.alignment.queue_size if objectives.uses(config.loss, "momentum")
+                else 0)
+  create = functools.partial(state_lib.create_train_state, model, tx, seed=config.seed,
+                             queue_size=queue_size)
+  abstract = jax.eval_shape(create, example)
+  shardings = state_shardings(abstract, mesh)
+  manager = checkpoint.make_manager(workdir, config)
+  if step is None:
+    step = manager.latest_step() or 0
+  if step:  # Restored into shapes and shardings: nothing to initialize or compile.
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    state = checkpoint.restore(manager, target, step)
+  else:
+    if require_checkpoint:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to restore (train first)")
+    state = state_lib.init_on_devices(create, example, shardings)
+    if pretrained:  # Outside jit: the weights would otherwise become compiled-in constants.
+      state = state.replace(params=towers.insert_pretrained(
+          state.params, jax.device_put(pretrained, replicated)))
+      if state.momentum_params is not None:  # The EMA starts from the loaded weights too.
+        state = state.replace(momentum_params=jax.tree.map(jnp.copy, state.params))
+  return Experiment(config, builder, model, tx, mesh, state, step, manager,
+                    embed.Embedder(config, builder, model, mesh))
