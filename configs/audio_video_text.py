@@ -52,7 +52,7 @@ def get_config(variant=""):
   config.loss = recipes.loss_defaults()
 
   config.batch_size = 256
-  config.eval_batch_size = 500
+  config.eval_batch_size = 512  # divides over 1, 2, 4, 8, ... devices
   config.total_steps = 1500
   config.optimizer = dict(learning_rate=2e-3, warmup_steps=100, end_learning_rate_ratio=0.01,
                           weight_decay=0.05, b1=0.9, b2=0.98, grad_clip_norm=1.0)

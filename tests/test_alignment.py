@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from xmodal_jax import parallel
 from xmodal_jax.eval import rerank
 from xmodal_jax.losses import alignment
+from xmodal_jax.models import pooling
 
 
 def normalized(rng, *shape):
@@ -29,7 +30,7 @@ def np_log_softmax(x):
 
 
 def np_queue_contrastive(q, qm, k, queue, s, ids, key_mask, query_mask, queue_ids, alpha):
-  """Row by row, as METHODS.md writes it."""
+  """Row by row, as docs/methods.md writes it."""
   cols = np.concatenate([k, queue])
   col_ids = np.concatenate([ids, queue_ids])
   col_ok = np.concatenate([key_mask, queue_ids >= 0])
@@ -133,7 +134,7 @@ def test_pool_locals_is_the_valid_weighted_mean_of_equal_runs():
   tokens = rng.normal(size=(2, 10, 3)).astype(np.float32)
   valid = np.ones((2, 10), bool)
   valid[1, 7:] = False
-  pooled, ok = alignment.pool_locals(jnp.asarray(tokens), jnp.asarray(valid), 4)
+  pooled, ok = pooling.pool_locals(jnp.asarray(tokens), jnp.asarray(valid), 4)
   runs = [range(0, 3), range(3, 5), range(5, 8), range(8, 10)]  # i * 4 // 10
   for b in range(2):
     for r, positions in enumerate(runs):
@@ -146,7 +147,7 @@ def test_pool_locals_is_the_valid_weighted_mean_of_equal_runs():
 def test_pool_grid_averages_patch_cells():
   rng = np.random.default_rng(6)
   tokens = rng.normal(size=(2, 1 + 6 * 5, 3)).astype(np.float32)  # [CLS] + 6 x 5 patches
-  pooled, ok = alignment.pool_grid(jnp.asarray(tokens), 1, 6, 5, 2)
+  pooled, ok = pooling.pool_grid(jnp.asarray(tokens), 1, 6, 5, 2)
   patches = tokens[:, 1:].reshape(2, 6, 5, 3)
   cells = [(slice(0, 3), slice(0, 3)), (slice(0, 3), slice(3, 5)),
            (slice(3, 6), slice(0, 3)), (slice(3, 6), slice(3, 5))]  # r * 2 // n
@@ -253,10 +254,11 @@ def aligned_run(digit_data_dir, tmp_path_factory):
   config = audio_video_text.get_config("tiny,align_fuse")
   config.data.data_dir = digit_data_dir
   config.alignment.queue_size = 64
-  config.total_steps, config.checkpoint_every, config.eval_every, config.log_every = 4, 1, 4, 1
+  config.total_steps, config.checkpoint_every, config.log_every = 4, 1, 1
   config.keep_checkpoints = 4
   config.data.eval_split = "test[:100]"  # re-ranking 4 directions x 100 queries x 4
-  config.eval.rerank_k, config.eval.fused = 4, "none"
+  config.evals.retrieval.update(every=4, fused="none")
+  config.evals.rerank.update(every=4, k=4)
   workdir = str(tmp_path_factory.mktemp("aligned"))
   metrics = loop.train_and_evaluate(config, workdir)
   return config, workdir, metrics
@@ -283,9 +285,9 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
   ema_n = m ema_(n-1) + (1 - m) params_(n-1)."""
   import flax  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config, workdir, _ = aligned_run
-  states = {n: loop.setup(config, workdir, step=n) for n in range(1, 5)}
+  states = {n: experiment_lib.setup(config, workdir, step=n) for n in range(1, 5)}
   first = states[1]
   embed = jax.jit(functools.partial(first.model.apply, train=False))
   batches = pipeline.train_iterator(config, first.builder)
@@ -316,9 +318,10 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
 
 def test_eight_devices_give_the_single_device_losses(aligned_run):
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   config, workdir, _ = aligned_run
-  experiment = loop.setup(config, workdir)
+  experiment = experiment_lib.setup(config, workdir)
   state = experiment.state
   batch = next(pipeline.train_iterator(config, experiment.builder, start_step=7))
   results = []

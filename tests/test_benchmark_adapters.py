@@ -245,21 +245,19 @@ def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   # The candidates' tokens, recomputed from just their items, equal a full pass's (the n-th
   # caption row of an item maps to its n-th caption).
   from configs import image_text  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "launch"))
-  import search  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.eval import query  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config = image_text.get_config("tiny,flickr30k,align_fuse")
   config.data.data_dir = str(data_dir)
   config.modalities.text.tokenizer = "digit_words"
-  experiment = loop.setup(config, str(tmp_path / "run"), require_checkpoint=True)
-  split = config.data.eval_split
-  _, masks, ids, tokens = loop.embed_split(
-      experiment.embed_fn(tokens=("text",)), experiment.state.params,
-      pipeline.eval_iterator(config, experiment.builder, split), experiment.mesh)
+  experiment = experiment_lib.setup(config, str(tmp_path / "run"), require_checkpoint=True)
+  split, params = config.data.eval_split, experiment.state.params
+  embedded = experiment.embedder.split(params, split, tokens=("text",))
+  masks, ids, tokens = embedded.masks, embedded.ids, embedded.tokens
   rows = np.flatnonzero(masks["text"] & np.isin(ids, ids[masks["text"]][[1, -1]]))
   assert len(rows) == 4  # Two items, both captions of each.
-  found = search.gallery_tokens(experiment, split, "text", rows[::-1], ids, masks["text"])
+  found = query.gallery_tokens(experiment.embedder, params, split, "text", rows[::-1], ids,
+                               masks["text"])
   for row in rows:
     np.testing.assert_allclose(found[row][0], tokens["text"]["tokens"][row], atol=1e-5)
     np.testing.assert_array_equal(found[row][1], tokens["text"]["valid"][row])

@@ -33,7 +33,7 @@ def short_run(digit_data_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("short_run"))
   args = [f"--config={CONFIG}", f"--config.data.data_dir={digit_data_dir}",
           f"--workdir={workdir}"]
-  run_train(args + ["--config.total_steps=300", "--config.eval_every=300",
+  run_train(args + ["--config.total_steps=300", "--config.evals.retrieval.every=300",
                     "--config.checkpoint_every=300", "--config.log_every=100",
                     "--config.optimizer.warmup_steps=30"], devices=2)
   return args, workdir

@@ -1,6 +1,6 @@
 """Every loss mode (dense, gathered, blockwise, ring) against dense references, on 8 devices.
 
-The references are written here from METHODS.md's formulas, independently of the library:
+The references are written here from the formulas of docs/methods.md, independently of the library:
 loops in NumPy for the values, a vectorized jax.numpy transcription for the gradients.
 """
 

@@ -32,7 +32,8 @@ def saved(model, folder):
 
 
 def run_ours(folder, inputs, **kwargs):
-  """DESIGN.md's contract: HF input names in, last_hidden_state and pooler_output out."""
+  """load_hf's contract (docs/architecture.md, "Pretrained towers"): HF input names in,
+  last_hidden_state and pooler_output out."""
   module, params = load_hf(folder, **kwargs)
   out = module.apply({"params": params}, **inputs)
   return {"tokens": out["last_hidden_state"], "pooled": out["pooler_output"]}
@@ -222,7 +223,7 @@ def test_training_with_a_pretrained_text_tower(digit_data_dir, tmp_path):
   config.model.towers.text = dict(name="pretrained", path=folder, pooling="mean",
                                   dropout=0.0)
   config.total_steps = 2
-  config.eval_every = config.checkpoint_every = config.log_every = 2
+  config.evals.retrieval.every = config.checkpoint_every = config.log_every = 2
   metrics = loop.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= metrics["test/text->audio/R@1"] <= 100.0
   # The checkpoint's text tower started from MiniLM: its word embeddings moved only a little.
@@ -235,12 +236,15 @@ def test_training_with_a_pretrained_text_tower(digit_data_dir, tmp_path):
   assert np.abs(start).max() > 0.1
 
 
-def test_clip_towers_with_projection_reproduce_clip_embeddings_and_logits(tmp_path):
+def test_clip_towers_with_projection_reproduce_clip_embeddings_and_logits(tmp_path,
+                                                                        monkeypatch):
   """Two pretrained towers from one CLIP folder with projection=True: our model's normalized
-  embeddings and logit scale are CLIP's at step 0."""
+  embeddings and logit scale are CLIP's at step 0, and the folder is read once."""
   import jax  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import pretrained  # pylint: disable=g-import-not-at-top
   from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.pretrained import hf  # pylint: disable=g-import-not-at-top
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=99, max_position_embeddings=16, eos_token_id=98,
                        bos_token_id=97, pad_token_id=0, **SMALL),
@@ -258,11 +262,14 @@ def test_clip_towers_with_projection_reproduce_clip_embeddings_and_logits(tmp_pa
   model_config = ml_collections.ConfigDict(dict(embed_dim=8, towers=dict(
       text=dict(name="pretrained", path=folder, part="text", projection=True),
       image=dict(name="pretrained", path=folder, part="vision", projection=True))))
-  ours, pretrained = towers.build_model(model_config)
+  reads, read_weights = [], hf.read_weights
+  monkeypatch.setattr(hf, "read_weights", lambda path: reads.append(path) or read_weights(path))
+  ours, loaded = towers.build_model(model_config, loader=pretrained.Loader())
+  assert reads == [folder]  # Two towers and two projections from one read.
   batch = {"text": {"input_ids": ids, "attention_mask": mask},
            "image": {"pixels": pixels.transpose(0, 2, 3, 1)}}
   params = ours.init(jax.random.key(0), batch, train=False)["params"]
-  params = towers.insert_pretrained(params, pretrained)
+  params = towers.insert_pretrained(params, loaded)
   out = ours.apply({"params": params}, batch, train=False)
   for name, reference in (("text", text), ("image", image)):
     reference = reference / reference.norm(dim=-1, keepdim=True)
@@ -270,4 +277,5 @@ def test_clip_towers_with_projection_reproduce_clip_embeddings_and_logits(tmp_pa
   np.testing.assert_allclose(params["logit_scale"], model.logit_scale.item(), rtol=1e-6)
   with pytest.raises(ValueError, match="CLIP projects to 8 dims but config.model.embed_dim=4"):
     towers.build_model(ml_collections.ConfigDict(dict(embed_dim=4, towers=dict(
-        text=dict(name="pretrained", path=folder, part="text", projection=True)))))
+        text=dict(name="pretrained", path=folder, part="text", projection=True)))),
+        loader=pretrained.Loader())

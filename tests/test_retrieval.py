@@ -9,7 +9,7 @@ from xmodal_jax.eval import retrieval
 def brute_force_ranks(q, g, qids, gids):
   """Sort the gallery by score; the rank is the position of the first positive (1-based).
 
-  Ties are broken in the positive's favour, as DESIGN.md's "strictly higher" count does.
+  Ties are broken in the positive's favour, as the "strictly higher" count of docs/methods.md does.
   """
   ranks = []
   for i in range(len(q)):

@@ -51,7 +51,7 @@ def test_sigkill_midway_then_rerun_resumes_and_logs_each_step_once(digit_data_di
   workdir = str(tmp_path / "run")
   args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}",
           f"--config.data.data_dir={digit_data_dir}", "--config.total_steps=400",
-          "--config.checkpoint_every=20", "--config.log_every=10", "--config.eval_every=400"]
+          "--config.checkpoint_every=20", "--config.log_every=10", "--config.evals.retrieval.every=400"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,7 +82,7 @@ def test_eight_devices_give_the_same_loss_curve_as_one(digit_data_dir, tmp_path)
     workdir = str(tmp_path / f"run{devices}")
     out = run_train([f"--config={CONFIG}:tiny", f"--workdir={workdir}",
                      f"--config.data.data_dir={digit_data_dir}", "--config.total_steps=8",
-                     "--config.log_every=1", "--config.eval_every=8"], devices=devices).stdout
+                     "--config.log_every=1", "--config.evals.retrieval.every=8"], devices=devices).stdout
     assert f"{devices} devices" in out
     curves[devices] = train_losses(workdir)
   assert sorted(curves[1]) == list(range(1, 9))

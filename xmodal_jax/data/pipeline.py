@@ -1,7 +1,7 @@
 """split -> per-host shard -> preprocess -> batch -> prefetch -> numpy batches.
 
-Batches follow DESIGN.md's contract: {modality: {input: array}, "_mask": {modality: bool[B]},
-"_id": int64[B]}.
+Batches follow docs/architecture.md, "Batches": {modality: {input: array}, "_mask":
+{modality: bool[B]}, "_id": int64[B]}.
 """
 
 import os

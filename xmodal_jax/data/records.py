@@ -11,7 +11,7 @@ validates and encodes them. Stored features, per modality `m`:
                   resized to `frame_size`;
            text:  the captions (a sequence of strings);
            features: float32 of the shape the manifest's first such file has.
-  has_m    the item has modality m (DESIGN.md's mask);
+  has_m    the item has modality m (docs/architecture.md, "Batches");
   first_m  this is the first record of the item's split with this id and this value of m:
            evaluation counts each distinct value once when several records share an id
            (e.g. one image with five spoken captions).

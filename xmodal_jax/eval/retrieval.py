@@ -108,13 +108,16 @@ def chance_recall(query_ids, gallery_ids, k):
 
 def fused_query_sets(modalities, fused="all"):
   """The modality sets to query with: "all" = every subset of 2..M-1 modalities, "none" =
-  none, or a list of names joined by "+" ("audio+video")."""
+  none, or names joined by "+" ("audio+video"), as a list or a comma-separated string (what
+  a command-line override gives)."""
   modalities = list(modalities)
   if fused == "none" or not fused:
     return []
   if fused == "all":
     return [c for r in range(2, len(modalities))
             for c in itertools.combinations(modalities, r)]
+  if isinstance(fused, str):
+    fused = fused.split(",")
   sets = []
   for name in fused:
     parts = tuple(name.split("+"))

@@ -7,7 +7,7 @@ publishers distribute them (layouts in each class's docstring) and is built with
 
 Items carry the features of `records.RecordBuilder` (masks, first-occurrence flags). Split
 names are TFDS's: train, validation, test. Captions of one item are one text value (a list),
-expanded into separate queries at evaluation (DESIGN.md's protocol).
+expanded into separate queries at evaluation (docs/methods.md, "Retrieval metrics").
 """
 
 import csv
