@@ -264,6 +264,7 @@ def aligned_run(digit_data_dir, tmp_path_factory):
   return config, workdir, metrics
 
 
+@pytest.mark.slow
 def test_align_fuse_trains_logs_each_term_and_reranks(aligned_run):
   config, workdir, metrics = aligned_run
   split = config.data.eval_split
@@ -278,6 +279,7 @@ def test_align_fuse_trains_logs_each_term_and_reranks(aligned_run):
   assert f"{split}/audio->video (rerank)/R@1" not in metrics  # no fusion pair for it
 
 
+@pytest.mark.slow
 def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
   """Restored checkpoints of steps 1..4: step n's momentum keys (the batch's ids, and the
   embeddings its EMA params give) sit at the rows `ring_rows` gives (each device's 2 batch
@@ -316,6 +318,7 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
         np.testing.assert_allclose(got[path], value, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_single_device_losses(aligned_run):
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top

@@ -4,13 +4,12 @@ reads back the right counts, ids, captions and splits."""
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import fixtures
+from conftest import run_launcher, run_train
 
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
@@ -198,11 +197,11 @@ def test_clotho(tmp_path):
   assert len(ex["audio"]) == 3_200  # 0.2 s of 44.1 kHz resampled to 16 kHz
 
 
+@pytest.mark.slow
 def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   """configs/image_text.py:align_fuse (tiny towers: patches pooled to a grid for LMIM, a
   fusion encoder re-ranking) trains and evaluates on a flickr30k_karpathy build; its export
   is searched with an image file, re-ranked."""
-  from conftest import run_train  # pylint: disable=g-import-not-at-top
   manual = tmp_path / "files"
   entries = []
   for i in range(12):
@@ -228,11 +227,7 @@ def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   args = ["--config=configs/image_text.py:tiny,flickr30k,align_fuse",
           f"--config.data.data_dir={data_dir}", "--config.modalities.text.tokenizer=digit_words",
           f"--workdir={tmp_path / 'run'}"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu")
-  launch = lambda name, *extra: subprocess.run(
-      [sys.executable, os.path.join("launch", name), *args, *extra], env=env,
-      capture_output=True, text=True, timeout=600, check=True).stdout
+  launch = lambda name, *extra: run_launcher(name, [*args, *extra]).stdout
   launch("export.py", f"--out={tmp_path / 'export'}")
   printed = launch("search.py", f"--export={tmp_path / 'export'}", "--gallery=text",
                    f"--query-image={manual / 'flickr30k-images' / '9.jpg'}", "--rerank=4")

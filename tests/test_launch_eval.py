@@ -1,49 +1,24 @@
-"""launch/export.py, launch/evaluate.py and launch/search.py on a short default run.
-
-The run is the default config cut to 300 steps (about a minute here): enough to retrieve
-(text->video R@1 about 47%), so search results mean something.
-"""
+"""launch/export.py, launch/evaluate.py and launch/search.py on the suite's trained run
+(conftest.trained_run: the default config cut to 300 steps, enough to retrieve)."""
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import numpy as np
 import pytest
 
 import fixtures
-from conftest import REPO, run_train
+from conftest import run_launcher
 
-CONFIG = os.path.join(REPO, "configs", "audio_video_text.py")
-
-
-def run_launcher(name, args, check=True):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", name), *args], env=env,
-                        capture_output=True, text=True, timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f"{name} {args} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}")
-  return proc
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def short_run(digit_data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("short_run"))
-  args = [f"--config={CONFIG}", f"--config.data.data_dir={digit_data_dir}",
-          f"--workdir={workdir}"]
-  run_train(args + ["--config.total_steps=300", "--config.evals.retrieval.every=300",
-                    "--config.checkpoint_every=300", "--config.log_every=100",
-                    "--config.optimizer.warmup_steps=30"], devices=2)
-  return args, workdir
-
-
-@pytest.fixture(scope="module")
-def short_export(short_run, tmp_path_factory):
-  args, _ = short_run
+def short_export(trained_run, tmp_path_factory):
+  args, _, _ = trained_run
   out = str(tmp_path_factory.mktemp("export"))
-  run_launcher("export.py", args + [f"--out={out}"])
+  run_launcher("export.py", args + [f"--out={out}"], devices=2)
   return out
 
 
@@ -57,11 +32,11 @@ def numpy_ranks(query, gallery, query_ids, gallery_ids):
   return np.array(ranks)
 
 
-def test_metrics_from_exported_files_equal_evaluate(short_run, short_export, tmp_path):
-  args, _ = short_run
+def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, tmp_path):
+  args, _, _ = trained_run
   out = short_export
   report = str(tmp_path / "eval.json")
-  printed = run_launcher("evaluate.py", args + [f"--out={report}"]).stdout
+  printed = run_launcher("evaluate.py", args + [f"--out={report}"], devices=2).stdout
   assert "audio+video->text" in printed
   with open(report) as f:
     reported = json.load(f)
@@ -85,15 +60,16 @@ def test_metrics_from_exported_files_equal_evaluate(short_run, short_export, tmp
   assert reported["test/audio+video->text/R@5"] == pytest.approx(100 * np.mean(ranks <= 5))
 
 
-def test_export_resumes_and_refuses_to_mix(short_run, tmp_path):
-  args, workdir = short_run
+def test_export_resumes_and_refuses_to_mix(trained_run, short_export, tmp_path):
+  """A copy of the suite's export, as if killed before its last batch, resumes."""
+  args, _, _ = trained_run
   out = str(tmp_path / "emb")
-  run_launcher("export.py", args + [f"--out={out}"])
+  shutil.copytree(short_export, out)
   first = np.load(os.path.join(out, "text.npy"))
   parts = sorted(os.listdir(os.path.join(out, "parts")))
   os.remove(os.path.join(out, "parts", parts[-2]))  # As if killed before the last batch.
   os.remove(os.path.join(out, "meta.json"))
-  printed = run_launcher("export.py", args + [f"--out={out}"]).stdout
+  printed = run_launcher("export.py", args + [f"--out={out}"], devices=2).stdout
   assert printed.count("export: batch") == 1  # Only the missing batch was computed again.
   np.testing.assert_allclose(np.load(os.path.join(out, "text.npy")), first, atol=1e-6)
   from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
@@ -103,8 +79,8 @@ def test_export_resumes_and_refuses_to_mix(short_run, tmp_path):
     export.write_export(out, [], 0, dict(signature, step=1), {})
 
 
-def test_search_lists_the_matching_item_first(short_run, short_export):
-  args, _ = short_run
+def test_search_lists_the_matching_item_first(trained_run, short_export):
+  args, _, _ = trained_run
   printed = run_launcher("search.py", args + [
       f"--export={short_export}", "--query-text=three eight six one",
       "--gallery=text,video", "--k=3"]).stdout
@@ -115,8 +91,8 @@ def test_search_lists_the_matching_item_first(short_run, short_export):
     assert first.strip().startswith("1. id") and "'three eight six one'" in first, printed
 
 
-def test_search_errors_name_the_flag(short_run, short_export):
-  args, _ = short_run
+def test_search_errors_name_the_flag(trained_run, short_export):
+  args, _, _ = trained_run
   proc = run_launcher("search.py", args + [f"--export={short_export}"], check=False)
   assert proc.returncode and "exactly one of --query-text, --query-audio" in proc.stderr
   proc = run_launcher("search.py", args + [f"--export={short_export}",
@@ -127,10 +103,10 @@ def test_search_errors_name_the_flag(short_run, short_export):
   assert proc.returncode and "--gallery=image" in proc.stderr
 
 
-def test_search_with_an_audio_file(short_run, short_export):
+def test_search_with_an_audio_file(trained_run, short_export):
   """A real recording as the query: it is read, checked and encoded by the audio tower."""
   from xmodal_jax.data.builders import digit_sequences  # pylint: disable=g-import-not-at-top
-  args, _ = short_run
+  args, _, _ = trained_run
   wav = os.path.join(digit_sequences.ASSETS_DIR, "audio", "en", "7.wav")
   printed = run_launcher("search.py", args + [f"--export={short_export}",
                                               f"--query-audio={wav}", "--k=2"]).stdout
@@ -138,7 +114,7 @@ def test_search_with_an_audio_file(short_run, short_export):
   assert printed.count(" 1. id ") == 2
 
 
-def test_video_file_is_decoded_to_the_dataset_frames_and_searched(short_run, short_export,
+def test_video_file_is_decoded_to_the_dataset_frames_and_searched(trained_run, short_export,
                                                                   digit_data_dir, tmp_path):
   """A test item's four handwriting frames, upscaled 8x and encoded as MP4 (8 video frames,
   each digit held for two): decoding samples them back to 4 x 8 x 8 close to the
@@ -154,7 +130,7 @@ def test_video_file_is_decoded_to_the_dataset_frames_and_searched(short_run, sho
   decoded = media.read_video(path, (4, 8, 8, 1))
   assert decoded.shape == (4, 8, 8, 1) and decoded.dtype == np.uint8
   assert np.abs(decoded[..., 0].astype(int) - frames).mean() < 6  # Codec loss only.
-  args, _ = short_run
+  args, _, _ = trained_run
   printed = run_launcher("search.py", args + [f"--export={short_export}",
                                               f"--query-video={path}", "--k=3"]).stdout
   assert "video query -> text" in printed and "video query -> audio" in printed

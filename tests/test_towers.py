@@ -1,6 +1,8 @@
 """Tower options every tower shares: bfloat16 compute, float8 matmuls, rematerialization,
 pooling choices; video as frames through an image tower; precomputed features."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,54 +34,55 @@ def towers_and_inputs(rng, **kwargs):
   ]
 
 
+def init_params(tower, inputs):
+  return jax.jit(functools.partial(tower.init, train=False))(jax.random.key(0), inputs)["params"]
+
+
+def pooled_and_grads(tower, params, inputs):
+  """(pooled output, gradients of sum(pooled^2) with respect to params), jitted."""
+  pooled = lambda p: tower.apply({"params": p}, inputs, train=False)["pooled"]
+  loss = lambda p: jnp.sum(pooled(p).astype(jnp.float32) ** 2)
+  return jax.jit(lambda p: (pooled(p), jax.grad(loss)(p)))(params)
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 @pytest.mark.parametrize("index", range(5))
-def test_bfloat16_compute_keeps_float32_params_and_close_outputs(index):
-  rng = np.random.default_rng(0)
-  tower32, inputs = towers_and_inputs(rng)[index]
+def test_trunk_options_keep_the_params_and_stay_close_to_float32(index):
+  """Each tower with bfloat16 compute, remat and fp8 matmuls, against its float32 self on
+  the same params: bfloat16 keeps float32 params and outputs within 5% of the largest;
+  remat gives the same gradients; fp8 (tests/test_fp8.py checks the rounding exactly)
+  takes the same params, and its outputs and gradients are near float32's, yet not equal."""
+  rng = np.random.default_rng(index)
+  plain, inputs = towers_and_inputs(rng)[index]
+  params = init_params(plain, inputs)
+  out32, grads32 = pooled_and_grads(plain, params, inputs)
+
   tower16, _ = towers_and_inputs(rng, dtype=jnp.bfloat16)[index]
-  params = tower32.init(jax.random.key(0), inputs, train=False)["params"]
-  params16 = tower16.init(jax.random.key(0), inputs, train=False)["params"]
+  params16 = jax.eval_shape(functools.partial(tower16.init, train=False), jax.random.key(0),
+                            inputs)["params"]
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params16))
-  out32 = tower32.apply({"params": params}, inputs, train=False)["pooled"]
-  out16 = tower16.apply({"params": params}, inputs, train=False)["pooled"]
+  out16 = jax.jit(functools.partial(tower16.apply, train=False))({"params": params},
+                                                                 inputs)["pooled"]
   assert out16.dtype == jnp.bfloat16
   scale = float(jnp.abs(out32).max())
   assert float(jnp.abs(out16.astype(jnp.float32) - out32).max()) < 0.05 * scale
 
-
-@pytest.mark.parametrize("index", range(5))
-def test_remat_gives_the_same_gradients(index):
-  rng = np.random.default_rng(1)
-  plain, inputs = towers_and_inputs(rng)[index]
   remat, _ = towers_and_inputs(rng, remat=True)[index]
-  params = plain.init(jax.random.key(0), inputs, train=False)["params"]
-
-  def grads(tower):
-    loss = lambda p: jnp.sum(tower.apply({"params": p}, inputs, train=False)["pooled"] ** 2)
-    return jax.grad(loss)(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
-               grads(plain), grads(remat))
+               pooled_and_grads(remat, params, inputs)[1], grads32)
 
-
-@pytest.mark.parametrize("index", range(5))
-def test_fp8_matmuls_take_the_same_params_and_stay_close(index):
-  """fp8=True rounds every block's matmul operands (tests/test_fp8.py checks the rounding
-  exactly): same params, outputs and gradients near float32's, yet not equal to them."""
-  rng = np.random.default_rng(2)
-  plain, inputs = towers_and_inputs(rng)[index]
   low, _ = towers_and_inputs(rng, fp8=True)[index]
-  params = plain.init(jax.random.key(0), inputs, train=False)["params"]
-  assert (jax.tree.structure(low.init(jax.random.key(0), inputs, train=False)["params"])
+  assert (jax.tree.structure(jax.eval_shape(functools.partial(low.init, train=False),
+                                            jax.random.key(0), inputs)["params"])
           == jax.tree.structure(params))
-
-  def output_and_grads(tower):
-    pooled = lambda p: tower.apply({"params": p}, inputs, train=False)["pooled"]
-    out, grads = pooled(params), jax.grad(lambda p: jnp.sum(pooled(p) ** 2))(params)
-    return np.asarray(out), np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
-  (out, grads), (out8, grads8) = output_and_grads(plain), output_and_grads(low)
-  error = np.linalg.norm(out8 - out) / np.linalg.norm(out)
+  out8, grads8 = pooled_and_grads(low, params, inputs)
+  error = np.linalg.norm(out8 - out32) / np.linalg.norm(out32)
   assert 1e-3 < error < 0.2, error  # e4m3 keeps 3 mantissa bits: a few % per product
-  cosine = grads8 @ grads / np.linalg.norm(grads8) / np.linalg.norm(grads)
+  g8, g32 = flat(grads8), flat(grads32)
+  cosine = g8 @ g32 / np.linalg.norm(g8) / np.linalg.norm(g32)
   assert cosine > 0.9, cosine  # e5m2 gradients (2 mantissa bits) through 2 blocks
 
 

@@ -1,5 +1,7 @@
-"""launch/train.py end to end: resume after SIGKILL, 1 vs 8 devices, config errors."""
+"""Training end to end: launch/train.py's files and resume (after finishing and after
+SIGKILL), 1 vs 8 devices, config errors, the objective variants sharded."""
 
+import functools
 import json
 import os
 import signal
@@ -7,12 +9,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_train
-
-CONFIG = os.path.join(REPO, "configs", "audio_video_text.py")
+from conftest import CONFIG, REPO, run_train, xla_flags
+from configs import audio_video_text
+from xmodal_jax import parallel
+from xmodal_jax.data import pipeline
+from xmodal_jax.train import experiment as experiment_lib, loop, step as step_lib
 
 
 def read_metrics(workdir):
@@ -20,39 +25,42 @@ def read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
-def train_losses(workdir):
-  return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+def tiny_config(data_dir, variant="tiny"):
+  config = audio_video_text.get_config(variant)
+  config.data.data_dir = data_dir
+  return config
 
 
-def test_tiny_run_trains_evaluates_and_resumes_when_done(digit_data_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}",
-          f"--config.data.data_dir={digit_data_dir}"]
-  out = run_train(args).stdout
-  assert "test/audio->text" not in out and "audio->text" in out  # The printed table.
+@pytest.mark.slow
+def test_run_writes_metrics_checkpoints_and_resumes_when_done(trained_run):
+  args, workdir, printed = trained_run
+  assert "test/audio->text" not in printed and "audio->text" in printed  # The table.
+  assert "2 devices" in printed
   records = read_metrics(workdir)
-  assert [r["step"] for r in records if "train/loss" in r] == [2, 4, 6]
+  assert [r["step"] for r in records if "train/loss" in r] == [100, 200, 300]
   final = records[-1]
-  assert final["step"] == 6
+  assert final["step"] == 300
   for pair in ("audio->video", "audio->text", "video->audio", "video->text", "text->audio",
                "text->video"):
     for metric in ("R@1", "R@5", "R@10", "MedR", "MnR"):
       assert f"test/{pair}/{metric}" in final
-  assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "300"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
-  # Re-running a finished run restores it and only evaluates.
-  again = run_train(args).stdout
-  assert "Resuming from the checkpoint of step 6" in again
-  assert "step 2/6" not in again
-  assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [2, 4, 6]
+  # Re-running a finished run restores it and only evaluates; the files stay as they were.
+  again = run_train(args + ["--config.total_steps=300"], devices=2).stdout
+  assert "Resuming from the checkpoint of step 300" in again
+  assert "step 100/300" not in again and "audio->text" in again
+  assert read_metrics(workdir) == records
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_resumes_and_logs_each_step_once(digit_data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}",
           f"--config.data.data_dir={digit_data_dir}", "--config.total_steps=400",
-          "--config.checkpoint_every=20", "--config.log_every=10", "--config.evals.retrieval.every=400"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+          "--config.checkpoint_every=20", "--config.log_every=10",
+          "--config.evals.retrieval.every=400"]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -77,45 +85,62 @@ def test_sigkill_midway_then_rerun_resumes_and_logs_each_step_once(digit_data_di
 
 
 def test_eight_devices_give_the_same_loss_curve_as_one(digit_data_dir, tmp_path):
+  """The same train step from the same state on the same batches, on a 1-device and an
+  8-device mesh: the sharded loss (every device scoring its rows against the gathered
+  batch) and the update equal one device's."""
+  config = tiny_config(digit_data_dir)
+  experiment = experiment_lib.setup(config, str(tmp_path))
+  batches = pipeline.train_iterator(config, experiment.builder)
+  batches = [next(batches) for _ in range(6)]
   curves = {}
-  for devices in (1, 8):
-    workdir = str(tmp_path / f"run{devices}")
-    out = run_train([f"--config={CONFIG}:tiny", f"--workdir={workdir}",
-                     f"--config.data.data_dir={digit_data_dir}", "--config.total_steps=8",
-                     "--config.log_every=1", "--config.evals.retrieval.every=8"], devices=devices).stdout
-    assert f"{devices} devices" in out
-    curves[devices] = train_losses(workdir)
-  assert sorted(curves[1]) == list(range(1, 9))
-  np.testing.assert_allclose([curves[8][s] for s in range(1, 9)],
-                             [curves[1][s] for s in range(1, 9)], rtol=2e-5)
+  for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()):
+    state = jax.device_put(experiment.state, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    train_fn = jax.jit(functools.partial(
+        step_lib.train_step, model=experiment.model, tx=experiment.tx,
+        loss_config=config.loss, mesh=mesh, seed=config.seed))
+    curves[mesh.size] = []
+    for batch in batches:
+      state, metrics = train_fn(state, parallel.shard_batch(batch, mesh))
+      curves[mesh.size].append(float(metrics["loss"]))
+  assert sorted(curves) == [1, 8]
+  assert curves[1][-1] < curves[1][0]
+  np.testing.assert_allclose(curves[8], curves[1], rtol=2e-5)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--config.bogus_key=1", "bogus_key"),
-    ("--config.data.data_dir=/no/such/folder", "/no/such/folder"),
-    ("--config.modalities.audio.feature=speech", "speech"),
-    ("--config.loss.kind=hinge", "config.loss.kind='hinge'"),
-])
-def test_bad_config_stops_before_compiling_and_names_the_culprit(digit_data_dir, tmp_path,
-                                                                  override, message):
-  args = [f"--config={CONFIG}:tiny", f"--workdir={tmp_path}", override]
-  if "data_dir" not in override:
-    args.append(f"--config.data.data_dir={digit_data_dir}")
-  proc = run_train(args, check=False)
+def test_unknown_config_key_stops_the_launcher_naming_it(tmp_path):
+  proc = run_train([f"--config={CONFIG}:tiny", f"--workdir={tmp_path}",
+                    "--config.bogus_key=1"], check=False)
   assert proc.returncode != 0
-  assert message in proc.stdout + proc.stderr
+  assert "bogus_key" in proc.stdout + proc.stderr
   assert "parameters;" not in proc.stdout  # Nothing was built or compiled.
 
 
+@pytest.mark.parametrize("change, error, message", [
+    (dict(data_dir="/no/such/folder"), FileNotFoundError, "/no/such/folder"),
+    (dict(feature="speech"), ValueError, "config.modalities.audio.feature='speech'"),
+])
+def test_bad_data_config_stops_before_building_the_model(digit_data_dir, tmp_path,
+                                                         monkeypatch, change, error, message):
+  config = tiny_config(change.get("data_dir", digit_data_dir))
+  if "feature" in change:
+    config.modalities.audio.feature = change["feature"]
+  monkeypatch.setattr("xmodal_jax.models.towers.build_model", None)  # Never reached.
+  with pytest.raises(error, match=message):
+    experiment_lib.setup(config, str(tmp_path))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, impl", [("tiny,regression", "blockwise"),
                                            ("tiny,sigmoid", "ring")])
 def test_objective_variants_train_sharded(digit_data_dir, tmp_path, variant, impl):
-  workdir = str(tmp_path / "run")
-  run_train([f"--config={CONFIG}:{variant}", f"--workdir={workdir}",
-             f"--config.data.data_dir={digit_data_dir}", f"--config.loss.impl={impl}",
-             "--config.loss.block_size=1"], devices=8)
-  records = [r for r in read_metrics(workdir) if "train/loss" in r]
-  assert all(np.isfinite(r["train/loss"]) for r in records)
+  """Six steps of each variant on 8 devices, the loss streamed in tiles of one column."""
+  config = tiny_config(digit_data_dir, variant)
+  config.loss.impl, config.loss.block_size = impl, 1
+  config.evals.retrieval.fused = "none"
+  loop.train_and_evaluate(config, str(tmp_path))
+  records = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+  assert len(records) == 3 and all(np.isfinite(r["train/loss"]) for r in records)
   if "regression" in variant:
     assert "train/regression/audio-video/regression" in records[-1]
     assert "train/contrastive" not in records[-1]

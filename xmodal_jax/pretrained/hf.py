@@ -343,7 +343,7 @@ def load_hf(path, part=None, **overrides):
   remat, dropout, pooling, ...). Nothing is fetched from a hub.
   """
   check_folder(path)
-  return convert(path, read_weights(path), part, overrides)
+  return convert(path, lambda: read_weights(path), part, overrides)
 
 
 def check_folder(path):
@@ -353,8 +353,9 @@ def check_folder(path):
     raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face model folder")
 
 
-def convert(path, tensors, part, overrides):
-  """load_hf on the folder's already-read `tensors`."""
+def convert(path, read_tensors, part, overrides):
+  """load_hf with the folder's tensors from `read_tensors()`, called once the config has
+  been checked."""
   import transformers  # pylint: disable=g-import-not-at-top
   overrides = dict(overrides)
   config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -377,7 +378,7 @@ def convert(path, tensors, part, overrides):
     prefixes = ("bert.", "roberta.", "vit.", "audio_spectrogram_transformer.", "text_model.",
                 "vision_model.")
   renames = LEGACY_VIT_NAMES if model_type in ("vit", "audio-spectrogram-transformer") else ()
-  w = Weights(canonical_names(tensors, prefixes, renames), path)
+  w = Weights(canonical_names(read_tensors(), prefixes, renames), path)
 
   token_inputs = {"input_ids": np.zeros((1, 4), np.int32),
                   "attention_mask": np.ones((1, 4), np.int32)}
@@ -448,7 +449,7 @@ class Loader:
     if not path:
       raise ValueError(f"{where}: name='pretrained' needs path=<a Hugging Face model folder>")
     part = options.pop("part", None)
-    module, params = convert(path, self.tensors(path), part, options)
+    module, params = convert(path, lambda: self.tensors(path), part, options)
     return module.tower, params
 
   def projection(self, options, where, embed_dim):
