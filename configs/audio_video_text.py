@@ -62,6 +62,7 @@ def get_config(variant=""):
   # every modality outside it.
   config.evals = dict(retrieval=recipes.retrieval_eval(every=500))
   config.alignment = recipes.alignment_defaults()
+  config.nonfinite = recipes.nonfinite_defaults()
 
   config.log_every = 50
   config.checkpoint_every = 250

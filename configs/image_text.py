@@ -67,6 +67,7 @@ def get_config(variant=""):
   config.evals = dict(retrieval=recipes.retrieval_eval(every=2_000))
   config.evals.retrieval.fused = "none"
   config.alignment = recipes.alignment_defaults()
+  config.nonfinite = recipes.nonfinite_defaults()
   config.log_every = 100
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3

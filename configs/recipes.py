@@ -22,6 +22,13 @@ def alignment_defaults():
                                         distill_ramp_steps=0))
 
 
+def nonfinite_defaults():
+  """`config.nonfinite`: a step whose loss, gradients or update are not finite never applies
+  its update; "skip" goes on and stops training after `max_in_a_row` such steps in a row,
+  "stop" stops at the first (train/loop.py: NonFiniteGuard)."""
+  return ml_collections.ConfigDict(dict(policy="skip", max_in_a_row=10))
+
+
 def retrieval_eval(every):
   """`config.evals.retrieval`: every ordered pair and every fused query (docs/methods.md)
   on config.data.eval_split, every `every` steps and at the end."""

@@ -3,7 +3,8 @@
   python launch/train.py --config=configs/audio_video_text.py --workdir=runs/avt
   python launch/train.py --config=configs/audio_video_text.py:tiny --config.total_steps=20
 
-Re-running the same command resumes from the newest checkpoint in --workdir.
+Re-running the same command resumes from the newest checkpoint in --workdir. Exit status 3:
+training stopped on non-finite steps (config.nonfinite); the checkpoints are finite.
 """
 
 import os
@@ -18,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints and metrics go here.")
@@ -28,7 +31,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and TensorBoard are chatty at INFO.
-  loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except loop.NonFiniteError as e:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(NONFINITE_EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ def rerank(query_emb, gallery_emb, query_ids, gallery_ids, score_fn, k):
   no positive there keeps its embedding rank (> k, or 0 without any positive). Returns
   (ranks int64[Q], re-ranked top int64[Q, k]).
   """
+  retrieval.check_finite(query_emb, "rerank: queries")
+  retrieval.check_finite(gallery_emb, "rerank: gallery")
   gallery_ids = np.asarray(gallery_ids)
   query_ids = np.asarray(query_ids)
   k = min(k, len(gallery_emb))

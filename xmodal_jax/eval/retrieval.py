@@ -10,6 +10,15 @@ import itertools
 import numpy as np
 
 
+def check_finite(emb, what):
+  """Raises when any row of `emb` is not finite: NaN scores rank nothing above a positive,
+  so a diverged model would otherwise report R@1 = 100."""
+  bad = int(np.count_nonzero(~np.isfinite(np.asarray(emb)).all(axis=-1)))
+  if bad:
+    raise ValueError(f"{what}: {bad} of {len(emb)} embeddings are not finite (NaN or inf); "
+                     "refusing to rank them (has the model diverged?)")
+
+
 def query_ranks(query_emb, gallery_emb, query_ids, gallery_ids, chunk_size=1024):
   """int64[Q] ranks (1 = best); 0 for a query whose id has no item in the gallery."""
   query_emb = np.asarray(query_emb, np.float32)
@@ -62,6 +71,8 @@ def retrieval_metrics(query_emb, gallery_emb, query_ids, gallery_ids, ks=(1, 5, 
   "unmatched_queries" instead of being scored. Large galleries (over `LARGE` scores) go
   through `search` over all devices (or `mesh`), exactly.
   """
+  check_finite(query_emb, "retrieval_metrics: queries")
+  check_finite(gallery_emb, "retrieval_metrics: gallery")
   k = min(map_k, len(gallery_emb))
   if len(query_emb) * len(gallery_emb) > LARGE or mesh is not None:
     from xmodal_jax.eval import search  # pylint: disable=g-import-not-at-top
@@ -151,6 +162,8 @@ def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10), fused="all", me
     name joins its modalities with "+"; "{split}/{a}<->{b}/RSUM" sums both directions.
   """
   ids = np.asarray(ids)
+  for m, emb in embeddings.items():
+    check_finite(np.asarray(emb)[np.asarray(masks[m], bool)], f"{split}/{m}")
   queries = [((q,), g) for q, g in itertools.permutations(embeddings, 2)]
   queries += [(s, g) for s in fused_query_sets(embeddings, fused) for g in embeddings
               if g not in s]

@@ -15,6 +15,8 @@ from xmodal_jax.losses import objectives
 from xmodal_jax.models import towers
 from xmodal_jax.train import checkpoint, optimizer, state as state_lib
 
+NONFINITE_POLICIES = ("skip", "stop")
+
 
 def validate_config(config):
   """Stops on an inconsistent config before any data is read or anything compiled; each
@@ -35,6 +37,14 @@ def validate_config(config):
   for key in ("total_steps", "log_every", "checkpoint_every"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]}: expected a positive number of steps")
+  if "nonfinite" not in config:
+    raise ValueError("config.nonfinite is unset (configs/recipes.py: nonfinite_defaults)")
+  if config.nonfinite.policy not in NONFINITE_POLICIES:
+    raise ValueError(f"config.nonfinite.policy={config.nonfinite.policy!r}: expected one of "
+                     f"{NONFINITE_POLICIES}")
+  if config.nonfinite.max_in_a_row < 1:
+    raise ValueError(f"config.nonfinite.max_in_a_row={config.nonfinite.max_in_a_row}: "
+                     "expected at least 1")
 
 
 def state_shardings(state, mesh):

@@ -96,6 +96,10 @@ def update_queues(queues, momentum_emb, batch, mesh):
 def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_config=None):
   """One optimizer update on a global batch. Returns (new state, metrics).
 
+  A step whose loss, gradients or updated params are not all finite applies no update (the
+  params and optimizer state stay as they were; the step still counts) and reports
+  metrics["nonfinite"] = 1, so a state, and a checkpoint of it, is always finite.
+
   With momentum objectives (itc, ims), as ALBEF: the EMA params first move towards the
   current params (momentum from `alignment_config`), then embed the batch as keys; after the
   update those keys join the queues.
@@ -115,7 +119,15 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
   params = optax.apply_updates(state.params, updates)
   metrics["loss"] = loss
   metrics["grad_norm"] = optax.global_norm(grads)
-  if queues is not None:
-    queues = update_queues(queues, extra["momentum_emb"], batch, mesh)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+            & jnp.isfinite(optax.global_norm(params)))
+  keep_if_not_finite = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  params = keep_if_not_finite(params, state.params)
+  opt_state = keep_if_not_finite(opt_state, state.opt_state)
+  metrics["nonfinite"] = (~finite).astype(jnp.int32)
+  if queues is not None:  # A skipped step's keys may be the non-finite part: not enqueued.
+    queues = keep_if_not_finite(update_queues(queues, extra["momentum_emb"], batch, mesh),
+                                queues)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        momentum_params=momentum_params, queues=queues), metrics
