@@ -4,7 +4,9 @@
   python launch/train.py --config=configs/audio_video_text.py:tiny --config.total_steps=20
 
 Re-running the same command resumes from the newest checkpoint in --workdir. Exit status 3:
-training stopped on non-finite steps (config.nonfinite); the checkpoints are finite.
+training stopped on non-finite steps (config.nonfinite); the checkpoints are finite. SIGTERM
+or SIGINT save a checkpoint at the next step boundary and exit with 143 or 130 (128 + the
+signal), as a process the signal killed reports it; re-running loses no step.
 """
 
 import os
@@ -17,7 +19,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from xmodal_jax.train import loop, preemption
 
 NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
 
@@ -36,6 +39,9 @@ def main(argv):
   except loop.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(NONFINITE_EXIT_STATUS)
+  except preemption.Preempted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(128 + e.signal_number)  # As a process killed by the signal reports it.
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ def checked(variant="tiny", **changes):
     ("tiny", {"evals.retrieval.fused": "audio+video,audio+image"},
      "config.evals.retrieval.fused: fused query 'audio+image'"),
     ("tiny", {"total_steps": 0}, "config.total_steps=0"),
+    ("tiny", {"keep_checkpoints": 0}, "config.keep_checkpoints=0"),
+    ("tiny", {"optimizer.learning_rate": 0.0}, "config.optimizer.learning_rate=0.0"),
+    ("tiny", {"optimizer.learning_rate": float("nan")}, "config.optimizer.learning_rate=nan"),
+    ("tiny", {"optimizer.b2": 1.0}, "config.optimizer.b2=1.0"),
+    ("tiny", {"nonfinite.policy": "ignore"}, "config.nonfinite.policy='ignore'"),
+    ("tiny", {"nonfinite.max_in_a_row": 0}, "config.nonfinite.max_in_a_row=0"),
 ])
 def test_each_objective_and_evaluator_names_its_bad_option(variant, changes, message):
   with pytest.raises(ValueError, match=message.replace("+", r"\+")):

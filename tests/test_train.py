@@ -17,7 +17,8 @@ from conftest import CONFIG, REPO, run_train, xla_flags
 from configs import audio_video_text
 from xmodal_jax import parallel
 from xmodal_jax.data import pipeline
-from xmodal_jax.train import experiment as experiment_lib, loop, step as step_lib
+from xmodal_jax.train import experiment as experiment_lib, loop, metrics as metrics_lib
+from xmodal_jax.train import step as step_lib
 
 
 def read_metrics(workdir):
@@ -84,6 +85,37 @@ def test_sigkill_midway_then_rerun_resumes_and_logs_each_step_once(digit_data_di
   assert "test/video->text/R@1" in read_metrics(workdir)[-1]
 
 
+@pytest.mark.slow
+def test_sigterm_saves_the_current_step_and_the_rerun_loses_none(digit_data_dir, tmp_path):
+  """What a TPU/cloud preemption sends, at some step far from any periodic checkpoint: the
+  run saves that step's checkpoint, exits 143, and the re-run resumes exactly there."""
+  workdir = str(tmp_path / "run")
+  args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}",
+          f"--config.data.data_dir={digit_data_dir}", "--config.total_steps=300",
+          "--config.checkpoint_every=1000", "--config.log_every=10",
+          "--config.evals.retrieval.every=300", "--config.evals.retrieval.fused=none"]
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
+                          env=dict(os.environ, XLA_FLAGS=xla_flags(1)),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + 300
+  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
+    assert proc.poll() is None and time.time() < deadline, "training ended before SIGTERM"
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+  saved = int(err.split("preempted (SIGTERM) at step ")[1].split(":")[0])
+  assert 30 <= saved < 300
+  checkpoints = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if d.isdigit()]
+  assert max(checkpoints) == saved  # Beside Orbax's first-step save, none periodic.
+  out = run_train(args).stdout
+  assert f"Resuming from the checkpoint of step {saved}." in out
+  steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
+  assert steps == list(range(10, 301, 10)), "each logged step must appear exactly once"
+
+
 def test_eight_devices_give_the_same_loss_curve_as_one(digit_data_dir, tmp_path):
   """The same train step from the same state on the same batches, on a 1-device and an
   8-device mesh: the sharded loss (every device scoring its rows against the gathered
@@ -147,3 +179,21 @@ def test_objective_variants_train_sharded(digit_data_dir, tmp_path, variant, imp
   else:
     assert "train/logit_bias" in records[-1]
     assert records[0]["train/logit_bias"] == pytest.approx(-10.0, abs=0.1)
+
+
+def test_metrics_file_survives_a_torn_last_line_and_names_a_corrupt_one(tmp_path):
+  """A kill mid-write leaves a torn last line: a resume drops it (and the steps after the
+  checkpoint) and rewrites the file whole; a bad line elsewhere is an error naming it."""
+  path = tmp_path / "metrics.jsonl"
+  lines = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in (1, 2, 3)]
+  path.write_text("\n".join(lines) + "\n" + '{"step": 4, "train/lo')
+  writer = metrics_lib.MetricWriter(str(tmp_path), start_step=2)
+  writer.write(3, {"train/loss": 0.5})
+  writer.close()
+  assert read_metrics(str(tmp_path)) == [{"step": 1, "train/loss": 1.0},
+                                         {"step": 2, "train/loss": 0.5},
+                                         {"step": 3, "train/loss": 0.5}]
+  assert not os.path.exists(str(path) + ".tmp")
+  path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+  with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
+    metrics_lib.MetricWriter(str(tmp_path), start_step=2)

@@ -37,6 +37,10 @@ def validate_config(config):
   for key in ("total_steps", "log_every", "checkpoint_every"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]}: expected a positive number of steps")
+  if config.keep_checkpoints < 1:
+    raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints}: expected at least 1 "
+                     "(the newest checkpoint is what a re-run resumes from)")
+  optimizer.validate(config)
   if "nonfinite" not in config:
     raise ValueError("config.nonfinite is unset (configs/recipes.py: nonfinite_defaults)")
   if config.nonfinite.policy not in NONFINITE_POLICIES:

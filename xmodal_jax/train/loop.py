@@ -7,7 +7,7 @@ import jax
 from xmodal_jax import parallel
 from xmodal_jax.eval import evaluators, retrieval
 from xmodal_jax.train import checkpoint, experiment as experiment_lib, metrics as metrics_lib
-from xmodal_jax.train import optimizer, step as step_lib
+from xmodal_jax.train import optimizer, preemption, step as step_lib
 
 
 class NonFiniteError(RuntimeError):
@@ -91,19 +91,27 @@ def train_and_evaluate(config, workdir):
   schedule = optimizer.learning_rate_schedule(config)
   guard = NonFiniteGuard(config, manager)
   eval_metrics = None
-  for step in range(start_step + 1, config.total_steps + 1):
-    state, train_metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
-    guard.after(step, train_metrics["nonfinite"])
-    last = step == config.total_steps
-    if step % config.log_every == 0 or last:
-      guard.finish()
-      train_metrics = jax.device_get(train_metrics)
-      writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()}
-                   | {"train/learning_rate": schedule(step),
-                      "train/nonfinite_steps": guard.total})
-      print(progress.line(step, float(train_metrics["loss"])), flush=True)
-    checkpoint.save(manager, step, state, force=last)
-    eval_metrics = evaluate(experiment, state.params, writer, step, final=last) or eval_metrics
+  with preemption.Watch().installed() as watch:
+    for step in range(start_step + 1, config.total_steps + 1):
+      state, train_metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
+      guard.after(step, train_metrics["nonfinite"])
+      last = step == config.total_steps
+      if step % config.log_every == 0 or last:
+        guard.finish()
+        train_metrics = jax.device_get(train_metrics)
+        writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()}
+                     | {"train/learning_rate": schedule(step),
+                        "train/nonfinite_steps": guard.total})
+        print(progress.line(step, float(train_metrics["loss"])), flush=True)
+      preempted = watch.reached(step)
+      checkpoint.save(manager, step, state, force=last or preempted)
+      if preempted:
+        guard.finish()
+        manager.wait_until_finished()
+        writer.close()
+        manager.close()
+        raise preemption.Preempted(step, watch.signal_number)
+      eval_metrics = evaluate(experiment, state.params, writer, step, final=last) or eval_metrics
   guard.finish()
   manager.wait_until_finished()
   if eval_metrics is None:  # Already trained: report the final checkpoint.

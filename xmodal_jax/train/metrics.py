@@ -13,12 +13,29 @@ def _scalar(value):
   return value.item() if value.size == 1 else value.tolist()
 
 
+def read_records(path):
+  """The JSON objects of a metrics.jsonl. A torn last line (the writer was killed mid-line)
+  is dropped with a notice; any other unreadable line is an error naming it."""
+  with open(path) as f:
+    lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+  records = []
+  for number, line in lines:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number != lines[-1][0] or line.endswith("\n"):
+        raise ValueError(f"{path}:{number}: not a JSON line ({e})") from e
+      print(f"{path}:{number}: dropping a torn last line (written when the run was killed)",
+            flush=True)
+  return records
+
+
 class MetricWriter:
   """Writes one JSON object per logged step to metrics.jsonl and scalars to TensorBoard.
 
   On resume from `start_step`, lines of steps after it (written before the restart but not
-  covered by the checkpoint) are dropped first, so every step appears once. Only process 0
-  writes.
+  covered by the checkpoint) are dropped first, so every step appears once, and so is a torn
+  last line (a kill mid-write); the file is rewritten atomically. Only process 0 writes.
   """
 
   def __init__(self, workdir, start_step=0):
@@ -28,10 +45,10 @@ class MetricWriter:
       return
     os.makedirs(workdir, exist_ok=True)
     if os.path.exists(self.path):
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+      kept = [record for record in read_records(self.path) if record["step"] <= start_step]
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in kept)
+      os.replace(self.path + ".tmp", self.path)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tensorboard = SummaryWriter(logdir=workdir)
 

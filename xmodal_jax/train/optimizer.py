@@ -1,7 +1,28 @@
 """AdamW with linear warmup and cosine decay, gradient clipping, no decay on 1-D params."""
 
+import math
+
 import jax
 import optax
+
+
+def validate(config):
+  """Raises on config.optimizer values the schedule and AdamW cannot take, naming the field."""
+  opt = config.optimizer
+  checks = [
+      ("learning_rate", opt.learning_rate, math.isfinite(opt.learning_rate)
+       and opt.learning_rate > 0, "a finite number > 0"),
+      ("warmup_steps", opt.warmup_steps, opt.warmup_steps >= 0, ">= 0"),
+      ("end_learning_rate_ratio", opt.end_learning_rate_ratio,
+       0 <= opt.end_learning_rate_ratio <= 1, "between 0 and 1"),
+      ("weight_decay", opt.weight_decay, opt.weight_decay >= 0, ">= 0"),
+      ("b1", opt.b1, 0 <= opt.b1 < 1, "0 <= b1 < 1"),
+      ("b2", opt.b2, 0 <= opt.b2 < 1, "0 <= b2 < 1"),
+      ("grad_clip_norm", opt.grad_clip_norm, opt.grad_clip_norm > 0, "> 0"),
+  ]
+  for name, value, ok, expected in checks:
+    if not ok:
+      raise ValueError(f"config.optimizer.{name}={value}: expected {expected}")
 
 
 def learning_rate_schedule(config):
