@@ -8,6 +8,7 @@ Writes {out}/{modality}.npy (float32, L2-normalized, one row per item in the ord
 Re-running after an interruption resumes from the batches already written.
 """
 
+import json
 import os
 import sys
 
@@ -33,6 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  experiment_lib.check_local(_OUT.value, "--out")
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
                                     require_checkpoint=True)
   config = experiment.config
@@ -40,9 +42,12 @@ def main(argv):
   batches = experiment.embedder.batches(experiment.state.params, split)
   total = experiment.builder.info.splits[split].num_examples
   num_batches = -(-total // config.eval_batch_size)
+  # What the parts were written with: a resume with any other value is refused.
   signature = {"workdir": os.path.abspath(WORKDIR.value), "step": experiment.step,
-               "split": split, "dataset": config.data.name}
-  meta = dict(signature, model=config.model.to_dict(), eval_batch_size=config.eval_batch_size)
+               "split": split, "dataset": config.data.name,
+               "eval_batch_size": config.eval_batch_size,
+               "model": json.loads(config.model.to_json_best_effort(sort_keys=True))}
+  meta = dict(signature)
   if jax.process_index() == 0:
     meta = export.write_export(_OUT.value, batches, num_batches, signature, meta)
     print(f"wrote {meta['count']} items x {sorted(meta['dims'])} to {_OUT.value}")

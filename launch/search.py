@@ -39,6 +39,8 @@ _K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality."
 _RERANK = flags.DEFINE_integer(
     "rerank", 0, "Also re-score the embedding top N with the matching head of the config's "
     "fusion pair for the query and gallery modalities, and list that ranking (0: off).")
+_ALLOW_OTHER_EXPORT = flags.DEFINE_bool(
+    "allow_other_export", False, "Search an export that another run or model config made.")
 flags.mark_flags_as_required(["export"])
 
 
@@ -69,6 +71,10 @@ def main(argv):
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=meta["step"],
                                     require_checkpoint=True)
   config, embedder, params = experiment.config, experiment.embedder, experiment.state.params
+  problems = query.export_mismatches(meta, WORKDIR.value, config.model)
+  if problems and not _ALLOW_OTHER_EXPORT.value:
+    raise app.UsageError(f"--export={_EXPORT.value}: " + "; ".join(problems)
+                         + " (--allow_other_export to search it anyway)")
   try:
     modality, raw = query.read_query(config, experiment.builder, kind, value)
   except (ValueError, FileNotFoundError) as e:

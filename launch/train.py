@@ -27,6 +27,9 @@ NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfin
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints and metrics go here.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume even though the config differs from the run's "
+    "({workdir}/config.json) in what shapes the run (batch size, model, data, schedule).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -35,7 +38,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and TensorBoard are chatty at INFO.
   try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except loop.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(NONFINITE_EXIT_STATUS)

@@ -62,13 +62,12 @@ def run_train(args, **kwargs):
 def trained_run(digit_data_dir, tmp_path_factory):
   """The default config cut to 300 steps on 2 devices through launch/train.py (about a
   minute): enough to retrieve (text->video R@1 about 47%), so search results mean something.
-  Returns (the launchers' common args, workdir, train.py's stdout); shared by the launcher
-  tests, which only read it (or resume it when it is finished)."""
+  Returns (the run's launcher args, config and workdir, workdir, train.py's stdout); shared
+  by the launcher tests, which only read it (or resume it when it is finished)."""
   workdir = str(tmp_path_factory.mktemp("trained_run"))
   args = [f"--config={CONFIG}", f"--config.data.data_dir={digit_data_dir}",
-          f"--workdir={workdir}"]
-  proc = run_train(args + ["--config.total_steps=300", "--config.evals.retrieval.every=300",
-                           "--config.checkpoint_every=300", "--config.log_every=100",
-                           "--config.optimizer.warmup_steps=30"], devices=2,
-                   fast_compile=False)
+          f"--workdir={workdir}", "--config.total_steps=300",
+          "--config.evals.retrieval.every=300", "--config.checkpoint_every=300",
+          "--config.log_every=100", "--config.optimizer.warmup_steps=30"]
+  proc = run_train(args, devices=2, fast_compile=False)
   return args, workdir, proc.stdout

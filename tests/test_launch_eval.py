@@ -77,6 +77,25 @@ def test_export_resumes_and_refuses_to_mix(trained_run, short_export, tmp_path):
     signature = json.load(f)
   with pytest.raises(ValueError, match="holds parts of another export"):
     export.write_export(out, [], 0, dict(signature, step=1), {})
+  # Parts record the batch size they were written with: resuming at another is refused.
+  os.remove(os.path.join(out, "meta.json"))
+  proc = run_launcher("export.py", args + [f"--out={out}", "--config.eval_batch_size=256"],
+                      devices=2, check=False)
+  assert proc.returncode and "holds parts of another export" in proc.stderr
+
+
+def test_search_checks_that_the_export_is_the_runs(trained_run, short_export):
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.eval import query  # pylint: disable=g-import-not-at-top
+  _, workdir, _ = trained_run
+  with open(os.path.join(short_export, "meta.json")) as f:
+    meta = json.load(f)
+  model = audio_video_text.get_config().model
+  assert query.export_mismatches(meta, workdir, model) == []
+  assert "exported from run" in query.export_mismatches(meta, "/other/run", model)[0]
+  model.embed_dim = 32
+  assert query.export_mismatches(meta, workdir, model) == [
+      "it was exported with another config.model"]
 
 
 def test_search_lists_the_matching_item_first(trained_run, short_export):

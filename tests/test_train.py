@@ -47,8 +47,13 @@ def test_run_writes_metrics_checkpoints_and_resumes_when_done(trained_run):
       assert f"test/{pair}/{metric}" in final
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "300"))
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  # The run's config is saved with it; resuming with one that changes the run stops first.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["batch_size"] == 256
+  changed = run_train(args + ["--config.batch_size=128"], devices=2, check=False)
+  assert changed.returncode != 0 and "batch_size: 256 -> 128" in changed.stderr
   # Re-running a finished run restores it and only evaluates; the files stay as they were.
-  again = run_train(args + ["--config.total_steps=300"], devices=2).stdout
+  again = run_train(args, devices=2).stdout
   assert "Resuming from the checkpoint of step 300" in again
   assert "step 100/300" not in again and "audio->text" in again
   assert read_metrics(workdir) == records
@@ -151,6 +156,8 @@ def test_unknown_config_key_stops_the_launcher_naming_it(tmp_path):
 @pytest.mark.parametrize("change, error, message", [
     (dict(data_dir="/no/such/folder"), FileNotFoundError, "/no/such/folder"),
     (dict(feature="speech"), ValueError, "config.modalities.audio.feature='speech'"),
+    (dict(workdir="gs://bucket/run"), ValueError,
+     "--workdir=gs://bucket/run: remote paths are not supported yet"),
 ])
 def test_bad_data_config_stops_before_building_the_model(digit_data_dir, tmp_path,
                                                          monkeypatch, change, error, message):
@@ -159,7 +166,7 @@ def test_bad_data_config_stops_before_building_the_model(digit_data_dir, tmp_pat
     config.modalities.audio.feature = change["feature"]
   monkeypatch.setattr("xmodal_jax.models.towers.build_model", None)  # Never reached.
   with pytest.raises(error, match=message):
-    experiment_lib.setup(config, str(tmp_path))
+    experiment_lib.setup(config, change.get("workdir", str(tmp_path)))
 
 
 @pytest.mark.slow

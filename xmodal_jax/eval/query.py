@@ -6,12 +6,25 @@ Exports hold embeddings, not tokens: re-ranking recomputes the candidates' token
 their items of the export's split.
 """
 
+import json
 import os
 
 import jax
 import numpy as np
 
 from xmodal_jax.eval import search
+
+
+def export_mismatches(meta, workdir, model_config):
+  """What differs between an export's meta.json and the run asked to search it (workdir,
+  model config): searching another run's embeddings with this model lists unrelated hits."""
+  problems = []
+  if meta.get("workdir") != os.path.abspath(workdir):
+    problems.append(f"it was exported from run {meta.get('workdir')!r}, not "
+                    f"{os.path.abspath(workdir)!r}")
+  if meta.get("model") != json.loads(model_config.to_json_best_effort(sort_keys=True)):
+    problems.append("it was exported with another config.model")
+  return problems
 
 
 def read_query(config, builder, kind, path_or_text):

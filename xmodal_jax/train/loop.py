@@ -7,7 +7,7 @@ import jax
 from xmodal_jax import parallel
 from xmodal_jax.eval import evaluators, retrieval
 from xmodal_jax.train import checkpoint, experiment as experiment_lib, metrics as metrics_lib
-from xmodal_jax.train import optimizer, preemption, step as step_lib
+from xmodal_jax.train import optimizer, preemption, run_config, step as step_lib
 
 
 class NonFiniteError(RuntimeError):
@@ -67,13 +67,16 @@ def evaluate(experiment, params, writer=None, step=None, *, final=False):
   return metrics
 
 
-def train_and_evaluate(config, workdir):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns the last
-  evaluation's metrics."""
+def train_and_evaluate(config, workdir, *, allow_config_change=False):
+  """Trains `config` in `workdir`, resuming from its latest checkpoint (with the same config
+  in what shapes the run, unless `allow_config_change`); returns the last evaluation's
+  metrics."""
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   experiment = experiment_lib.setup(config, workdir)
   config, mesh, manager = experiment.config, experiment.mesh, experiment.manager
   state, start_step = experiment.state, experiment.step
+  run_config.check_and_save(workdir, config, resuming=bool(start_step),
+                            allow_changes=allow_config_change)
   if start_step:
     print(f"Resuming from the checkpoint of step {start_step}.", flush=True)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))

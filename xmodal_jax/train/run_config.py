@@ -1,0 +1,54 @@
+"""The config a run trains with, saved beside its checkpoints ({workdir}/config.json): a
+resume whose config changes what shapes the run stops and lists the changes."""
+
+import json
+import os
+
+import jax
+
+# Fields a resumed run must keep: each changes the model, the data it sees, or the
+# optimization it continues. Where data lives, periods and evaluators may change freely.
+SHAPING = ("seed", "batch_size", "total_steps", "data.name", "data.train_split", "modalities",
+           "model", "loss", "optimizer", "alignment")
+FILE = "config.json"
+
+
+def as_dict(config):
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def flatten(tree, prefix=""):
+  """{"a.b.c": leaf} of nested dicts."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+  return out
+
+
+def changes(saved, config):
+  """["field: saved -> now"] for the SHAPING fields that differ between the saved dict and
+  `config`."""
+  before, now = flatten(saved), flatten(as_dict(config))
+  shaping = lambda key: any(key == f or key.startswith(f + ".") for f in SHAPING)
+  keys = sorted(k for k in set(before) | set(now) if shaping(k) and before.get(k) != now.get(k))
+  return [f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys]
+
+
+def check_and_save(workdir, config, *, resuming, allow_changes=False):
+  """On resume, stops when the config differs from the saved one in SHAPING fields (unless
+  `allow_changes`); then saves `config` as the run's (process 0, atomically)."""
+  path = os.path.join(workdir, FILE)
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      different = changes(json.load(f), config)
+    if different and not allow_changes:
+      raise ValueError(f"{path}: this run was trained with another config; resuming would "
+                       "change:\n  " + "\n  ".join(different) + "\nuse the run's config, a new "
+                       "--workdir, or --allow_config_change to continue with these changes")
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    os.replace(path + ".tmp", path)
