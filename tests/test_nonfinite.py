@@ -13,7 +13,7 @@ from conftest import CONFIG, run_train
 from test_models import example_batch, tiny_model
 from xmodal_jax import parallel
 from xmodal_jax.eval import retrieval
-from xmodal_jax.train import checkpoint, state as state_lib, step as step_lib
+from xmodal_jax.train import checkpoint, loop, state as state_lib, step as step_lib
 
 MODALITIES = ("audio", "video", "text")
 
@@ -48,13 +48,32 @@ def test_a_nonfinite_step_applies_no_update_and_is_counted():
   assert any(jax.tree.leaves(changed))
 
 
+@pytest.mark.parametrize("policy, flags, stopped_at", [
+    ("skip", [0, 1, 1, 0, 1, 1, 1, 0], 7),  # A finite step resets the count.
+    ("stop", [0, 0, 1, 0], 3),
+])
+def test_guard_stops_as_the_policy_says_naming_the_newest_checkpoint(tmp_path, policy, flags,
+                                                                    stopped_at):
+  config = ml_collections.ConfigDict(dict(nonfinite=dict(policy=policy, max_in_a_row=3),
+                                          keep_checkpoints=2, checkpoint_every=1))
+  manager = checkpoint.make_manager(str(tmp_path), config)
+  checkpoint.save(manager, 1, {"w": np.ones(2, np.float32)})
+  guard = loop.NonFiniteGuard(config, manager)
+  with pytest.raises(loop.NonFiniteError, match=rf"stopped at step {stopped_at}: .*"
+                     r"newest checkpoint, step 1, holds finite params"):
+    for step, flag in enumerate(flags, start=1):
+      guard.after(step, np.int32(flag))
+    guard.finish()
+  assert guard.total == sum(flags[:stopped_at])
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("policy, stopped_at", [("skip", 4), ("stop", 2)])
-def test_a_diverging_run_stops_naming_the_step_and_keeps_finite_checkpoints(
-    digit_data_dir, tmp_path, policy, stopped_at):
+def test_a_diverging_run_stops_naming_the_step_and_keeps_finite_checkpoints(digit_data_dir,
+                                                                            tmp_path):
   """A learning rate of 1e30 makes every update from step 2 on non-finite (step 1's warm-up
-  rate is 0): "skip" stops after 3 in a row, "stop" at the first; exit status 3, and every
-  kept checkpoint is finite."""
+  rate is 0): training stops after 3 in a row with exit status 3, nothing is evaluated, and
+  every kept checkpoint is finite."""
+  policy, stopped_at = "skip", 4
   workdir = str(tmp_path / "run")
   proc = run_train([f"--config={CONFIG}:tiny", f"--workdir={workdir}",
                     f"--config.data.data_dir={digit_data_dir}",
