@@ -83,6 +83,7 @@ def test_dot_general_takes_flax_dense_calls():
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fp8_train_step_on_eight_devices_learns_like_float32():
   """A ViT + CLIP-text train step (contrastive loss over the 8-device mesh, AdamW) with fp8
   towers lowers the loss on a fixed batch about as the float32 one does."""

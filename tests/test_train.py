@@ -121,6 +121,7 @@ def test_sigterm_saves_the_current_step_and_the_rerun_loses_none(digit_data_dir,
   assert steps == list(range(10, 121, 10)), "each logged step must appear exactly once"
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_same_loss_curve_as_one(digit_data_dir, tmp_path):
   """The same train step from the same state on the same batches, on a 1-device and an
   8-device mesh: the sharded loss (every device scoring its rows against the gathered
