@@ -47,6 +47,7 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
   weights = objectives.active(loss_config)
   table = {name: objectives.OBJECTIVES[name] for name in weights}
   per_device = [name for name, objective in table.items() if objective.per_device]
+  on_global_batch = [name for name in table if name not in per_device]
 
   def device_terms(emb, masks, scale, bias):
     inputs = objectives.Inputs(emb, masks, scale, bias, axis_name=parallel.DATA_AXIS)
@@ -56,7 +57,7 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
     values = jax.shard_map(device_terms, mesh=mesh,
                            in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P(), P()),
                            out_specs=P())(emb, batch["_mask"], scale, bias)
-  if len(values) < len(table):
+  if on_global_batch:
     def match(pair, a_tokens, a_valid, b_tokens, b_valid, dropout_rng):
       return model.apply({"params": params}, pair, a_tokens, a_valid, b_tokens, b_valid,
                          train=True, method="match", rngs={"dropout": dropout_rng})
@@ -65,8 +66,7 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
         locals=out.get("locals"), momentum_emb=momentum_emb, queues=queues, alpha=alpha,
         queue_columns=jax.sharding.NamedSharding(mesh, P(None, parallel.DATA_AXIS)),
         rng=term_rng, match=match, fusion_pairs=tuple(towers.fusion_pairs(model)))
-    values.update({name: table[name].term(inputs, loss_config) for name in table
-                   if name not in values})
+    values.update({name: table[name].term(inputs, loss_config) for name in on_global_batch})
   loss, metrics = 0.0, {}
   for name, (value, terms) in values.items():
     loss += weights[name] * value
