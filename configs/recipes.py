@@ -25,7 +25,7 @@ def alignment_defaults():
 def nonfinite_defaults():
   """`config.nonfinite`: a step whose loss, gradients or update are not finite never applies
   its update; "skip" goes on and stops training after `max_in_a_row` such steps in a row,
-  "stop" stops at the first (train/loop.py: NonFiniteGuard)."""
+  "stop" stops at the first (train/nonfinite.py: Guard)."""
   return ml_collections.ConfigDict(dict(policy="skip", max_in_a_row=10))
 
 

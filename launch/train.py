@@ -20,7 +20,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from xmodal_jax.train import loop, preemption
+from xmodal_jax.train import loop, nonfinite, preemption
 
 NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
 
@@ -40,7 +40,7 @@ def main(argv):
   try:
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
-  except loop.NonFiniteError as e:
+  except nonfinite.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(NONFINITE_EXIT_STATUS)
   except preemption.Preempted as e:

@@ -13,7 +13,7 @@ from conftest import CONFIG, run_train
 from test_models import example_batch, tiny_model
 from xmodal_jax import parallel
 from xmodal_jax.eval import retrieval
-from xmodal_jax.train import checkpoint, loop, state as state_lib, step as step_lib
+from xmodal_jax.train import checkpoint, nonfinite, state as state_lib, step as step_lib
 
 MODALITIES = ("audio", "video", "text")
 
@@ -58,8 +58,8 @@ def test_guard_stops_as_the_policy_says_naming_the_newest_checkpoint(tmp_path, p
                                           keep_checkpoints=2, checkpoint_every=1))
   manager = checkpoint.make_manager(str(tmp_path), config)
   checkpoint.save(manager, 1, {"w": np.ones(2, np.float32)})
-  guard = loop.NonFiniteGuard(config, manager)
-  with pytest.raises(loop.NonFiniteError, match=rf"stopped at step {stopped_at}: .*"
+  guard = nonfinite.Guard(config, manager)
+  with pytest.raises(nonfinite.NonFiniteError, match=rf"stopped at step {stopped_at}: .*"
                      r"newest checkpoint, step 1, holds finite params"):
     for step, flag in enumerate(flags, start=1):
       guard.after(step, np.int32(flag))

@@ -13,9 +13,7 @@ from xmodal_jax import parallel, pretrained as pretrained_lib
 from xmodal_jax.eval import embed, evaluators
 from xmodal_jax.losses import objectives
 from xmodal_jax.models import towers
-from xmodal_jax.train import checkpoint, optimizer, state as state_lib
-
-NONFINITE_POLICIES = ("skip", "stop")
+from xmodal_jax.train import checkpoint, nonfinite, optimizer, state as state_lib
 
 
 def validate_config(config):
@@ -41,14 +39,7 @@ def validate_config(config):
     raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints}: expected at least 1 "
                      "(the newest checkpoint is what a re-run resumes from)")
   optimizer.validate(config)
-  if "nonfinite" not in config:
-    raise ValueError("config.nonfinite is unset (configs/recipes.py: nonfinite_defaults)")
-  if config.nonfinite.policy not in NONFINITE_POLICIES:
-    raise ValueError(f"config.nonfinite.policy={config.nonfinite.policy!r}: expected one of "
-                     f"{NONFINITE_POLICIES}")
-  if config.nonfinite.max_in_a_row < 1:
-    raise ValueError(f"config.nonfinite.max_in_a_row={config.nonfinite.max_in_a_row}: "
-                     "expected at least 1")
+  nonfinite.validate(config)
 
 
 def state_shardings(state, mesh):

@@ -7,52 +7,8 @@ import jax
 from xmodal_jax import parallel
 from xmodal_jax.eval import evaluators, retrieval
 from xmodal_jax.train import checkpoint, experiment as experiment_lib, metrics as metrics_lib
-from xmodal_jax.train import optimizer, preemption, run_config, step as step_lib
-
-
-class NonFiniteError(RuntimeError):
-  """Training stopped on non-finite steps (config.nonfinite); the checkpoints are finite."""
-
-
-class NonFiniteGuard:
-  """Counts the steps whose update was not applied (train_step's metrics["nonfinite"]) and
-  stops training as config.nonfinite says. Each step's flag is read once the next step is
-  dispatched, so the host never waits on the device for it."""
-
-  def __init__(self, config, manager):
-    self.policy, self.limit = config.nonfinite.policy, config.nonfinite.max_in_a_row
-    self.manager = manager
-    self.in_a_row = self.total = 0
-    self.pending = None
-
-  def after(self, step, flag):
-    """Takes step `step`'s flag (a device scalar) and checks the previous step's."""
-    previous, self.pending = self.pending, (step, flag)
-    if previous is not None:
-      self.check(*previous)
-
-  def finish(self):
-    if self.pending is not None:
-      self.check(*self.pending)
-      self.pending = None
-
-  def check(self, step, flag):
-    if not int(flag):
-      self.in_a_row = 0
-      return
-    self.in_a_row += 1
-    self.total += 1
-    print(f"step {step}: the loss, gradients or update were not finite; the update was not "
-          f"applied ({self.in_a_row} in a row)", flush=True)
-    if self.policy == "stop" or self.in_a_row >= self.limit:
-      self.manager.wait_until_finished()
-      newest = self.manager.latest_step()
-      where = (f"the newest checkpoint, step {newest}, holds finite params" if newest
-               else "no checkpoint was written yet")
-      raise NonFiniteError(
-          f"training stopped at step {step}: {self.in_a_row} non-finite step(s) in a row "
-          f"(config.nonfinite: policy={self.policy!r}, max_in_a_row={self.limit}); {where}. "
-          "Lower the learning rate (or check the data) and re-run to resume from it.")
+from xmodal_jax.train import nonfinite, optimizer, preemption, run_config
+from xmodal_jax.train import step as step_lib
 
 
 def evaluate(experiment, params, writer=None, step=None, *, final=False):
@@ -92,7 +48,7 @@ def train_and_evaluate(config, workdir, *, allow_config_change=False):
   batches = pipeline.train_iterator(config, experiment.builder, start_step=start_step)
   progress = metrics_lib.Progress(config.total_steps, start_step)
   schedule = optimizer.learning_rate_schedule(config)
-  guard = NonFiniteGuard(config, manager)
+  guard = nonfinite.Guard(config, manager)
   eval_metrics = None
   with preemption.Watch().installed() as watch:
     for step in range(start_step + 1, config.total_steps + 1):
