@@ -1,5 +1,6 @@
 """Small media files in real formats, written by the tests (nothing is downloaded)."""
 
+import itertools
 import os
 import wave
 
@@ -48,16 +49,19 @@ def write_audio(path, samples, rate, codec):
       container.mux(packet)
 
 
-def write_mp4(path, frames, fps=8):
-  """Encodes uint8 RGB frames [T, H, W, 3] (H, W even) as H.264 MP4."""
+def write_mp4(path, frames, fps=8, options=(("crf", "10"),)):
+  """Encodes uint8 RGB frames [T, H, W, 3] (H, W even; any iterable of [H, W, 3] with its
+  first frame's size) as H.264 in the container the extension names (.mp4, .mkv, ...)."""
   import av  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  frames = iter(frames)
+  first = next(frames)
   with av.open(path, "w") as container:
     stream = container.add_stream("libx264", rate=fps)
-    stream.height, stream.width = frames.shape[1:3]
+    stream.height, stream.width = first.shape[:2]
     stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "10"}
-    for f in frames:
+    stream.options = dict(options)
+    for f in itertools.chain([first], frames):
       for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
         container.mux(packet)
     for packet in stream.encode(None):

@@ -125,7 +125,9 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
       {"id": "d", "split": "train", "caption": ["one", 2]},
       {"id": "e", "split": "train", "caption": "x", "photo": 3},
       {"id": "f", "split": "train", "caption": "x", "feat": "f.npy"},
-      {"id": "g", "split": "train", "caption": "no features"}])
+      {"id": "g", "split": "train", "caption": "no features"},
+      # A file that exists but fails to read (EIO): an OSError, not a crashed build.
+      {"id": "h", "split": "train", "caption": "x", "photo": "/proc/self/mem"}])
   builder = records.manifest_builder(
       "errors", str(path), records.parse_modalities("caption:text,photo:image,feat:features"),
       data_dir=str(tmp_path / "tfds"))
@@ -136,10 +138,23 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
   assert reasons["d"].startswith("expected a string or a list of strings, got list")
   assert reasons["e"] == "expected a file path (string), got int 3"
   assert reasons["f"].startswith("features of shape (3, 2); this dataset's are (2, 3)")
-  assert sorted(reasons) == ["b", "c", "d", "e", "f"]
+  assert reasons["h"].startswith("OSError: [Errno 5]")
+  assert sorted(reasons) == ["b", "c", "d", "e", "f", "h"]
   stored = {ex["key"].decode(): ex for ex in builder.as_dataset(split="train").as_numpy_iterator()}
   np.testing.assert_array_equal(stored["a"]["feat"], np.arange(6).reshape(2, 3))
   assert stored["a"]["has_feat"] and not stored["g"]["has_feat"]
+
+
+def test_integer_and_string_ids_are_not_merged(tmp_path):
+  path = tmp_path / "items.jsonl"
+  write_manifest(path, [{"id": 7, "split": "train", "caption": "an integer id"},
+                        {"id": 8, "split": "train", "caption": "another"},
+                        {"id": "7", "split": "train", "caption": "a string id"}])
+  builder = records.manifest_builder("ids", str(path), {"caption": "text"},
+                                     data_dir=str(tmp_path / "tfds"))
+  with pytest.raises(ValueError, match=r"mix integers \(.*items.jsonl:1: 7\) and strings "
+                     r"\(.*items.jsonl:3: '7'\)"):
+    builder.download_and_prepare()
 
 
 def test_audio_formats_decode_to_the_same_signal(tmp_path):
@@ -239,6 +254,45 @@ def digit_config(data_dir):
   config.data.name = "digit_records"
   config.data.data_dir = data_dir
   return config
+
+
+def _all_frames(path):
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(path) as container:
+    return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_sampled_frames_are_the_same_whether_or_not_the_container_counts_them(tmp_path):
+  frames = np.zeros([31, 48, 64, 3], np.uint8)
+  for i in range(31):  # frame i: a bar at column 2i, so frames are told apart after coding
+    frames[i, :, 2 * i:2 * i + 2] = 255
+  for ext in ("mp4", "mkv"):
+    fixtures.write_mp4(str(tmp_path / f"clip.{ext}"), frames)
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(str(tmp_path / "clip.mkv")) as container:
+    assert container.streams.video[0].frames == 0  # MKV: no count in the header
+  for ext in ("mp4", "mkv"):
+    path = str(tmp_path / f"clip.{ext}")
+    reference = _all_frames(path)[media.sample_indices(31, 8)]
+    np.testing.assert_array_equal(media.decode_video(path, 8), reference)
+    assert np.argmax(media.decode_video(path, 8)[:, 0, :, 0], 1).tolist() == [
+        2 * i for i in media.sample_indices(31, 8)]
+
+
+def test_video_decoding_memory_does_not_grow_with_the_clip(tmp_path):
+  """A 24 s 720p MKV (no frame count in the container): every frame kept would be 660 MB."""
+  path = str(tmp_path / "long.mkv")
+  base = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), np.uint8)
+  fixtures.write_mp4(path, (np.roll(base, 8 * i, 1) for i in range(240)), fps=10,
+                     options={"preset": "ultrafast"}.items())
+  # VmHWM: this process's peak RSS (ru_maxrss would carry over pytest's across the exec).
+  script = ("from xmodal_jax.data import media; "
+            f"x = media.decode_video({path!r}, 8); assert x.shape == (8, 720, 1280, 3); "
+            "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                       text=True, check=True)
+  peak_mb = int(out.stdout.split()[-1]) / 1024
+  assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
 
 
 def test_two_hosts_read_disjoint_shards_that_cover_the_split(digit_records):

@@ -40,33 +40,54 @@ def sample_indices(count, num_frames):
                     count - 1)
 
 
+def _frame_count(path):
+  """Frames in a video file's first video stream: the header's count when it has one, else
+  the number of packets (demuxing only, no decoding)."""
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(path) as container:
+    if not container.streams.video:
+      raise ValueError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    if stream.frames > 0:
+      return stream.frames
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def _decode_frames(path, indices, pixel_format):
+  """({index: frame} for the wanted `indices`, total decoded frames): one decoding pass that
+  keeps only the wanted frames, so memory does not grow with the video's length."""
+  import av  # pylint: disable=g-import-not-at-top
+  wanted, kept, total = set(int(i) for i in indices), {}, 0
+  with av.open(path) as container:
+    for total, frame in enumerate(container.decode(video=0), 1):
+      if total - 1 in wanted:
+        kept[total - 1] = frame.to_ndarray(format=pixel_format)
+  return kept, total
+
+
 def decode_video(path, num_frames, channels=3):
   """uint8 [num_frames, H, W, channels] sampled uniformly over a video file's frames, at the
-  file's size; RGB (channels = 3) or luma (channels = 1)."""
+  file's size; RGB (channels = 3) or luma (channels = 1). Only the sampled frames are kept:
+  when the container does not state its frame count, packets are counted first, and a count
+  that decoding proves wrong costs one more pass rather than keeping every frame."""
   import av  # pylint: disable=g-import-not-at-top
   _check_exists(path, "video")
   if channels not in (1, 3):
     raise ValueError(f"video frames with {channels} channels: expected 1 or 3")
   pixel_format = "gray" if channels == 1 else "rgb24"
   try:
-    with av.open(path) as container:
-      if not container.streams.video:
-        raise ValueError(f"{path}: no video stream")
-      count = container.streams.video[0].frames
-      wanted = set(sample_indices(count, num_frames)) if count > 0 else None
-      frames = {}  # index -> frame; only the sampled ones when the count is known upfront
-      for i, frame in enumerate(container.decode(video=0)):
-        if wanted is None or i in wanted:
-          frames[i] = frame.to_ndarray(format=pixel_format)
+    count = _frame_count(path)
+    if count < 1:
+      raise ValueError(f"{path}: the video stream has no frames")
+    frames, total = _decode_frames(path, sample_indices(count, num_frames), pixel_format)
+    if total != count:
+      if total < 1:
+        raise ValueError(f"{path}: the video stream has no frames")
+      count = total
+      frames, _ = _decode_frames(path, sample_indices(count, num_frames), pixel_format)
   except av.error.FFmpegError as e:
     raise ValueError(f"{path}: cannot decode video ({e})") from e
-  if not frames:
-    raise ValueError(f"{path}: the video stream has no frames")
-  if wanted is None or len(frames) < len(wanted):  # The header's count was wrong.
-    ordered = [frames[i] for i in sorted(frames)]
-    picked = np.stack([ordered[i] for i in sample_indices(len(ordered), num_frames)])
-  else:
-    picked = np.stack([frames[i] for i in sample_indices(count, num_frames)])
+  picked = np.stack([frames[i] for i in sample_indices(count, num_frames)])
   return picked[..., None] if picked.ndim == 3 else picked
 
 

@@ -16,8 +16,9 @@ validates and encodes them. Stored features, per modality `m`:
            evaluation counts each distinct value once when several records share an id
            (e.g. one image with five spoken captions).
 Items are numbered in order of first appearance ("id", int64); "key" holds the given id.
-A bad record (missing or undecodable file, empty caption, unknown key, wrong type) is
-skipped and reported, or stops the build when `strict`.
+A bad record (missing, unreadable or undecodable file, empty caption, unknown key, wrong
+type, any other error while encoding it) is skipped and reported, or stops the build when
+`strict`. Ids are all integers or all strings.
 """
 
 import dataclasses
@@ -212,6 +213,20 @@ def features_shape(records, name, base_dir):
   raise ValueError(f"modality {name!r} (features): no readable .npy file in the manifest")
 
 
+def check_id_types(splits):
+  """Ids are all integers or all strings: 7 and "7" would otherwise be one item."""
+  first = {}  # type name -> where it first appears
+  for records in splits.values():
+    for where, record in records:
+      item_id = record.get("id")
+      if isinstance(item_id, (int, str)) and not isinstance(item_id, bool):
+        first.setdefault(type(item_id).__name__, (where, item_id))
+  if len(first) > 1:
+    (w1, id1), (w2, id2) = first["int"], first["str"]
+    raise ValueError(f"record ids mix integers ({w1}: {id1!r}) and strings ({w2}: {id2!r}); "
+                     "use one type for every id")
+
+
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Builds a TFDS dataset from records. Subclasses set MODALITIES ({name: kind}) and
   implement `split_records(dl_manager)` -> {split: [(where, record)]}, where `where` names
@@ -247,6 +262,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     splits = self.split_records(dl_manager)
     base_dir = self.base_dir(dl_manager)
+    check_id_types(splits)
     numbers, split_of = {}, {}  # given id -> int id, split
     for split, records in splits.items():
       for _, record in records:
@@ -299,7 +315,12 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for where, record in records:
       try:
         self._check(where, record, split_of, split)
-        encoded = self._encode(record, base_dir)
+        try:
+          encoded = self._encode(record, base_dir)
+        except (BadRecord, KeyboardInterrupt):
+          raise
+        except Exception as e:  # pylint: disable=broad-except  # e.g. OSError, a codec's
+          raise BadRecord(record["id"], where, f"{type(e).__name__}: {e}") from e
       except BadRecord as e:
         if self.options.strict:
           raise
