@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -295,18 +296,38 @@ def test_video_decoding_memory_does_not_grow_with_the_clip(tmp_path):
   assert peak_mb < 200, f"peak RSS {peak_mb:.0f} MB"
 
 
-def test_two_hosts_read_disjoint_shards_that_cover_the_split(digit_records):
+def test_random_access_copy_reads_what_tfds_reads_in_order(digit_records):
+  from xmodal_jax.data import random_access  # pylint: disable=g-import-not-at-top
+  builder = pipeline.get_builder(digit_config(digit_records[0]).data)
+  for split in ("train", "train[5:33]", "test"):
+    reference = [ex["key"] for ex in builder.as_dataset(
+        split=split, shuffle_files=False).as_numpy_iterator()]
+    reader = random_access.Reader(builder, split)
+    positions = np.random.default_rng(0).permutation(reader.size)
+    got = [builder.info.features.deserialize_example(r)["key"].numpy()
+           for r in reader.read(positions)]
+    assert reader.size == len(reference)
+    assert got == [reference[p] for p in positions]
+
+
+def test_hosts_split_each_global_batch_and_every_epoch_is_a_permutation(digit_records):
   data_dir, items = digit_records
   config = digit_config(data_dir)
+  config.batch_size = 8
   builder = pipeline.get_builder(config.data)
-  per_host = []
-  for index in range(2):
-    batches = pipeline.train_iterator(config, builder, process_index=index, process_count=2)
-    ids = np.concatenate([next(batches)["_id"] for _ in range(3)])[:20]  # one pass: 20 each
-    per_host.append(set(ids.tolist()))
-    assert len(per_host[-1]) == 20
-  assert not per_host[0] & per_host[1]
-  assert per_host[0] | per_host[1] == set(range(40))
+  single = pipeline.train_iterator(config, builder)
+  hosts = [pipeline.train_iterator(config, builder, process_index=i, process_count=2)
+           for i in range(2)]
+  ids = []
+  for _ in range(10):  # two epochs of the 40 training items
+    whole, halves = next(single), [next(h) for h in hosts]
+    # Process h's batch is the h-th half of the one-process global batch, augmentation
+    # included: the global batches do not depend on the number of processes.
+    jax.tree.map(lambda a, b0, b1: np.testing.assert_array_equal(a, np.concatenate([b0, b1])),
+                 whole, *halves)
+    ids.extend(whole["_id"].tolist())
+  assert sorted(ids[:40]) == sorted(ids[40:]) == list(range(40))
+  assert ids[:40] != ids[40:]  # each epoch has its own order
 
   seen, batch_counts = [], []
   for index in range(2):

@@ -6,7 +6,10 @@
       --data_dir=DIR
 
 Configs then set `data.name` and `data.data_dir`. Bad records are skipped and listed in
-DIR/NAME/VERSION/bad_records.jsonl, or stop the build with --strict.
+DIR/NAME/VERSION/bad_records.jsonl, or stop the build with --strict. Builds also write the
+random-access copy training reads; for a TFDS dataset built elsewhere, write it once with
+
+  python -m xmodal_jax.data.build --random_access_copy --name=NAME --data_dir=DIR
 """
 
 import os
@@ -27,6 +30,8 @@ flags.DEFINE_integer("video_frames", 8, "frames kept per video")
 flags.DEFINE_integer("frame_size", 256, "stored video frames' shorter side (pixels)")
 flags.DEFINE_bool("strict", False, "fail on the first bad record instead of skipping it")
 flags.DEFINE_bool("overwrite", False, "rebuild when the dataset's version already exists")
+flags.DEFINE_bool("random_access_copy", False, "write the random-access copy of every split "
+                  "of the built TFDS dataset --name (in --data_dir) instead of building")
 FLAGS = flags.FLAGS
 
 
@@ -55,11 +60,28 @@ def make_builder(argv_flags):
                                                  data_dir=argv_flags.data_dir)
 
 
+def write_random_access_copy(name, data_dir):
+  from xmodal_jax.data import pipeline, random_access  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if not name:
+    raise app.UsageError("--random_access_copy needs --name (a built TFDS dataset)")
+  try:
+    builder = pipeline.get_builder(ml_collections.ConfigDict(dict(name=name,
+                                                                  data_dir=data_dir)))
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  for split in builder.info.splits:
+    random_access.write_copy(builder, split)
+
+
 def main(argv):
   del argv
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import records  # pylint: disable=g-import-not-at-top
   os.makedirs(FLAGS.data_dir, exist_ok=True)
+  if FLAGS.random_access_copy:
+    write_random_access_copy(FLAGS.name, FLAGS.data_dir)
+    return
   try:
     builder = make_builder(FLAGS)
   except ValueError as e:

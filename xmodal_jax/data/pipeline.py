@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from xmodal_jax.data import preprocess, records
+from xmodal_jax.data import preprocess, random_access, records
 from xmodal_jax.data.builders import benchmarks  # noqa: F401  (registers the adapters)
 from xmodal_jax.data.builders import digit_sequences
 
@@ -36,6 +36,8 @@ def get_builder(data_config):
       print(f"Building the embedded dataset {name!r} in {builder.data_dir} (once)...",
             file=sys.stderr, flush=True)
       builder.download_and_prepare()
+      for split in builder.info.splits:
+        random_access.write_copy(builder, split)
     return builder
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
@@ -144,26 +146,68 @@ def per_host_batch_size(global_batch_size, process_count=None):
 
 
 def train_iterator(config, builder, *, start_step=0, process_index=None, process_count=None):
-  """Endless shuffled batches of this process's share, resuming after `start_step` batches.
+  """Endless shuffled batches of this process's share of each global batch, from step
+  `start_step` on (docs/architecture.md, "Input position").
 
-  Each process reads a disjoint 1/process_count of the split (`tfds.even_splits`); captions
-  are sampled per step or, with `captions="expand"`, each a separate example.
+  Global batch s holds positions s*B .. (s+1)*B - 1 of one endless sequence, in which epoch e
+  is a seeded permutation of the split; process h of P takes the h-th 1/P of each. Resuming
+  at step s reads from position s*B directly, and the global batches are the same whatever
+  the number of processes. Augmentation and caption sampling are seeded by the position.
+  With `captions="expand"` (each caption a separate example) the split is read in order
+  instead: see `_sequential_train_iterator`.
   """
   index, count = _host(process_index, process_count)
+  batch_size = per_host_batch_size(config.batch_size, count)
+  expanded = [n for n in caption_lists(config, builder)
+              if config.modalities[n].get("captions", "sample") == "expand"]
+  if expanded:
+    return _sequential_train_iterator(config, builder, expanded[0], start_step, index, count)
+  split = config.data.train_split
+  if not random_access.has_copy(builder, split):
+    if count > 1:
+      raise FileNotFoundError(
+          f"{builder.data_dir}: split {split!r} has no random-access copy; write it once "
+          f"before a multi-process run: python -m xmodal_jax.data.build "
+          f"--random_access_copy --name={builder.name} --data_dir=...")
+    random_access.write_copy(builder, split)
+  reader = random_access.Reader(builder, split)
+  size, seed = reader.size, config.seed
+
+  def position(i):  # this process's i-th example -> (global position, split position)
+    g = (i // batch_size) * config.batch_size + index * batch_size + i % batch_size
+    epoch_seed = tf.stack([tf.constant(seed, tf.int64), g // size])
+    return g, tf.random.experimental.index_shuffle(g % size, epoch_seed, size - 1)
+
+  def read(g, split_position):
+    records = tf.numpy_function(reader.read, [split_position], tf.string, stateful=False)
+    return g, tf.ensure_shape(records, split_position.shape)
+
+  example_fn = _example_fn(config, True)
+  ds = tf.data.Dataset.range(start_step * batch_size, np.iinfo(np.int64).max).map(position)
+  ds = ds.batch(batch_size).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+  ds = ds.map(lambda g, record: example_fn(g, builder.info.features.deserialize_example(
+      record)), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _numpy_batches(config, ds)
+
+
+def _sequential_train_iterator(config, builder, expanded, start_step, index, count):
+  """Train batches for captions="expand": this process's `tfds.even_splits` share, read in
+  order through a shuffle buffer; resuming re-reads the `start_step` batches before it."""
   batch_size = per_host_batch_size(config.batch_size, count)
   split = tfds.even_splits(config.data.train_split, n=count, drop_remainder=True)[index]
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   if config.data.cache:
     ds = ds.cache()
-  expanded = [n for n in caption_lists(config, builder)
-              if config.modalities[n].get("captions", "sample") == "expand"]
-  if expanded:
-    ds = _expand_captions(ds, config.modalities[expanded[0]].feature)
+  ds = _expand_captions(ds, config.modalities[expanded].feature)
   ds = ds.shuffle(config.data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
+  if start_step:
+    print(f"Resuming at step {start_step}: captions=\"expand\" reads the training split in "
+          f"order, so the {start_step * batch_size} examples before it are read again",
+          file=sys.stderr, flush=True)
   ds = ds.repeat().enumerate().skip(start_step * batch_size)
-  ds = ds.map(_example_fn(config, True, expanded[0] if expanded else None),
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(_example_fn(config, True, expanded), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _numpy_batches(config, ds)
 

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from xmodal_jax.data import media
+from xmodal_jax.data import media, random_access
 
 KINDS = ("image", "audio", "video", "text", "features")
 REPORT_FILE = "bad_records.jsonl"
@@ -343,6 +343,8 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     if self.is_prepared():
       return
     super().download_and_prepare(*args, **kwargs)
+    for split in self.info.splits:
+      random_access.write_copy(self, split)
     report = os.path.join(self.data_dir, REPORT_FILE)
     with open(report, "w", encoding="utf-8") as f:
       for bad in self.bad_records:
