@@ -30,6 +30,7 @@ def get_config(variant=""):
   config.seed = 0
 
   placeholder = ml_collections.config_dict.placeholder
+  # cache: keep the training split's records in memory; shuffle_buffer: captions="expand" only.
   config.data = dict(name="digit_sequences", data_dir=placeholder(str), train_split="train",
                      eval_split="test", shuffle_buffer=10_000, cache=True)
   config.modalities = dict(

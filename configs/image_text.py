@@ -34,6 +34,7 @@ def get_config(variant=""):
   placeholder = ml_collections.config_dict.placeholder
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # cache: keep the training split's records in memory; shuffle_buffer: captions="expand" only.
   config.data = dict(name="flickr30k_karpathy" if v.flickr30k else "coco_karpathy",
                      data_dir=placeholder(str), train_split="train", eval_split="test",
                      shuffle_buffer=30_000 if v.flickr30k else 50_000, cache=False)

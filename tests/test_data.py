@@ -2,6 +2,7 @@
 
 import collections
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -87,9 +88,11 @@ def test_train_iterator_resumes_where_it_left_off(digit_data_dir):
   config.data.data_dir = digit_data_dir
   builder = pipeline.get_builder(config.data)
   first = pipeline.train_iterator(config, builder)
-  ids = [next(first)["_id"] for _ in range(3)]
-  resumed = pipeline.train_iterator(config, builder, start_step=2)
-  np.testing.assert_array_equal(next(resumed)["_id"], ids[2])
+  batches = [next(first) for _ in range(3)]
+  resumed = next(pipeline.train_iterator(config, builder, start_step=2))
+  # The whole batch, augmented inputs included, not only which items.
+  jax.tree.map(np.testing.assert_array_equal, resumed, batches[2])
+  assert not np.array_equal(batches[1]["_id"], batches[2]["_id"])
 
 
 def test_missing_data_dir_is_named(tmp_path):

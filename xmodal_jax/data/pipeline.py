@@ -178,9 +178,13 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
     epoch_seed = tf.stack([tf.constant(seed, tf.int64), g // size])
     return g, tf.random.experimental.index_shuffle(g % size, epoch_seed, size - 1)
 
-  def read(g, split_position):
-    records = tf.numpy_function(reader.read, [split_position], tf.string, stateful=False)
-    return g, tf.ensure_shape(records, split_position.shape)
+  if config.data.cache:  # The split's serialized records in memory, gathered in-graph.
+    records = tf.constant(reader.read(np.arange(size)))
+    read = lambda g, split_position: (g, tf.gather(records, split_position))
+  else:
+    def read(g, split_position):
+      records = tf.numpy_function(reader.read, [split_position], tf.string, stateful=False)
+      return g, tf.ensure_shape(records, split_position.shape)
 
   example_fn = _example_fn(config, True)
   ds = tf.data.Dataset.range(start_step * batch_size, np.iinfo(np.int64).max).map(position)
@@ -192,19 +196,21 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
 
 
 def _sequential_train_iterator(config, builder, expanded, start_step, index, count):
-  """Train batches for captions="expand": this process's `tfds.even_splits` share, read in
-  order through a shuffle buffer; resuming re-reads the `start_step` batches before it."""
+  """Train batches for captions="expand" (the captions of text modality `expanded`, or None
+  for none): this process's `tfds.even_splits` share, read in order through a shuffle
+  buffer; resuming re-reads the `start_step` batches before it."""
   batch_size = per_host_batch_size(config.batch_size, count)
   split = tfds.even_splits(config.data.train_split, n=count, drop_remainder=True)[index]
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
   ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   if config.data.cache:
     ds = ds.cache()
-  ds = _expand_captions(ds, config.modalities[expanded].feature)
+  if expanded:
+    ds = _expand_captions(ds, config.modalities[expanded].feature)
   ds = ds.shuffle(config.data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
   if start_step:
-    print(f"Resuming at step {start_step}: captions=\"expand\" reads the training split in "
-          f"order, so the {start_step * batch_size} examples before it are read again",
+    print(f"Resuming at step {start_step}: this split is read in order (captions=\"expand\"),"
+          f" so the {start_step * batch_size} examples before it are read again",
           file=sys.stderr, flush=True)
   ds = ds.repeat().enumerate().skip(start_step * batch_size)
   ds = ds.map(_example_fn(config, True, expanded), num_parallel_calls=tf.data.AUTOTUNE)
