@@ -64,6 +64,7 @@ def get_config(variant=""):
   config.evals = dict(retrieval=recipes.retrieval_eval(every=500))
   config.alignment = recipes.alignment_defaults()
   config.nonfinite = recipes.nonfinite_defaults()
+  recipes.parallelism_defaults(config)
 
   config.log_every = 50
   config.checkpoint_every = 250

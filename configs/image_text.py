@@ -69,6 +69,7 @@ def get_config(variant=""):
   config.evals.retrieval.fused = "none"
   config.alignment = recipes.alignment_defaults()
   config.nonfinite = recipes.nonfinite_defaults()
+  recipes.parallelism_defaults(config)
   config.log_every = 100
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3

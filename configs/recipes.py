@@ -29,6 +29,15 @@ def nonfinite_defaults():
   return ml_collections.ConfigDict(dict(policy="skip", max_in_a_row=10))
 
 
+def parallelism_defaults(config):
+  """`config.mesh` (axis sizes; -1: the devices left) and `config.sharding` ((regex, rule)
+  on state paths: "fsdp", "replicate" or a PartitionSpec tuple; xmodal_jax/parallel/
+  sharding.py). The default is data parallelism; data=D, fsdp=F keeps 1/F of the state per
+  device."""
+  config.mesh = dict(data=-1, fsdp=1)
+  config.sharding = [(".*", "fsdp")]
+
+
 def retrieval_eval(every):
   """`config.evals.retrieval`: every ordered pair and every fused query (docs/methods.md)
   on config.data.eval_split, every `every` steps and at the end."""

@@ -20,7 +20,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from common import CONFIG, WORKDIR  # launch/common.py
+from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
 import jax
 from xmodal_jax.eval import evaluators, retrieval
 from xmodal_jax.train import experiment as experiment_lib
@@ -34,6 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  join_runtime()
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
                                     require_checkpoint=True)
   split = _SPLIT.value or experiment.config.data.eval_split

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from common import CONFIG, WORKDIR  # launch/common.py
+from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax.eval import export, query
 from xmodal_jax.models import towers
 from xmodal_jax.train import experiment as experiment_lib
@@ -63,6 +63,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  join_runtime()
   kind, value = query_flag()
   ids, embeddings, masks, meta = export.read_export(_EXPORT.value)
   for gallery in _GALLERY.value or []:

@@ -1,7 +1,10 @@
 """Trains a multi-modal embedding model and evaluates retrieval between every modality pair.
 
   python launch/train.py --config=configs/audio_video_text.py --workdir=runs/avt
-  python launch/train.py --config=configs/audio_video_text.py:tiny --config.total_steps=20
+  python launch/train.py --config=configs/audio_video_text.py:tiny --workdir=runs/tiny \
+      --config.total_steps=20
+
+Every host of a multi-host job runs the same command (docs/architecture.md, "Several hosts").
 
 Re-running the same command resumes from the newest checkpoint in --workdir. Exit status 3:
 training stopped on non-finite steps (config.nonfinite); the checkpoints are finite. SIGTERM
@@ -15,30 +18,27 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before tf.data loads: its INFO is noise.
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import common  # launch/common.py
 from xmodal_jax.train import loop, nonfinite, preemption
 
 NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Checkpoints and metrics go here.")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False, "Resume even though the config differs from the run's "
     "({workdir}/config.json) in what shapes the run (batch size, model, data, schedule).")
-flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and TensorBoard are chatty at INFO.
+  common.join_runtime()
   try:
-    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+    loop.train_and_evaluate(common.CONFIG.value, common.WORKDIR.value,
                             allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except nonfinite.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

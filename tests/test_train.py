@@ -16,6 +16,7 @@ import pytest
 from conftest import CONFIG, REPO, run_train, xla_flags
 from configs import audio_video_text
 from xmodal_jax import parallel
+from xmodal_jax.parallel import sharding
 from xmodal_jax.data import pipeline
 from xmodal_jax.train import experiment as experiment_lib, loop, metrics as metrics_lib
 from xmodal_jax.train import step as step_lib
@@ -91,37 +92,6 @@ def test_sigkill_midway_then_rerun_resumes_and_logs_each_step_once(digit_data_di
 
 
 @pytest.mark.slow
-def test_sigterm_saves_the_current_step_and_the_rerun_loses_none(digit_data_dir, tmp_path):
-  """What a TPU/cloud preemption sends, at some step far from any periodic checkpoint: the
-  run saves that step's checkpoint, exits 143, and the re-run resumes exactly there."""
-  workdir = str(tmp_path / "run")
-  args = [f"--config={CONFIG}:tiny", f"--workdir={workdir}",
-          f"--config.data.data_dir={digit_data_dir}", "--config.total_steps=120",
-          "--config.checkpoint_every=1000", "--config.log_every=10",
-          "--config.evals.retrieval.every=120", "--config.evals.retrieval.fused=none"]
-  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
-                          env=dict(os.environ, XLA_FLAGS=xla_flags(1)),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3):
-    assert proc.poll() is None and time.time() < deadline, "training ended before SIGTERM"
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
-  saved = int(err.split("preempted (SIGTERM) at step ")[1].split(":")[0])
-  assert 30 <= saved < 120
-  checkpoints = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
-                 if d.isdigit()]
-  assert max(checkpoints) == saved  # Beside Orbax's first-step save, none periodic.
-  out = run_train(args).stdout
-  assert f"Resuming from the checkpoint of step {saved}." in out
-  steps = [r["step"] for r in read_metrics(workdir) if "train/loss" in r]
-  assert steps == list(range(10, 121, 10)), "each logged step must appear exactly once"
-
-
-@pytest.mark.slow
 def test_eight_devices_give_the_same_loss_curve_as_one(digit_data_dir, tmp_path):
   """The same train step from the same state on the same batches, on a 1-device and an
   8-device mesh: the sharded loss (every device scoring its rows against the gathered
@@ -144,6 +114,33 @@ def test_eight_devices_give_the_same_loss_curve_as_one(digit_data_dir, tmp_path)
   assert sorted(curves) == [1, 8]
   assert curves[1][-1] < curves[1][0]
   np.testing.assert_allclose(curves[8], curves[1], rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_gives_the_data_parallel_loss_curve_with_a_quarter_of_the_state(
+    digit_data_dir, tmp_path):
+  """data=2 x fsdp=4 against data=8 (every device a full copy) on 8 devices: the same losses
+  from the same batches, and each device holds a quarter of the params and Adam moments."""
+  curves, state_bytes = {}, {}
+  for name, mesh in (("data", dict(data=8, fsdp=1)), ("fsdp", dict(data=2, fsdp=4))):
+    config = tiny_config(digit_data_dir)
+    config.mesh = mesh
+    experiment = experiment_lib.setup(config, str(tmp_path / name))
+    replicated = jax.sharding.NamedSharding(experiment.mesh, jax.sharding.PartitionSpec())
+    train_fn = jax.jit(functools.partial(
+        step_lib.train_step, model=experiment.model, tx=experiment.tx,
+        loss_config=config.loss, mesh=experiment.mesh, seed=config.seed),
+        out_shardings=(experiment.shardings, replicated))
+    batches = pipeline.train_iterator(config, experiment.builder)
+    state, curves[name] = experiment.state, []
+    for _ in range(4):
+      state, metrics = train_fn(state, parallel.shard_batch(next(batches), experiment.mesh))
+      curves[name].append(float(metrics["loss"]))
+    state_bytes[name] = sharding.bytes_per_device(state)
+    total = sum(x.nbytes for x in jax.tree.leaves(state))
+  np.testing.assert_allclose(curves["fsdp"], curves["data"], rtol=1e-5)
+  assert state_bytes["data"] == total
+  assert state_bytes["fsdp"] <= 0.26 * total, (state_bytes, total)
 
 
 def test_unknown_config_key_stops_the_launcher_naming_it(tmp_path):

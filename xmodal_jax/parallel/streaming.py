@@ -115,7 +115,8 @@ def _scan_tiles(body, carry, gallery, state, col_index, block_size, remat):
 
 
 def to_varying(tree, axis_name):
-  """Marks values as differing across `axis_name` (shard_map's types require it of carries)."""
+  """Marks values as differing across `axis_name` (a mesh axis or a tuple of them;
+  shard_map's types require it of carries)."""
   if axis_name is None:
     return tree
 
@@ -124,9 +125,9 @@ def to_varying(tree, axis_name):
     varying = getattr(aval, "vma", None)
     if varying is None:  # Newer JAX keeps it under the array's manual-axis type.
       varying = getattr(getattr(aval, "mat", None), "varying", ())
-    if axis_name in varying:
-      return x
-    return jax.lax.pcast(x, (axis_name,), to="varying")
+    axes = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    missing = tuple(a for a in axes if a not in varying)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
   return jax.tree.map(cast, tree)
 
 

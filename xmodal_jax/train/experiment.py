@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from xmodal_jax import parallel, pretrained as pretrained_lib
+from xmodal_jax.parallel import sharding
 from xmodal_jax.eval import embed, evaluators
 from xmodal_jax.losses import objectives
 from xmodal_jax.models import towers
@@ -40,16 +41,14 @@ def validate_config(config):
                      "(the newest checkpoint is what a re-run resumes from)")
   optimizer.validate(config)
   nonfinite.validate(config)
+  parallel.mesh_shape(config.get("mesh"), jax.device_count())
+  sharding.check_rules(config.get("sharding", sharding.DEFAULT_RULES))
 
 
-def state_shardings(state, mesh):
-  """Queues are sharded by rows over the data axis; everything else is replicated."""
-  def spec(path, leaf):
-    keys = [getattr(p, "name", getattr(p, "key", None)) for p in path]
-    rows = "queues" in keys and getattr(leaf, "ndim", 0) >= 1
-    spec = (parallel.DATA_AXIS,) if rows else ()
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-  return jax.tree_util.tree_map_with_path(spec, state)
+def state_shardings(state, mesh, config):
+  """The state's shardings: `config.sharding` rules (parallel/sharding.py), queue rows over
+  the batch axes."""
+  return sharding.state_shardings(state, mesh, config.get("sharding", sharding.DEFAULT_RULES))
 
 
 def resolve_tokenizers(config):
@@ -78,6 +77,7 @@ class Experiment:
   tx: Any
   mesh: Any
   state: Any
+  shardings: Any  # the state's, as config.mesh and config.sharding say
   step: int
   manager: Any
   embedder: embed.Embedder
@@ -105,7 +105,7 @@ def setup(config, workdir, *, step=None, require_checkpoint=False):
   model, pretrained = towers.build_model(config.model, vocab_sizes,
                                          loader=pretrained_lib.Loader())
   tx = optimizer.make_optimizer(config)
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh(shape=config.get("mesh"))
 
   # Init needs shapes only: one row keeps its compile and run small.
   example = jax.tree.map(lambda x: x[:1],
@@ -116,7 +116,7 @@ def setup(config, workdir, *, step=None, require_checkpoint=False):
   create = functools.partial(state_lib.create_train_state, model, tx, seed=config.seed,
                              queue_size=queue_size)
   abstract = jax.eval_shape(create, example)
-  shardings = state_shardings(abstract, mesh)
+  shardings = state_shardings(abstract, mesh, config)
   manager = checkpoint.make_manager(workdir, config)
   if step is None:
     step = manager.latest_step() or 0
@@ -133,5 +133,5 @@ def setup(config, workdir, *, step=None, require_checkpoint=False):
           state.params, jax.device_put(pretrained, replicated)))
       if state.momentum_params is not None:  # The EMA starts from the loaded weights too.
         state = state.replace(momentum_params=jax.tree.map(jnp.copy, state.params))
-  return Experiment(config, builder, model, tx, mesh, state, step, manager,
+  return Experiment(config, builder, model, tx, mesh, state, shardings, step, manager,
                     embed.Embedder(config, builder, model, mesh))

@@ -44,6 +44,8 @@ def train_and_evaluate(config, workdir, *, allow_config_change=False):
       functools.partial(step_lib.train_step, model=experiment.model, tx=experiment.tx,
                         loss_config=config.loss, mesh=mesh, seed=config.seed,
                         alignment_config=config.get("alignment")),
+      out_shardings=(experiment.shardings, jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec())),
       donate_argnums=(0,))
   batches = pipeline.train_iterator(config, experiment.builder, start_step=start_step)
   progress = metrics_lib.Progress(config.total_steps, start_step)

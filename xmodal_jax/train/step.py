@@ -33,8 +33,8 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
                  loss_config, mesh):
   """(sum over config.loss.weights of weight x term, metrics) on a global batch.
 
-  Per-device terms (objectives.Objective.per_device) run inside shard_map over the data
-  axis, each device scoring its rows against the global batch (loss.impl: dense =
+  Per-device terms (objectives.Objective.per_device) run inside shard_map over the batch
+  axes, each device scoring its rows against the global batch (loss.impl: dense =
   all-gathered, blockwise, ring), so no device builds B x B; the others run on the global
   batch under jit, and scores against a queue stay sharded by the queue's rows.
   """
@@ -50,12 +50,12 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
   on_global_batch = [name for name in table if name not in per_device]
 
   def device_terms(emb, masks, scale, bias):
-    inputs = objectives.Inputs(emb, masks, scale, bias, axis_name=parallel.DATA_AXIS)
+    inputs = objectives.Inputs(emb, masks, scale, bias, axis_name=parallel.BATCH_AXES)
     return {name: table[name].term(inputs, loss_config) for name in per_device}
   values = {}
   if per_device:
     values = jax.shard_map(device_terms, mesh=mesh,
-                           in_specs=(P(parallel.DATA_AXIS), P(parallel.DATA_AXIS), P(), P()),
+                           in_specs=(P(parallel.BATCH_AXES), P(parallel.BATCH_AXES), P(), P()),
                            out_specs=P())(emb, batch["_mask"], scale, bias)
   if on_global_batch:
     def match(pair, a_tokens, a_valid, b_tokens, b_valid, dropout_rng):
@@ -64,7 +64,7 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
     inputs = objectives.Inputs(
         emb, batch["_mask"], scale, bias, ids=batch["_id"], tokens=out.get("tokens"),
         locals=out.get("locals"), momentum_emb=momentum_emb, queues=queues, alpha=alpha,
-        queue_columns=jax.sharding.NamedSharding(mesh, P(None, parallel.DATA_AXIS)),
+        queue_columns=jax.sharding.NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
         rng=term_rng, match=match, fusion_pairs=tuple(towers.fusion_pairs(model)))
     values.update({name: table[name].term(inputs, loss_config) for name in on_global_batch})
   loss, metrics = 0.0, {}
@@ -81,12 +81,12 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
 def update_queues(queues, momentum_emb, batch, mesh):
   """Enqueues this step's momentum embeddings of every modality (FIFO, rows sharded: each
   device writes its batch rows into its own queue rows)."""
-  sharded = jax.sharding.NamedSharding(mesh, P(parallel.DATA_AXIS))
+  sharded = jax.sharding.NamedSharding(mesh, P(parallel.BATCH_AXES))
   new, pointer = {}, queues["pointer"]
   for m, keys in momentum_emb.items():
     emb, ids, new_pointer = alignment.enqueue(
         queues[m]["emb"], queues[m]["ids"], pointer, keys, batch["_id"], batch["_mask"][m],
-        shards=mesh.shape[parallel.DATA_AXIS])
+        shards=parallel.batch_shards(mesh))
     new[m] = {"emb": jax.lax.with_sharding_constraint(emb, sharded),
               "ids": jax.lax.with_sharding_constraint(ids, sharded)}
   new["pointer"] = new_pointer
