@@ -13,9 +13,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", distributed.MODES, "Join JAX's distributed runtime: 'auto' when "
-    "a scheduler (SLURM, Open MPI, a TPU slice, a Kubernetes indexed job) started several "
-    "processes or the three flags below are given, 'on' always (JAX detects the cluster), "
-    "'off' never.")
+    "SLURM, Open MPI or a multi-host TPU slice started several processes or the three flags "
+    "below are given, 'on' always (JAX detects the cluster: also Kubernetes), 'off' never.")
 COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for clusters JAX does not detect.")
 NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")

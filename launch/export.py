@@ -20,8 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
-import jax
 from xmodal_jax.eval import export
+from xmodal_jax.parallel import distributed
 from xmodal_jax.train import experiment as experiment_lib
 
 _SPLIT = flags.DEFINE_string("split", None, "Split to export (default: config's eval split).")
@@ -48,13 +48,12 @@ def main(argv):
                "split": split, "dataset": config.data.name,
                "eval_batch_size": config.eval_batch_size,
                "model": json.loads(config.model.to_json_best_effort(sort_keys=True))}
-  meta = dict(signature)
-  if jax.process_index() == 0:
-    meta = export.write_export(_OUT.value, batches, num_batches, signature, meta)
+  # Process 0 writes; the others take part in every gather, and stop if its writing fails.
+  meta = distributed.run_on_first_process(
+      lambda steps: export.write_export(_OUT.value, steps, num_batches, signature,
+                                        dict(signature)), batches)
+  if meta is not None:
     print(f"wrote {meta['count']} items x {sorted(meta['dims'])} to {_OUT.value}")
-  else:
-    for _ in batches:  # Other hosts take part in every gather.
-      pass
 
 
 if __name__ == "__main__":

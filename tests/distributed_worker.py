@@ -29,10 +29,46 @@ def global_inputs():
   return emb, masks
 
 
+FAILURES = ("before", "first", "last", "after")  # where process 0's work raises, if at all
+
+
+def failure_outcomes():
+  """For each place in FAILURES (and "none"), what run_on_first_process did on this process:
+  the result, the error's type, and whether a later collective still works."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  outcomes = {}
+  for where in FAILURES + ("none",):
+    def steps():
+      for i in range(3):
+        yield int(np.asarray(multihost_utils.process_allgather(np.int32(i))).sum())
+
+    def work(stream, where=where):
+      if where == "before":
+        raise OSError("cannot create the output folder")
+      total = 0
+      for i, value in enumerate(stream):
+        if (where, i) in (("first", 0), ("last", 2)):
+          raise OSError("disk full")
+        total += value
+      if where == "after":
+        raise OSError("cannot write meta.json")
+      return total
+    try:
+      outcomes[where] = distributed.run_on_first_process(work, steps())
+    except (OSError, distributed.HostFailed) as e:
+      outcomes[where] = type(e).__name__
+  # Every process is still in step: one more collective completes.
+  outcomes["in_step"] = int(np.asarray(multihost_utils.process_allgather(np.int32(1))).sum())
+  return outcomes
+
+
 def main(port, rank, out):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=rank)
   assert jax.device_count() == 8 and jax.local_device_count() == 4
+  with open(f"{out}.failures{rank}", "w") as f:
+    json.dump(failure_outcomes(), f)
   emb, masks = global_inputs()
   mesh = parallel.make_mesh()
   rows = slice(24 * rank, 24 * (rank + 1))

@@ -12,8 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CONFIG, REPO, run_train, xla_flags
+from conftest import CONFIG, REPO, xla_flags
+from configs import audio_video_text
 from xmodal_jax import losses
+from xmodal_jax.train import loop
 
 import distributed_worker  # pylint: disable=g-bad-import-order
 
@@ -45,6 +47,16 @@ def test_two_processes_match_one(tmp_path):
   assert len(results) == 6
   for key, value in results.items():
     assert value == pytest.approx(expected[key.split("/")[0]], rel=1e-5), key
+  # run_on_first_process: an error in process 0's work stops the other process too (it
+  # raises HostFailed instead of waiting in a collective), wherever the error happens.
+  outcomes = []
+  for rank in (0, 1):
+    with open(f"{out}.failures{rank}") as f:
+      outcomes.append(json.load(f))
+  assert outcomes[0] == {"before": "OSError", "first": "OSError", "last": "OSError",
+                         "after": "OSError", "none": 2 * (0 + 1 + 2), "in_step": 2}
+  assert outcomes[1] == {"before": "HostFailed", "first": "HostFailed",
+                         "last": "HostFailed", "after": None, "none": None, "in_step": 2}
 
 
 def start_trainers(args, processes):
@@ -103,8 +115,13 @@ def test_preempted_runs_resume_on_either_layout_with_one_loss_curve(digit_data_d
   args = [f"--config={CONFIG}:tiny", f"--config.data.data_dir={digit_data_dir}",
           "--config.total_steps=24", "--config.checkpoint_every=1000", "--config.log_every=2",
           "--config.evals.retrieval.every=24", "--config.evals.retrieval.fused=none"]
+  # The uninterrupted 1 x 8 run, in this process (the suite's 8 devices): the launcher's loop.
   reference = str(tmp_path / "one_process")
-  run_train(args + [f"--workdir={reference}"], devices=8)
+  config = audio_video_text.get_config("tiny")
+  config.update_from_flattened_dict({
+      "data.data_dir": digit_data_dir, "total_steps": 24, "checkpoint_every": 1000,
+      "log_every": 2, "evals.retrieval.every": 24, "evals.retrieval.fused": "none"})
+  loop.train_and_evaluate(config, reference)
 
   workdir = str(tmp_path / "layouts")
   args += [f"--workdir={workdir}"]
@@ -128,3 +145,29 @@ def test_preempted_runs_resume_on_either_layout_with_one_loss_curve(digit_data_d
   for key, value in table_one.items():
     if key.endswith("R@1"):
       assert table_mixed[key] == pytest.approx(value, abs=0.5), key
+
+
+def test_runtime_is_joined_only_when_asked_or_started_as_several(monkeypatch):
+  from xmodal_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+    monkeypatch.delenv(var, raising=False)
+  assert distributed._cluster() is None  # pylint: disable=protected-access
+  assert not distributed.initialize("auto")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker "
+                     "hostnames or IP addresses, please set env var")  # what libtpu leaves
+  assert distributed._cluster() is None  # pylint: disable=protected-access
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t1v-n-0,t1v-n-1")
+  assert distributed._cluster() == "a TPU slice"  # pylint: disable=protected-access
+  assert not distributed.initialize("off")
+  monkeypatch.setenv("SLURM_JOB_ID", "7")
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+  assert distributed._cluster() is None  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="go together"):
+    distributed.initialize("auto", "localhost:1234", 2, None)
+  with pytest.raises(ValueError, match=r"--process_id=2: expected 0 .. 1"):
+    distributed.initialize("auto", "localhost:1234", 2, 2)
+  with pytest.raises(ValueError, match="--distributed=off with"):
+    distributed.initialize("off", "localhost:1234", 2, 0)
+  with pytest.raises(ValueError, match="expected one of"):
+    distributed.initialize("yes")
