@@ -41,5 +41,8 @@ setuptools.setup(
         ],
         "bench": ["faiss-cpu>=1.8"],  # benchmarks/search.py's reference
         "gpu": ["jax[cuda12]"],
+        # libtpu matching the installed jax: launch/compile.py compiles for TPU topologies on
+        # any host (no TPU needed); on a TPU VM it is also the runtime.
+        "tpu": ["jax[tpu]"],
     },
 )

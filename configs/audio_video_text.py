@@ -9,14 +9,27 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
               this data add seed 000's in-batch InfoNCE (--config.loss.weights.contrastive=1):
               without it audio stays far behind (docs/methods.md, "Seed 001 on this data").
   tiny        a few steps of a smaller model, for tests and smoke runs.
+  pod         pod scale: AST-B audio (10 s at 16 kHz), ViT-B/16 frames video (8 frames at
+              224), CLIP text-B; bfloat16, rematerialized blocks, blockwise loss, the state
+              sharded over every chip (fsdp), global batch 32,768. Data: VALOR-32K (Chen et
+              al., 2023: 32k YouTube clips, each with an audio-visual caption), built by the
+              manifest builder from one line per clip, {"id": ..., "split": ..., "audio":
+              "clips/ID.mp4", "video": "clips/ID.mp4", "text": "the caption"} (the audio is
+              the clip's own track):
+                python -m xmodal_jax.data.build --manifest=valor.jsonl --name=valor \
+                    --modalities=audio:audio,video:video,text:text --video_frames=8 \
+                    --frame_size=256 --data_dir=DATA
+              then --config.data.data_dir=DATA --config.modalities.text.tokenizer=CLIP_FOLDER.
+              Check the fit first: python launch/compile.py
+              --config=configs/audio_video_text.py:pod --topology=v5e:16x16.
 Variants combine with commas: `:tiny,regression`.
 """
 
 import ml_collections
 
-from configs import recipes, variants
+from configs import recipes, sizes, variants
 
-VARIANTS = ("tiny", "regression", "sigmoid", "align_fuse")
+VARIANTS = ("tiny", "regression", "sigmoid", "align_fuse", "pod")
 
 
 def tower(name, **kwargs):
@@ -95,4 +108,28 @@ def get_config(variant=""):
     for evaluator in config.evals.values():
       evaluator.every = 6
     config.checkpoint_every = 3
+  if v.pod:
+    if v.tiny:
+      raise ValueError("configs/audio_video_text.py: :pod and :tiny do not combine")
+    config.data.update(name="valor", train_split="train", eval_split="test", cache=False)
+    config.modalities = dict(
+        audio=dict(kind="audio", feature="audio", num_samples=160_000),
+        video=dict(kind="video", feature="video", num_frames=8, frame_size=224, channels=3,
+                   sampling="random", max_shift=0),
+        text=dict(kind="text", feature="text", tokenizer="", max_length=77,
+                  captions="sample"))
+    pod = dict(dtype="bfloat16", remat=True)
+    config.model.embed_dim = 512
+    config.model.towers = dict(audio=sizes.ast("B", **pod),
+                               video=sizes.frames("B", num_frames=8) | dict(
+                                   image=sizes.vit("B", **pod)),
+                               text=sizes.clip_text("B", **pod))
+    config.loss.impl, config.loss.block_size = "blockwise", 4096
+    config.mesh = dict(data=1, fsdp=-1)
+    config.batch_size = config.eval_batch_size = 32_768
+    config.total_steps = 50_000
+    config.optimizer.update(learning_rate=5e-4, warmup_steps=2_000)
+    for evaluator in config.evals.values():
+      evaluator.every = 5_000
+    config.checkpoint_every = 1_000
   return config

@@ -16,13 +16,18 @@ Variants (`--config=configs/image_text.py:VARIANT`):
            evaluation re-ranks the top 128 with the matching head.
   tiny     a few steps of tiny towers on 32 x 32 images, for tests and smoke runs.
   fp8      both towers' block matmuls in float8 (models/fp8.py; for H100-class GPUs).
+  L, g     pod scale: ViT-L/14 + CLIP text-L (0.43B parameters) or ViT-g/14 + text-g (1.3B),
+           bfloat16, rematerialized blocks, blockwise loss, the state sharded over every
+           chip (fsdp), OpenAI CLIP's global batch of 32,768. Check the fit before a run:
+           python launch/compile.py --config=configs/image_text.py:L --topology=v5e:16x16
+           (the figures for v5e-256 are in benchmarks/README.md, "Compiling for TPU pods").
 """
 
 import ml_collections
 
 from configs import recipes, sizes, variants
 
-VARIANTS = ("clip", "flickr30k", "tiny", "align_fuse", "fp8")
+VARIANTS = ("clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g")
 # Seed 001's fusion encoder over the text tokens, by tower size.
 FUSION = {"B": dict(width=768, num_layers=6, num_heads=12, mlp_dim=3072, dtype="bfloat16"),
           "tiny": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64, dtype="float32")}
@@ -95,4 +100,17 @@ def get_config(variant=""):
   if v.fp8:
     for tower in config.model.towers.values():
       tower["fp8"] = True
+  if v.L or v.g:
+    if v.tiny or v.clip or (v.L and v.g):
+      raise ValueError("configs/image_text.py: :L and :g are sizes of their own; they do not "
+                       "combine with :tiny, :clip or each other")
+    pod = "L" if v.L else "g"
+    config.model.towers = dict(
+        image=sizes.vit(pod, dtype="bfloat16", remat=True),
+        text=sizes.clip_text(pod, dtype="bfloat16", remat=True))
+    config.model.embed_dim = 768 if v.L else 1024
+    config.loss.impl, config.loss.block_size = "blockwise", 4096
+    config.mesh = dict(data=1, fsdp=-1)
+    config.batch_size = 32_768
+    config.eval_batch_size = 32_768
   return config

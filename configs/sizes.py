@@ -1,21 +1,25 @@
-"""Tower presets by size: tiny (CPU tests), B/16-sized and L/14-sized (accelerators).
+"""Tower presets by size: tiny (CPU tests), B/16-, L/14- and g/14-sized (accelerators).
 
 Each function returns a tower config dict for `config.model.towers.<modality>`; keyword
 arguments override any field (dtype, remat, pooling, dropout, ...). Widths, depths and heads
-follow ViT-B/16 and ViT-L/14, BERT-base, CLIP's text transformers and AST-base.
+follow ViT-B/16, ViT-L/14 and ViT-g/14 (1.0B parameters: width 1408, 40 blocks, MLP 6144,
+as in Zhai et al., "Scaling Vision Transformers"), BERT-base, CLIP's text transformers
+(OpenCLIP's for g: width 1024, 24 blocks) and AST-base.
 """
 
 TRUNKS = {
     "tiny": dict(width=32, num_layers=2, num_heads=2, mlp_dim=64),
     "B": dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "L": dict(width=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+    "g": dict(width=1408, num_layers=40, num_heads=16, mlp_dim=6144),
 }
 CLIP_TEXT_TRUNKS = {  # The text towers CLIP pairs with ViT-B and ViT-L.
     "tiny": TRUNKS["tiny"],
     "B": dict(width=512, num_layers=12, num_heads=8, mlp_dim=2048),
     "L": dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072),
+    "g": dict(width=1024, num_layers=24, num_heads=16, mlp_dim=4096),
 }
-PATCH = {"tiny": 4, "B": 16, "L": 14}
+PATCH = {"tiny": 4, "B": 16, "L": 14, "g": 14}
 COMMON = dict(dtype="float32", remat=False, dropout=0.0, pooling="cls")
 SIZES = tuple(TRUNKS)
 
@@ -26,7 +30,8 @@ def check(size):
 
 
 def vit(size, image_size=224, **kwargs):
-  """A ViT image tower (HF ViTModel layout) at `size`: B -> ViT-B/16, L -> ViT-L/14."""
+  """A ViT image tower (HF ViTModel layout) at `size`: B -> ViT-B/16, L -> ViT-L/14,
+  g -> ViT-g/14."""
   check(size)
   return dict(name="vit", image_size=(image_size, image_size), patch_size=PATCH[size],
               **TRUNKS[size], **COMMON) | kwargs
@@ -39,7 +44,8 @@ def bert(size, vocab_size=30522, **kwargs):
 
 
 def clip_text(size, vocab_size=49408, **kwargs):
-  """CLIP's causal text transformer at `size` (B: 512 wide, L: 768 wide; 12 layers)."""
+  """CLIP's causal text transformer at `size` (B: 512 wide, L: 768 wide, 12 layers; g:
+  1024 wide, 24 layers)."""
   check(size)
   return dict(name="clip_text", vocab_size=vocab_size, eos_token_id=vocab_size - 1,
               **CLIP_TEXT_TRUNKS[size], **COMMON) | dict(pooling="eos") | kwargs

@@ -174,3 +174,33 @@ def test_attention_impl_resolution_off_gpu():
   assert resolve("cudnn", jnp.bfloat16, 64) == "cudnn"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     resolve("flash", jnp.bfloat16, 64)
+  with transformer.target_platform("tpu"):  # compiling for TPU chips from this host
+    assert resolve("auto", jnp.float32, 64) == resolve("auto", jnp.bfloat16, 128) == "pallas"
+    assert resolve("auto", jnp.bfloat16, 192) == "xla"  # the kernel's head dims: <= 128 or k*128
+    assert resolve("xla", jnp.bfloat16, 64) == "xla"
+
+
+def test_pallas_attention_equals_numpy_and_xla_gradients(causal=True):
+  """The Pallas TPU kernel, run in interpret mode on CPU, on a length that is not a whole
+  number of its blocks (77 -> 128) with right padding and the causal mask: NumPy's attention
+  where a query sees a valid key, and XLA attention's gradients."""
+  pltpu = pytest.importorskip("jax.experimental.pallas.tpu")
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 77, 2, 16)).astype(np.float32) for _ in range(3))
+  valid = np.arange(77)[None] < np.array([[77], [30]])
+  q_, k_, v_, valid_ = map(jnp.asarray, (q, k, v, valid))
+
+  def loss(impl):
+    return lambda *qkv: jnp.sum(transformer.attention(
+        *qkv, valid_, causal=causal, implementation=impl) * valid_[:, :, None, None] * v_)
+  with pltpu.force_tpu_interpret_mode():
+    out = transformer.attention(q_, k_, v_, valid_, causal=causal, implementation="pallas")
+    grads = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q_, k_, v_)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
+  allowed = valid[:, None, None, :] & (np.tril(np.ones((77, 77), bool)) if causal else True)
+  weights = np.exp(np.where(allowed, logits, -np.inf) - logits.max(-1, keepdims=True))
+  reference = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), v)
+  np.testing.assert_allclose(np.asarray(out)[valid], reference[valid], atol=2e-5)
+  expected = jax.grad(loss("xla"), argnums=(0, 1, 2))(q_, k_, v_)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, atol=2e-5)

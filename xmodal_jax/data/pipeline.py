@@ -218,6 +218,30 @@ def _sequential_train_iterator(config, builder, expanded, start_step, index, cou
   return _numpy_batches(config, ds)
 
 
+def abstract_batch(config, batch_size, builder=None):
+  """jax.ShapeDtypeStructs of a batch of `batch_size` as the pipeline makes it, from each
+  modality's preprocessing of a missing value: nothing is read, so a train step can be
+  compiled for a dataset that is not on this machine. Features modalities take their shape
+  from `builder`'s dataset."""
+  missing = {"image": b"", "audio": np.zeros([0], np.int16), "text": "",
+             "video": np.zeros([0], np.bytes_)}
+  batch, masks = {}, {}
+  for name, m in config.modalities.items():
+    if m.kind == "features":
+      if builder is None:
+        raise ValueError(f"config.modalities.{name}: a features modality takes its shape "
+                         "from the dataset, which is not available")
+      raw = records.empty_value("features", builder.info.features[m.feature].shape)
+    else:
+      raw = missing[m.kind]
+    one = preprocess.preprocess_one(name, m, raw)
+    batch[name] = {k: (batch_size,) + v.shape[1:] + (v.dtype,) for k, v in one.items()}
+    masks[name] = (batch_size, np.bool_)
+  batch |= {"_mask": masks, "_id": (batch_size, np.int64)}
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[:-1], jax.dtypes.canonicalize_dtype(
+      s[-1])), batch, is_leaf=lambda x: isinstance(x, tuple))
+
+
 def pad_batch(batch, size):
   """Pads a numpy batch to `size` rows; padded rows have every mask False and id -1."""
   n = len(batch["_id"])

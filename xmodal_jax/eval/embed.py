@@ -64,7 +64,8 @@ class Embedder:
     embed = self.embed_fn(tokens)
     for batch in pipeline.eval_iterator(self.config, self.builder, split, ids=ids):
       batch = parallel.shard_batch(batch, self.mesh)
-      out = dict(embed(params, batch), _mask=batch["_mask"], _id=batch["_id"])
+      with jax.set_mesh(self.mesh):  # kernels such as Pallas attention run per device
+        out = dict(embed(params, batch), _mask=batch["_mask"], _id=batch["_id"])
       out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
       keep = out["_id"] >= 0
       yield jax.tree.map(lambda x: x[keep], out)

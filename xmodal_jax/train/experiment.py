@@ -17,9 +17,11 @@ from xmodal_jax.models import towers
 from xmodal_jax.train import checkpoint, nonfinite, optimizer, state as state_lib
 
 
-def validate_config(config):
+def validate_config(config, device_count=None):
   """Stops on an inconsistent config before any data is read or anything compiled; each
-  objective and evaluator checks its own options."""
+  objective and evaluator checks its own options. `device_count`: of the mesh to be (default:
+  every device)."""
+  device_count = device_count or jax.device_count()
   modalities = list(config.modalities)
   if len(modalities) < 2:
     raise ValueError(f"config.modalities: need at least 2 modalities, got {modalities}")
@@ -30,9 +32,9 @@ def validate_config(config):
   objectives.validate(config)
   evaluators.validate(config)
   for key in ("batch_size", "eval_batch_size"):
-    if config[key] % jax.device_count():
+    if config[key] % device_count:
       raise ValueError(f"config.{key}={config[key]} does not divide by the "
-                       f"{jax.device_count()} devices")
+                       f"{device_count} devices")
   for key in ("total_steps", "log_every", "checkpoint_every"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]}: expected a positive number of steps")
@@ -41,7 +43,7 @@ def validate_config(config):
                      "(the newest checkpoint is what a re-run resumes from)")
   optimizer.validate(config)
   nonfinite.validate(config)
-  parallel.mesh_shape(config.get("mesh"), jax.device_count())
+  parallel.mesh_shape(config.get("mesh"), device_count)
   sharding.check_rules(config.get("sharding", sharding.DEFAULT_RULES))
 
 
@@ -83,6 +85,26 @@ class Experiment:
   embedder: embed.Embedder
 
 
+def build_model_and_optimizer(config):
+  """(model, pretrained params by path, optax optimizer) of a config whose tokenizers are
+  resolved; text towers take their vocabulary size from their tokenizers."""
+  from xmodal_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  vocab_sizes = {name: len(preprocess.load_tokenizer(m.tokenizer))
+                 for name, m in config.modalities.items() if m.kind == "text"}
+  model, pretrained = towers.build_model(config.model, vocab_sizes,
+                                         loader=pretrained_lib.Loader())
+  return model, pretrained, optimizer.make_optimizer(config)
+
+
+def state_creator(config, model, tx):
+  """example batch -> a fresh train state (with seed 001's EMA copy and queues when the
+  objectives use them)."""
+  queue_size = (config.alignment.queue_size if objectives.uses(config.loss, "momentum")
+                else 0)
+  return functools.partial(state_lib.create_train_state, model, tx, seed=config.seed,
+                           queue_size=queue_size)
+
+
 def check_local(path, what):
   """Remote paths (gs://, s3://, ...) are not supported yet: say so instead of making a local
   folder named after the scheme."""
@@ -97,24 +119,17 @@ def setup(config, workdir, *, step=None, require_checkpoint=False):
   check_local(workdir, "--workdir")
   validate_config(config)
   config = resolve_tokenizers(config)
-  from xmodal_jax.data import pipeline, preprocess  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   builder = pipeline.get_builder(config.data)
   pipeline.check_modalities(config, builder)
-  vocab_sizes = {name: len(preprocess.load_tokenizer(m.tokenizer))
-                 for name, m in config.modalities.items() if m.kind == "text"}
-  model, pretrained = towers.build_model(config.model, vocab_sizes,
-                                         loader=pretrained_lib.Loader())
-  tx = optimizer.make_optimizer(config)
+  model, pretrained, tx = build_model_and_optimizer(config)
   mesh = parallel.make_mesh(shape=config.get("mesh"))
 
   # Init needs shapes only: one row keeps its compile and run small.
   example = jax.tree.map(lambda x: x[:1],
                          next(pipeline.eval_iterator(config, builder, config.data.eval_split)))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  queue_size = (config.alignment.queue_size if objectives.uses(config.loss, "momentum")
-                else 0)
-  create = functools.partial(state_lib.create_train_state, model, tx, seed=config.seed,
-                             queue_size=queue_size)
+  create = state_creator(config, model, tx)
   abstract = jax.eval_shape(create, example)
   shardings = state_shardings(abstract, mesh, config)
   manager = checkpoint.make_manager(workdir, config)

@@ -54,7 +54,8 @@ def train_and_evaluate(config, workdir, *, allow_config_change=False):
   eval_metrics = None
   with preemption.Watch().installed() as watch:
     for step in range(start_step + 1, config.total_steps + 1):
-      state, train_metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
+      with jax.set_mesh(mesh):  # kernels such as Pallas attention run per device
+        state, train_metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
       guard.after(step, train_metrics["nonfinite"])
       last = step == config.total_steps
       if step % config.log_every == 0 or last:

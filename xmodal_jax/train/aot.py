@@ -1,0 +1,120 @@
+"""Ahead-of-time compilation of the real train step for any devices, including TPU
+topologies that are not here (`jax.experimental.topologies`, with libtpu installed: a CPU
+host compiles for a v5e-256), and what it needs per chip (docs/architecture.md,
+"Compiling ahead of time")."""
+
+import dataclasses
+import functools
+import time
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from xmodal_jax import parallel
+from xmodal_jax.models import transformer
+from xmodal_jax.train import experiment, step as step_lib
+
+GIB = 1 << 30
+# HBM per chip by device_kind; XLA keeps a little for itself (v5e: 15.75 of 16 GiB usable).
+HBM_BYTES = {"TPU v4": 32 * GIB, "TPU v5 lite": 16 * GIB, "TPU v5e": 16 * GIB,
+             "TPU v5": 95 * GIB, "TPU v5p": 95 * GIB, "TPU v6 lite": 32 * GIB,
+             "TPU v6e": 32 * GIB}
+
+
+def topology_devices(name):
+  """The abstract devices of a TPU topology such as "v5e:16x16" (needs libtpu)."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    return topologies.get_topology_desc(name, platform="tpu").devices
+  except Exception as e:  # pylint: disable=broad-except  # libtpu's errors have no one type
+    raise ValueError(f"--topology={name!r}: cannot describe it ({type(e).__name__}: {e}); "
+                     "is libtpu installed (pip install -e '.[tpu]') and the name a TPU "
+                     "topology such as v5e:16x16 or v4:2x2x2?") from e
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-chip figures of a compiled train step (bytes; flops of one step)."""
+  devices: int
+  device_kind: str
+  mesh: dict
+  params: int
+  state_bytes: int  # params, optimizer state, EMA copy and queues: this chip's shards
+  argument_bytes: int  # the state and this chip's rows of the batch
+  temp_bytes: int  # activations and every other buffer XLA allocates for the step
+  total_bytes: int  # arguments + temporaries + outputs not aliased to (donated) arguments
+  hbm_bytes: int  # None when the device kind is not in HBM_BYTES
+  flops: float
+  compile_seconds: float
+
+  def fits(self):
+    return self.hbm_bytes is None or self.total_bytes <= self.hbm_bytes
+
+
+def shard_bytes(tree):
+  """Bytes of one device's shards of abstract arrays with shardings (the largest shard)."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def compile_train_step(config, devices):
+  """Compiles `config`'s train step for `devices` at `config.batch_size`; returns the
+  compiled executable and a Report. An executable that does not fit the chips' memory is
+  an XLA error (RESOURCE_EXHAUSTED), raised as is."""
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  experiment.validate_config(config, device_count=len(devices))
+  config = experiment.resolve_tokenizers(config)
+  model, _, tx = experiment.build_model_and_optimizer(config)
+  mesh = parallel.make_mesh(devices, shape=config.get("mesh"))
+  abstract = jax.eval_shape(experiment.state_creator(config, model, tx),
+                            pipeline.abstract_batch(config, 1))
+  shardings = experiment.state_shardings(abstract, mesh, config)
+  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                       abstract, shardings)
+  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
+                       pipeline.abstract_batch(config, config.batch_size))
+  train_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, tx=tx, loss_config=config.loss,
+                        mesh=mesh, seed=config.seed, alignment_config=config.get("alignment")),
+      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  start = time.perf_counter()
+  # attention_impl="auto" resolves for the target chips; kernels run per device (the mesh).
+  with transformer.target_platform(devices[0].platform), jax.set_mesh(mesh):
+    compiled = train_fn.lower(state, batch).compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  kind = devices[0].device_kind
+  total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
+           + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  return compiled, Report(
+      devices=len(devices), device_kind=kind, mesh=dict(mesh.shape),
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
+      state_bytes=shard_bytes(state), argument_bytes=memory.argument_size_in_bytes,
+      temp_bytes=memory.temp_size_in_bytes, total_bytes=total, hbm_bytes=HBM_BYTES.get(kind),
+      flops=float(cost.get("flops", 0.0)) if cost else 0.0, compile_seconds=seconds)
+
+
+def size(num_bytes):
+  return (f"{num_bytes / GIB:.2f} GiB" if num_bytes >= GIB / 10
+          else f"{num_bytes / (1 << 20):.2f} MiB")
+
+
+def format_report(report):
+  gib = size
+  lines = [f"{report.devices} x {report.device_kind}, mesh {report.mesh}, "
+           f"{report.params / 1e6:.2f}M parameters; per chip:",
+           f"  state (params, optimizer, EMA, queues)  {gib(report.state_bytes)}",
+           f"  arguments (state + batch rows)          {gib(report.argument_bytes)}",
+           f"  temporaries                             {gib(report.temp_bytes)}",
+           f"  total                                   {gib(report.total_bytes)}"]
+  if report.hbm_bytes:
+    free = 1 - report.total_bytes / report.hbm_bytes
+    lines.append(f"  HBM                                     {gib(report.hbm_bytes)} "
+                 f"({100 * free:.1f}% free)")
+  lines += [f"  XLA's flops per step                    {report.flops / 1e12:.2f} TFLOP",
+            f"compiled in {report.compile_seconds:.1f} s"]
+  return "\n".join(lines)
