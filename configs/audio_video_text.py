@@ -11,7 +11,7 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
   tiny        a few steps of a smaller model, for tests and smoke runs.
   pod         pod scale: AST-B audio (10 s at 16 kHz), ViT-B/16 frames video (8 frames at
               224), CLIP text-B; bfloat16, rematerialized blocks, blockwise loss, the state
-              sharded over every chip (fsdp), global batch 32,768. Data: VALOR-32K (Chen et
+              sharded 16 ways (fsdp), global batch 32,768. Data: VALOR-32K (Chen et
               al., 2023: 32k YouTube clips, each with an audio-visual caption), built by the
               manifest builder from one line per clip, {"id": ..., "split": ..., "audio":
               "clips/ID.mp4", "video": "clips/ID.mp4", "text": "the caption"} (the audio is
@@ -125,7 +125,7 @@ def get_config(variant=""):
                                    image=sizes.vit("B", **pod)),
                                text=sizes.clip_text("B", **pod))
     config.loss.impl, config.loss.block_size = "blockwise", 4096
-    config.mesh = dict(data=1, fsdp=-1)
+    config.mesh = dict(data=-1, fsdp=16)  # as configs/image_text.py:L (16, not every chip)
     config.batch_size = config.eval_batch_size = 32_768
     config.total_steps = 50_000
     config.optimizer.update(learning_rate=5e-4, warmup_steps=2_000)
