@@ -21,7 +21,10 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
                     --frame_size=256 --data_dir=DATA
               then --config.data.data_dir=DATA --config.modalities.text.tokenizer=CLIP_FOLDER.
               Check the fit first: python launch/compile.py
-              --config=configs/audio_video_text.py:pod --topology=v5e:16x16.
+              --config=configs/audio_video_text.py:pod --topology=v5e:16x16. As of now it
+              does NOT fit a v5e-256 at 32,768 (21.4 GiB of temporaries per chip;
+              benchmarks/README.md): it awaits gradient caching; until then halve
+              --config.batch_size or take a larger slice.
 Variants combine with commas: `:tiny,regression`.
 """
 
