@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xmodal_jax import parallel
 from xmodal_jax.models import transformer
-from xmodal_jax.train import experiment, step as step_lib
+from xmodal_jax.train import experiment, state as state_lib, step as step_lib
 
 GIB = 1 << 30
 # HBM per chip by device_kind; XLA keeps a little for itself (v5e: 15.75 of 16 GiB usable).
@@ -81,7 +81,10 @@ def compile_train_step(config, devices):
       out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
   start = time.perf_counter()
   # attention_impl="auto" resolves for the target chips; kernels run per device (the mesh).
-  with transformer.target_platform(devices[0].platform), jax.set_mesh(mesh):
+  # No persistent compilation cache: an executable for chips that are not here cannot be
+  # read back from it (JAX warns on every later compile).
+  with transformer.target_platform(devices[0].platform), jax.set_mesh(mesh), \
+      state_lib.config_value("jax_enable_compilation_cache", False):
     compiled = train_fn.lower(state, batch).compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()

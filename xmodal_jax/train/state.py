@@ -42,12 +42,13 @@ def init_on_devices(create, example_batch, shardings=None):
   took 3 min 20 s to compile for ViT-B/16 + text-B on an H100; jax's ThreeFry kernel (the
   same hash as one custom call) compiles in seconds. Elsewhere the flag changes nothing.
   """
-  with _config_value("jax_threefry_gpu_kernel_lowering", True):
+  with config_value("jax_threefry_gpu_kernel_lowering", True):
     return jax.jit(create, out_shardings=shardings)(example_batch)
 
 
 @contextlib.contextmanager
-def _config_value(name, value):
+def config_value(name, value):
+  """A context with JAX config option `name` set to `value`."""
   previous = getattr(jax.config, name)
   jax.config.update(name, value)
   try:
