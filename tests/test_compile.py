@@ -52,6 +52,7 @@ def compile_cli(*args):
                         timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+@pytest.mark.slow
 def test_compile_launcher_names_what_does_not_fit():
   proc = compile_cli("--topology=v5e:2x2", "--config.batch_size=4194304",
                      "--config.eval_batch_size=4")
