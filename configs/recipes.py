@@ -33,9 +33,11 @@ def parallelism_defaults(config):
   """`config.mesh` (axis sizes; -1: the devices left) and `config.sharding` ((regex, rule)
   on state paths: "fsdp", "replicate" or a PartitionSpec tuple; xmodal_jax/parallel/
   sharding.py). The default is data parallelism; data=D, fsdp=F keeps 1/F of the state per
-  device."""
+  device. `config.grad_accum_steps` = k runs the towers on k micro-batches of the global
+  batch in turn (gradient caching: the same loss and gradients, 1/k of the activations)."""
   config.mesh = dict(data=-1, fsdp=1)
   config.sharding = [(".*", "fsdp")]
+  config.grad_accum_steps = 1
 
 
 def retrieval_eval(every):

@@ -4,7 +4,6 @@ host compiles for a v5e-256), and what it needs per chip (docs/architecture.md,
 "Compiling ahead of time")."""
 
 import dataclasses
-import functools
 import time
 
 import jax
@@ -45,8 +44,9 @@ class Report:
   temp_bytes: int  # activations and every other buffer XLA allocates for the step
   total_bytes: int  # arguments + temporaries + outputs not aliased to (donated) arguments
   hbm_bytes: int  # None when the device kind is not in HBM_BYTES
-  flops: float
+  flops: float  # as XLA counts them: a loop's body once (see grad_accum_steps)
   compile_seconds: float
+  grad_accum_steps: int = 1  # > 1: `flops` holds one micro-batch of the towers, not k
 
   def fits(self):
     return self.hbm_bytes is None or self.total_bytes <= self.hbm_bytes
@@ -75,10 +75,7 @@ def compile_train_step(config, devices):
   rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
                        pipeline.abstract_batch(config, config.batch_size))
-  train_fn = jax.jit(
-      functools.partial(step_lib.train_step, model=model, tx=tx, loss_config=config.loss,
-                        mesh=mesh, seed=config.seed, alignment_config=config.get("alignment")),
-      out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  train_fn = step_lib.jit_train_step(config, model, tx, mesh, shardings)
   start = time.perf_counter()
   # attention_impl="auto" resolves for the target chips; kernels run per device (the mesh).
   # No persistent compilation cache: an executable for chips that are not here cannot be
@@ -98,7 +95,8 @@ def compile_train_step(config, devices):
       params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
       state_bytes=shard_bytes(state), argument_bytes=memory.argument_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes, total_bytes=total, hbm_bytes=HBM_BYTES.get(kind),
-      flops=float(cost.get("flops", 0.0)) if cost else 0.0, compile_seconds=seconds)
+      flops=float(cost.get("flops", 0.0)) if cost else 0.0, compile_seconds=seconds,
+      grad_accum_steps=config.get("grad_accum_steps", 1))
 
 
 def size(num_bytes):
@@ -118,6 +116,9 @@ def format_report(report):
     free = 1 - report.total_bytes / report.hbm_bytes
     lines.append(f"  HBM                                     {gib(report.hbm_bytes)} "
                  f"({100 * free:.1f}% free)")
-  lines += [f"  XLA's flops per step                    {report.flops / 1e12:.2f} TFLOP",
-            f"compiled in {report.compile_seconds:.1f} s"]
+  flops = f"  XLA's flops per step                    {report.flops / 1e12:.2f} TFLOP"
+  if report.grad_accum_steps > 1:
+    flops += (f" (counting the towers' loop over {report.grad_accum_steps} micro-batches "
+              "once: XLA counts a loop's body once)")
+  lines += [flops, f"compiled in {report.compile_seconds:.1f} s"]
   return "\n".join(lines)

@@ -35,6 +35,11 @@ def validate_config(config, device_count=None):
     if config[key] % device_count:
       raise ValueError(f"config.{key}={config[key]} does not divide by the "
                        f"{device_count} devices")
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1 or config.batch_size % (device_count * accum):
+    raise ValueError(f"config.grad_accum_steps={accum!r}: expected a positive integer k with "
+                     f"config.batch_size={config.batch_size} a multiple of k x the "
+                     f"{device_count} devices (each micro-batch takes rows of every device)")
   for key in ("total_steps", "log_every", "checkpoint_every"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]}: expected a positive number of steps")

@@ -1,7 +1,5 @@
 """The training loop: set up, step, log, checkpoint, run the evaluators that are due."""
 
-import functools
-
 import jax
 
 from xmodal_jax import parallel
@@ -40,13 +38,8 @@ def train_and_evaluate(config, workdir, *, allow_config_change=False):
         f"{config.batch_size}", flush=True)
 
   writer = metrics_lib.MetricWriter(workdir, start_step)
-  train_fn = jax.jit(
-      functools.partial(step_lib.train_step, model=experiment.model, tx=experiment.tx,
-                        loss_config=config.loss, mesh=mesh, seed=config.seed,
-                        alignment_config=config.get("alignment")),
-      out_shardings=(experiment.shardings, jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec())),
-      donate_argnums=(0,))
+  train_fn = step_lib.jit_train_step(config, experiment.model, experiment.tx, mesh,
+                                     experiment.shardings)
   batches = pipeline.train_iterator(config, experiment.builder, start_step=start_step)
   progress = metrics_lib.Progress(config.total_steps, start_step)
   schedule = optimizer.learning_rate_schedule(config)

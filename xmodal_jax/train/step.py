@@ -29,20 +29,36 @@ def distill_alpha(alignment_config, step):
   return alpha * jnp.minimum(1.0, (step + 1) / ramp) if ramp else alpha
 
 
+def tower_outputs(params, batch, rng, *, model, details):
+  """What the objectives read from the towers: {"emb"} (and "tokens", "locals" when an
+  objective needs the details) of every row of `batch`."""
+  if details:
+    return model.apply({"params": params}, batch, train=True, rngs={"dropout": rng},
+                       method="details")
+  return {"emb": model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})}
+
+
 def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *, model,
                  loss_config, mesh):
-  """(sum over config.loss.weights of weight x term, metrics) on a global batch.
+  """(sum over config.loss.weights of weight x term, metrics) on a global batch."""
+  rng, term_rng = jax.random.split(rng)
+  out = tower_outputs(params, batch, rng, model=model,
+                      details=objectives.uses(loss_config, "details"))
+  return objective_loss(params, out, batch, term_rng, momentum_emb, queues, alpha, model=model,
+                        loss_config=loss_config, mesh=mesh)
+
+
+def objective_loss(params, out, batch, rng, momentum_emb=None, queues=None, alpha=None, *,
+                   model, loss_config, mesh):
+  """(loss, metrics) of the towers' outputs `out` (tower_outputs) of the global batch.
 
   Per-device terms (objectives.Objective.per_device) run inside shard_map over the batch
   axes, each device scoring its rows against the global batch (loss.impl: dense =
   all-gathered, blockwise, ring), so no device builds B x B; the others run on the global
-  batch under jit, and scores against a queue stay sharded by the queue's rows.
+  batch under jit, and scores against a queue stay sharded by the queue's rows. `params`
+  serve the logit scale and bias and the fusion encoders (itm).
   """
-  rng, term_rng = jax.random.split(rng)
-  details = objectives.uses(loss_config, "details")
-  out = model.apply({"params": params}, batch, train=True, rngs={"dropout": rng},
-                    method="details" if details else None)
-  emb = out["emb"] if details else out
+  emb = out["emb"]
   scale, bias = logit_scale(params), params.get("logit_bias")
   weights = objectives.active(loss_config)
   table = {name: objectives.OBJECTIVES[name] for name in weights}
@@ -65,7 +81,7 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
         emb, batch["_mask"], scale, bias, ids=batch["_id"], tokens=out.get("tokens"),
         locals=out.get("locals"), momentum_emb=momentum_emb, queues=queues, alpha=alpha,
         queue_columns=jax.sharding.NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
-        rng=term_rng, match=match, fusion_pairs=tuple(towers.fusion_pairs(model)))
+        rng=rng, match=match, fusion_pairs=tuple(towers.fusion_pairs(model)))
     values.update({name: table[name].term(inputs, loss_config) for name in on_global_batch})
   loss, metrics = 0.0, {}
   for name, (value, terms) in values.items():
@@ -76,6 +92,87 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
   if bias is not None:
     metrics["logit_bias"] = bias
   return loss, metrics
+
+
+def split_micro_batches(tree, steps, mesh):
+  """[B, ...] leaves sharded over the batch axes -> [steps, B / steps, ...], micro-batch i
+  holding rows i of every device's share, so that splitting moves no data between devices."""
+  shards = parallel.batch_shards(mesh)
+  rows = jax.sharding.NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+  def split(x):
+    x = x.reshape(shards, steps, x.shape[0] // (shards * steps), *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1).reshape(steps, -1, *x.shape[3:])
+    return jax.lax.with_sharding_constraint(x, rows)
+  return jax.tree.map(split, tree)
+
+
+def merge_micro_batches(tree, mesh):
+  """The inverse of split_micro_batches: [steps, B / steps, ...] -> [B, ...] in the rows'
+  original order."""
+  shards = parallel.batch_shards(mesh)
+  rows = jax.sharding.NamedSharding(mesh, P(parallel.BATCH_AXES))
+
+  def merge(x):
+    steps = x.shape[0]
+    x = x.reshape(steps, shards, x.shape[1] // shards, *x.shape[2:])
+    x = jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[3:])
+    return jax.lax.with_sharding_constraint(x, rows)
+  return jax.tree.map(merge, tree)
+
+
+def embed_in_micro_batches(apply, batch, steps, mesh):
+  """`apply(micro-batch, i)` on each of `steps` micro-batches in turn (a scan: one
+  micro-batch's activations live at a time), merged back into the global batch's rows."""
+  if steps == 1:
+    return apply(batch, 0)
+  _, outs = jax.lax.scan(lambda _, xs: (None, apply(*xs)), None,
+                         (split_micro_batches(batch, steps, mesh), jnp.arange(steps)))
+  return merge_micro_batches(outs, mesh)
+
+
+def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *,
+                          steps, model, loss_config, mesh):
+  """((loss, metrics), grads) of compute_loss on the global batch, with the towers' memory of
+  one micro-batch of B / `steps` rows (gradient caching, Gao et al. 2021).
+
+  1. Embed each micro-batch without keeping its activations. 2. Compute the objectives on
+  the whole global batch's outputs (every negative, every term) and their gradients with
+  respect to those outputs (and to the params the objectives use directly: logit scale,
+  fusion encoders). 3. Re-run each micro-batch's towers and pull its outputs' gradient back
+  to the params. Micro-batch i's dropout draws from fold_in(rng, i) in both passes.
+  """
+  rng, term_rng = jax.random.split(rng)
+  details = objectives.uses(loss_config, "details")
+
+  def outputs(p, micro_batch, i):
+    return tower_outputs(p, micro_batch, jax.random.fold_in(rng, i), model=model,
+                         details=details)
+  out = embed_in_micro_batches(functools.partial(outputs, params), batch, steps, mesh)
+  leaves, treedef = jax.tree.flatten(out)
+  inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+
+  def with_leaves(float_leaves, fixed):  # the outputs with their float leaves replaced
+    float_leaves = iter(float_leaves)
+    return treedef.unflatten([next(float_leaves) if f else x for x, f in zip(fixed, inexact)])
+
+  def loss_of_outputs(p, float_leaves):
+    return objective_loss(p, with_leaves(float_leaves, leaves), batch, term_rng, momentum_emb,
+                          queues, alpha, model=model, loss_config=loss_config, mesh=mesh)
+  float_leaves = [x for x, f in zip(leaves, inexact) if f]
+  (loss, metrics), (grads, out_grads) = jax.value_and_grad(
+      loss_of_outputs, argnums=(0, 1), has_aux=True)(params, float_leaves)
+
+  def backward(grads, xs):
+    micro_batch, i, micro_grads = xs
+    float_outputs = lambda p: [x for x, f in zip(jax.tree.leaves(outputs(p, micro_batch, i)),
+                                                 inexact) if f]
+    _, pull_back = jax.vjp(float_outputs, params)
+    return jax.tree.map(jnp.add, grads, pull_back(micro_grads)[0]), None
+  grads, _ = jax.lax.scan(backward, grads, (
+      split_micro_batches(batch, steps, mesh), jnp.arange(steps),
+      split_micro_batches(out_grads, steps, mesh)))
+  return (loss, metrics), grads
 
 
 def update_queues(queues, momentum_emb, batch, mesh):
@@ -93,8 +190,13 @@ def update_queues(queues, momentum_emb, batch, mesh):
   return new
 
 
-def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_config=None):
+def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_config=None,
+               grad_accum_steps=1):
   """One optimizer update on a global batch. Returns (new state, metrics).
+
+  With `grad_accum_steps` k > 1 the towers run on k micro-batches in turn
+  (cached_loss_and_grads): the same loss and gradients over the whole global batch, with the
+  activations of B / k rows.
 
   A step whose loss, gradients or updated params are not all finite applies no update (the
   params and optimizer state stay as they were; the step still counts) and reports
@@ -102,17 +204,21 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
 
   With momentum objectives (itc, ims), as ALBEF: the EMA params first move towards the
   current params (momentum from `alignment_config`), then embed the batch as keys; after the
-  update those keys join the queues.
+  update those keys join the queues (both see the whole global batch once per step).
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   extra, momentum_params, queues = {}, state.momentum_params, state.queues
   if queues is not None:
     momentum_params = state_lib.ema(momentum_params, state.params, alignment_config.momentum)
-    momentum_emb = jax.lax.stop_gradient(
-        model.apply({"params": momentum_params}, batch, train=False))
+    momentum_emb = jax.lax.stop_gradient(embed_in_micro_batches(
+        lambda micro_batch, _: model.apply({"params": momentum_params}, micro_batch,
+                                           train=False), batch, grad_accum_steps, mesh))
     extra = dict(momentum_emb=momentum_emb, queues=queues,
                  alpha=distill_alpha(alignment_config, state.step))
-  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  if grad_accum_steps == 1:
+    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  else:
+    grad_fn = functools.partial(cached_loss_and_grads, steps=grad_accum_steps)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, model=model,
                                    loss_config=loss_config, mesh=mesh, **extra)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -131,3 +237,13 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
                                 queues)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        momentum_params=momentum_params, queues=queues), metrics
+
+
+def jit_train_step(config, model, tx, mesh, shardings):
+  """`config`'s train step, jitted: the state stays in `shardings` (and is donated), the
+  metrics come back replicated."""
+  return jax.jit(
+      functools.partial(train_step, model=model, tx=tx, loss_config=config.loss, mesh=mesh,
+                        seed=config.seed, alignment_config=config.get("alignment"),
+                        grad_accum_steps=config.get("grad_accum_steps", 1)),
+      out_shardings=(shardings, jax.sharding.NamedSharding(mesh, P())), donate_argnums=(0,))
