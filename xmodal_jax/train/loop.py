@@ -34,8 +34,9 @@ def train_and_evaluate(config, workdir, *, allow_config_change=False):
   if start_step:
     print(f"Resuming from the checkpoint of step {start_step}.", flush=True)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  print(f"{num_params / 1e6:.2f}M parameters; {jax.device_count()} devices; global batch "
-        f"{config.batch_size}", flush=True)
+  devices = jax.device_count()
+  print(f"{num_params / 1e6:.2f}M parameters; {devices} device{'s' * (devices > 1)}; global "
+        f"batch {config.batch_size}", flush=True)
 
   writer = metrics_lib.MetricWriter(workdir, start_step)
   train_fn = step_lib.jit_train_step(config, experiment.model, experiment.tx, mesh,
