@@ -12,6 +12,7 @@ def loss_defaults():
       impl="dense",  # dense (all-gathered columns) | blockwise | ring
       block_size=0,  # columns per tile for blockwise/ring; 0: a whole shard
       regression=dict(target="intra", margin=0.2, loss="mse", balance=False),
+      intra_modalities=(),  # ims and lmim run on these modalities; empty: all
   ))
 
 

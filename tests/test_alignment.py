@@ -129,6 +129,36 @@ def test_lmim_matches_numpy():
   np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
 
 
+def test_intra_modalities_choose_what_ims_and_lmim_run_on():
+  """config.loss.intra_modalities = ("text", "video"): IMS and LMIM are the means of those
+  modalities' terms (each the NumPy-checked formula above), audio left out; a name that is
+  not a modality is an error naming the field."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.losses import objectives  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  modalities, batch, dim = ("audio", "text", "video"), 6, 8
+  emb = {m: normalized(rng, batch, dim) for m in modalities}
+  masks = {m: np.ones(batch, bool) for m in modalities}
+  inputs = objectives.Inputs(
+      emb, masks, 3.0, ids=np.arange(batch),
+      locals={m: (normalized(rng, batch, 3, dim), np.ones((batch, 3), bool)) for m in modalities},
+      momentum_emb={m: normalized(rng, batch, dim) for m in modalities},
+      queues={m: {"emb": normalized(rng, 12, dim), "ids": np.full(12, -1)} for m in modalities})
+  chosen = ml_collections.ConfigDict(dict(intra_modalities=("text", "video")))
+  everyone = ml_collections.ConfigDict(dict(intra_modalities=()))
+  for term in (objectives.ims_term, objectives.lmim_term):
+    value, metrics = term(inputs, chosen)
+    _, all_metrics = term(inputs, everyone)
+    assert sorted(metrics) == ["text", "video"] and sorted(all_metrics) == list(modalities)
+    np.testing.assert_allclose(value, (all_metrics["text"] + all_metrics["video"]) / 2,
+                               rtol=1e-6)
+  config = audio_video_text.get_config("align_fuse")
+  config.loss.intra_modalities = ("text", "speech")
+  with pytest.raises(ValueError, match=r"config.loss.intra_modalities: \['speech'\]"):
+    objectives.validate(config)
+
+
 def test_pool_locals_is_the_valid_weighted_mean_of_equal_runs():
   rng = np.random.default_rng(2)
   tokens = rng.normal(size=(2, 10, 3)).astype(np.float32)
