@@ -159,6 +159,38 @@ def test_intra_modalities_choose_what_ims_and_lmim_run_on():
     objectives.validate(config)
 
 
+def test_lmim_gradients_are_finite_when_a_local_run_is_all_padding():
+  """Text of 9 tokens pooled into 4 runs: a short caption's last runs hold only padding, so
+  their local feature is exactly 0 before normalization; its gradient must stay finite (the
+  norm's is 0/0 there). l2_normalize equals x / max(|x|, eps) in NumPy."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import experiment, step as step_lib  # pylint: disable=g-import-not-at-top
+  x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-8, 0.0]], np.float32)
+  np.testing.assert_allclose(towers.l2_normalize(x), x / np.maximum(
+      np.linalg.norm(x, axis=1, keepdims=True), 1e-6), rtol=1e-6)
+  assert np.isfinite(jax.grad(lambda v: towers.l2_normalize(v).sum())(x)).all()
+  config = audio_video_text.get_config("tiny,align_fuse")
+  config.model.local_features = 4
+  config.loss.weights = dict(lmim=1.0)
+  del config.modalities["audio"], config.model.towers["audio"]
+  config.model.fusion.pairs = ["text:video"]
+  config = experiment.resolve_tokenizers(config)
+  model, _, _ = experiment.build_model_and_optimizer(config)
+  rng = np.random.default_rng(0)
+  batch = {"video": {"frames": rng.random((4, 4, 8, 8, 1)).astype(np.float32)},
+           "text": {"input_ids": np.full((4, 8), 5, np.int32),
+                    "attention_mask": np.array([[1] * 3 + [0] * 5] * 4, np.int32)},
+           "_mask": {m: np.ones(4, bool) for m in ("video", "text")},
+           "_id": np.arange(4)}
+  params = model.init(jax.random.key(0), batch, train=False, method=model.init_all)["params"]
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  loss_fn = lambda p: step_lib.compute_loss(p, batch, jax.random.key(1), model=model,
+                                            loss_config=config.loss, mesh=mesh)[0]
+  grads = jax.jit(jax.grad(loss_fn))(params)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
 def test_pool_locals_is_the_valid_weighted_mean_of_equal_runs():
   rng = np.random.default_rng(2)
   tokens = rng.normal(size=(2, 10, 3)).astype(np.float32)

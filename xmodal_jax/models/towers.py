@@ -5,6 +5,7 @@ from typing import Any, Mapping, Optional
 import flax
 import flax.linen as nn
 import flax.traverse_util
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,7 +29,10 @@ BUILT_TOWERS = ("pretrained", "frames")
 
 
 def l2_normalize(x, eps=1e-6):
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  """x / max(|x|, eps) over the last axis, with a finite gradient at x = 0 (|x|'s is 0/0: an
+  all-padding local feature is exactly 0, and a NaN times its 0 weight is still NaN)."""
+  squared = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
 
 
 class MultiModalModel(nn.Module):
