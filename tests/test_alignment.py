@@ -159,6 +159,7 @@ def test_intra_modalities_choose_what_ims_and_lmim_run_on():
     objectives.validate(config)
 
 
+@pytest.mark.slow  # compiles towers and their gradients; the full suite runs it
 def test_lmim_gradients_are_finite_when_a_local_run_is_all_padding():
   """Text of 9 tokens pooled into 4 runs: a short caption's last runs hold only padding, so
   their local feature is exactly 0 before normalization; its gradient must stay finite (the

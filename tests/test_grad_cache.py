@@ -74,6 +74,7 @@ def every_objective():
   return config, model, mesh, state.replace(queues=queues), parallel.shard_batch(batch, mesh)
 
 
+@pytest.mark.slow  # compiles the step twice; the full suite runs it
 def test_accumulation_gives_the_same_step(every_objective):
   """train_step at k = 4 and k = 1 with SGD at learning rate 1 (new params = params -
   gradients): the same loss, terms and gradients; the queues gain the whole global batch
@@ -109,6 +110,7 @@ def test_accumulation_gives_the_same_step(every_objective):
                                  err_msg=f"{name}{jax.tree_util.keystr(path)}")
 
 
+@pytest.mark.slow  # compiles the step twice; the full suite runs it
 def test_accumulation_cuts_compiled_temporaries(every_objective):
   """The default objective (InfoNCE on every pair) at batch 1,024 on one device: k = 4 needs
   at most half the temporaries of k = 1."""
