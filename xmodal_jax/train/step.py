@@ -151,23 +151,19 @@ def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, al
   out = embed_in_micro_batches(functools.partial(outputs, params), batch, steps, mesh)
   leaves, treedef = jax.tree.flatten(out)
   inexact = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
+  floats = lambda tree: [x for x, f in zip(jax.tree.leaves(tree), inexact) if f]
 
-  def with_leaves(float_leaves, fixed):  # the outputs with their float leaves replaced
+  def loss_of_outputs(p, float_leaves):  # the outputs with their float leaves replaced
     float_leaves = iter(float_leaves)
-    return treedef.unflatten([next(float_leaves) if f else x for x, f in zip(fixed, inexact)])
-
-  def loss_of_outputs(p, float_leaves):
-    return objective_loss(p, with_leaves(float_leaves, leaves), batch, term_rng, momentum_emb,
-                          queues, alpha, model=model, loss_config=loss_config, mesh=mesh)
-  float_leaves = [x for x, f in zip(leaves, inexact) if f]
+    out = treedef.unflatten([next(float_leaves) if f else x for x, f in zip(leaves, inexact)])
+    return objective_loss(p, out, batch, term_rng, momentum_emb, queues, alpha, model=model,
+                          loss_config=loss_config, mesh=mesh)
   (loss, metrics), (grads, out_grads) = jax.value_and_grad(
-      loss_of_outputs, argnums=(0, 1), has_aux=True)(params, float_leaves)
+      loss_of_outputs, argnums=(0, 1), has_aux=True)(params, floats(out))
 
   def backward(grads, xs):
     micro_batch, i, micro_grads = xs
-    float_outputs = lambda p: [x for x, f in zip(jax.tree.leaves(outputs(p, micro_batch, i)),
-                                                 inexact) if f]
-    _, pull_back = jax.vjp(float_outputs, params)
+    _, pull_back = jax.vjp(lambda p: floats(outputs(p, micro_batch, i)), params)
     return jax.tree.map(jnp.add, grads, pull_back(micro_grads)[0]), None
   grads, _ = jax.lax.scan(backward, grads, (
       split_micro_batches(batch, steps, mesh), jnp.arange(steps),
