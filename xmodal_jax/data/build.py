@@ -5,18 +5,30 @@
   python -m xmodal_jax.data.build --dataset=flickr30k_karpathy --manual_dir=FILES \
       --data_dir=DIR
 
+A manifest line is one item, or names webdataset tar shards (xmodal_jax/data/webdataset.py):
+  {"split": "train", "tar": "shards/train-{000..099}.tar", "speech": "flac", "caption": "txt"}
+--beam encodes the records in an Apache Beam pipeline: DirectRunner with one worker per core
+here, or any runner given by --beam_options ("--runner=DataflowRunner --project=..."), with
+the same examples and bad-record report. --file_format=array_record writes ArrayRecord
+shards, read by position (no random-access copy needed).
+
 Configs then set `data.name` and `data.data_dir`. Bad records are skipped and listed in
-DIR/NAME/VERSION/bad_records.jsonl, or stop the build with --strict. Builds also write the
-random-access copy training reads; for a TFDS dataset built elsewhere, write it once with
+DIR/NAME/VERSION/bad_records.jsonl, or stop the build with --strict. TFRecord builds also
+write the random-access copy training reads; for a TFDS dataset built elsewhere, write it
+once with
 
   python -m xmodal_jax.data.build --random_access_copy --name=NAME --data_dir=DIR
 """
 
+import logging
 import os
 import shutil
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads: its INFO is noise.
 
 flags.DEFINE_string("manifest", None, "JSONL file, one item per line")
 flags.DEFINE_string("modalities", None, "NAME:KIND,... (kinds: image, audio, video, text, "
@@ -29,6 +41,11 @@ flags.DEFINE_integer("sample_rate", 16_000, "audio is resampled to this rate (Hz
 flags.DEFINE_integer("video_frames", 8, "frames kept per video")
 flags.DEFINE_integer("frame_size", 256, "stored video frames' shorter side (pixels)")
 flags.DEFINE_bool("strict", False, "fail on the first bad record instead of skipping it")
+flags.DEFINE_bool("beam", False, "encode the records in an Apache Beam pipeline")
+flags.DEFINE_string("beam_options", None, "Beam pipeline options, space-separated (default "
+                    "with --beam: DirectRunner, one worker process per core)")
+flags.DEFINE_enum("file_format", "tfrecord", ["tfrecord", "array_record"],
+                  "shard format of the built dataset")
 flags.DEFINE_bool("overwrite", False, "rebuild when the dataset's version already exists")
 flags.DEFINE_bool("random_access_copy", False, "write the random-access copy of every split "
                   "of the built TFDS dataset --name (in --data_dir) instead of building")
@@ -49,15 +66,31 @@ def make_builder(argv_flags):
       raise app.UsageError("--manifest needs --modalities and --name")
     return records.manifest_builder(
         argv_flags.name, argv_flags.manifest, records.parse_modalities(argv_flags.modalities),
-        options=options, data_dir=argv_flags.data_dir)
+        options=options, data_dir=argv_flags.data_dir, beam=argv_flags.beam,
+        file_format=argv_flags.file_format)
   if argv_flags.dataset not in benchmarks.ADAPTERS:
     raise app.UsageError(f"--dataset={argv_flags.dataset!r}: expected one of "
                          f"{sorted(benchmarks.ADAPTERS)}")
   if not argv_flags.manual_dir or not os.path.isdir(argv_flags.manual_dir):
     raise app.UsageError(f"--manual_dir={argv_flags.manual_dir!r}: no such folder (the "
                          f"benchmark's files; see its docstring for the layout)")
-  return benchmarks.ADAPTERS[argv_flags.dataset](options=options,
-                                                 data_dir=argv_flags.data_dir)
+  return benchmarks.ADAPTERS[argv_flags.dataset](
+      options=options, beam=argv_flags.beam, file_format=argv_flags.file_format,
+      data_dir=argv_flags.data_dir)
+
+
+def beam_options(spec):
+  """PipelineOptions from --beam_options, or DirectRunner with a worker process per core;
+  Beam's own progress logging (and its workers') stays at warnings unless they say
+  otherwise."""
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  args = (spec.split() if spec else
+          ["--runner=DirectRunner", f"--direct_num_workers={os.cpu_count()}",
+           "--direct_running_mode=multi_processing"])
+  if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+    args.append("--default_sdk_harness_log_level=WARNING")
+  logging.getLogger("apache_beam").setLevel(logging.WARNING)
+  return pipeline_options.PipelineOptions(args)
 
 
 def write_random_access_copy(name, data_dir):
@@ -76,6 +109,7 @@ def write_random_access_copy(name, data_dir):
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS logs each step at INFO.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import records  # pylint: disable=g-import-not-at-top
   os.makedirs(FLAGS.data_dir, exist_ok=True)
@@ -84,7 +118,7 @@ def main(argv):
     return
   try:
     builder = make_builder(FLAGS)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
   if builder.is_prepared():
     if not FLAGS.overwrite:
@@ -92,7 +126,9 @@ def main(argv):
       return
     shutil.rmtree(builder.data_dir)
     builder = make_builder(FLAGS)
-  config = tfds.download.DownloadConfig(manual_dir=FLAGS.manual_dir)
+  config = tfds.download.DownloadConfig(
+      manual_dir=FLAGS.manual_dir,
+      beam_options=beam_options(FLAGS.beam_options) if FLAGS.beam else None)
   try:
     builder.download_and_prepare(download_config=config)
   except records.BadRecord as e:

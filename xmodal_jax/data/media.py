@@ -1,24 +1,36 @@
 """Reading media files into the raw arrays a dataset feature holds (int16 samples, uint8
 frames), for builders and queries. Decoding goes through FFmpeg (PyAV): wav, flac, ogg, mp3,
-mp4, ... all take the same path."""
+mp4, ... all take the same path. A `source` is a local file's path or a file's bytes (read
+through any filesystem, or out of a tar shard)."""
 
+import io
 import os
 
 import numpy as np
 
 
-def _check_exists(path, what):
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such {what} file")
+def _check_exists(source, what):
+  if isinstance(source, str) and not os.path.exists(source):
+    raise FileNotFoundError(f"{source}: no such {what} file")
 
 
-def decode_audio(path, sample_rate):
+def _open(source):
+  import av  # pylint: disable=g-import-not-at-top
+  return av.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _name(source):
+  return source if isinstance(source, str) else f"<{len(source)} bytes>"
+
+
+def decode_audio(source, sample_rate):
   """int16 mono samples [N] of an audio file, downmixed and resampled to `sample_rate` Hz."""
   import av  # pylint: disable=g-import-not-at-top
-  _check_exists(path, "audio")
+  _check_exists(source, "audio")
+  path = _name(source)
   chunks = []
   try:
-    with av.open(path) as container:
+    with _open(source) as container:
       if not container.streams.audio:
         raise ValueError(f"{path}: no audio stream")
       resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
@@ -40,51 +52,50 @@ def sample_indices(count, num_frames):
                     count - 1)
 
 
-def _frame_count(path):
+def _frame_count(source):
   """Frames in a video file's first video stream: the header's count when it has one, else
   the number of packets (demuxing only, no decoding)."""
-  import av  # pylint: disable=g-import-not-at-top
-  with av.open(path) as container:
+  with _open(source) as container:
     if not container.streams.video:
-      raise ValueError(f"{path}: no video stream")
+      raise ValueError(f"{_name(source)}: no video stream")
     stream = container.streams.video[0]
     if stream.frames > 0:
       return stream.frames
     return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def _decode_frames(path, indices, pixel_format):
+def _decode_frames(source, indices, pixel_format):
   """({index: frame} for the wanted `indices`, total decoded frames): one decoding pass that
   keeps only the wanted frames, so memory does not grow with the video's length."""
-  import av  # pylint: disable=g-import-not-at-top
   wanted, kept, total = set(int(i) for i in indices), {}, 0
-  with av.open(path) as container:
+  with _open(source) as container:
     for total, frame in enumerate(container.decode(video=0), 1):
       if total - 1 in wanted:
         kept[total - 1] = frame.to_ndarray(format=pixel_format)
   return kept, total
 
 
-def decode_video(path, num_frames, channels=3):
+def decode_video(source, num_frames, channels=3):
   """uint8 [num_frames, H, W, channels] sampled uniformly over a video file's frames, at the
   file's size; RGB (channels = 3) or luma (channels = 1). Only the sampled frames are kept:
   when the container does not state its frame count, packets are counted first, and a count
   that decoding proves wrong costs one more pass rather than keeping every frame."""
   import av  # pylint: disable=g-import-not-at-top
-  _check_exists(path, "video")
+  _check_exists(source, "video")
+  path = _name(source)
   if channels not in (1, 3):
     raise ValueError(f"video frames with {channels} channels: expected 1 or 3")
   pixel_format = "gray" if channels == 1 else "rgb24"
   try:
-    count = _frame_count(path)
+    count = _frame_count(source)
     if count < 1:
       raise ValueError(f"{path}: the video stream has no frames")
-    frames, total = _decode_frames(path, sample_indices(count, num_frames), pixel_format)
+    frames, total = _decode_frames(source, sample_indices(count, num_frames), pixel_format)
     if total != count:
       if total < 1:
         raise ValueError(f"{path}: the video stream has no frames")
       count = total
-      frames, _ = _decode_frames(path, sample_indices(count, num_frames), pixel_format)
+      frames, _ = _decode_frames(source, sample_indices(count, num_frames), pixel_format)
   except av.error.FFmpegError as e:
     raise ValueError(f"{path}: cannot decode video ({e})") from e
   picked = np.stack([frames[i] for i in sample_indices(count, num_frames)])

@@ -50,6 +50,16 @@ def get_builder(data_config):
   return builder
 
 
+def read_in_order(builder, split):
+  """The examples of `split` (slices allowed) in order. TFDS reads TFRecord builds; its
+  as_dataset does not read ArrayRecord ones, which the random-access reader reads instead."""
+  if not random_access.is_array_record(builder):
+    return builder.as_dataset(split=split, shuffle_files=False)
+  reader = random_access.Reader(builder, split)
+  return reader.dataset().map(builder.info.features.deserialize_example,
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 def check_modalities(config, builder):
   """Every configured modality must name a feature the dataset has, of a matching kind and
   (audio) sample rate."""
@@ -202,7 +212,10 @@ def _sequential_train_iterator(config, builder, expanded, start_step, index, cou
   batch_size = per_host_batch_size(config.batch_size, count)
   split = tfds.even_splits(config.data.train_split, n=count, drop_remainder=True)[index]
   read_config = tfds.ReadConfig(shuffle_seed=config.seed, try_autocache=False)
-  ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
+  if random_access.is_array_record(builder):
+    ds = read_in_order(builder, split)
+  else:
+    ds = builder.as_dataset(split=split, shuffle_files=True, read_config=read_config)
   if config.data.cache:
     ds = ds.cache()
   if expanded:
@@ -261,7 +274,7 @@ def keep_items(ds, ids):
 
 
 def _eval_dataset(config, builder, split, ids=None):
-  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = read_in_order(builder, split)
   if ids is not None:
     ds = keep_items(ds, ids)
   expanded = caption_lists(config, builder)
@@ -281,7 +294,7 @@ def eval_batch_count(config, builder, split, process_count=None):
   for host_split in tfds.even_splits(split, n=count):
     if expanded:
       feature = config.modalities[expanded[0]].feature
-      ds = builder.as_dataset(split=host_split, shuffle_files=False)
+      ds = read_in_order(builder, host_split)
       sizes.append(int(ds.reduce(np.int64(0), lambda n, ex: n + tf.cast(
           tf.maximum(tf.shape(ex[feature])[0], 1), tf.int64))))
     else:

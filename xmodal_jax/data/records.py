@@ -22,6 +22,7 @@ type, any other error while encoding it) is skipped and reported, or stops the b
 """
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -32,9 +33,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from xmodal_jax.data import media, random_access
+from xmodal_jax.data import media, random_access, webdataset
 
 KINDS = ("image", "audio", "video", "text", "features")
+FILE_FORMATS = ("tfrecord", "array_record")
 REPORT_FILE = "bad_records.jsonl"
 SIDECAR_FILE = "xmodal_dataset.json"
 
@@ -131,38 +133,46 @@ def resolve_path(value, base_dir, item_id, name):
   return value if os.path.isabs(value) else os.path.join(base_dir, value)
 
 
-def _require_file(path, item_id, what):
+def load(value, base_dir, item_id, name, what):
+  """(source, where) of one modality's media: a local file's path, which decoders read, or
+  the bytes of a tar shard's member; `where` names it in errors."""
+  if webdataset.is_member(value):
+    where = f"{value['tar']}:{value['member']}"
+    try:
+      return webdataset.read_member(value), where
+    except (ValueError, tf.errors.OpError) as e:
+      raise BadRecord(item_id, where, f"cannot read the shard member ({e})") from e
+  path = resolve_path(value, base_dir, item_id, name)
   if not os.path.isfile(path):
     raise BadRecord(item_id, path, f"missing {what} file")
+  return path, path
 
 
-def encode_image(path, item_id, options):
+def encode_image(source, where, item_id, options):
   del options
-  _require_file(path, item_id, "image")
-  with open(path, "rb") as f:
-    data = f.read()
+  if isinstance(source, str):
+    with open(source, "rb") as f:
+      source = f.read()
   try:
-    tf.io.decode_image(data, channels=3, expand_animations=False)
+    tf.io.decode_image(source, channels=3, expand_animations=False)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
     message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", e.message).strip()
-    raise BadRecord(item_id, path, f"cannot decode image ({message})") from e
-  return data
+    raise BadRecord(item_id, where, f"cannot decode image ({message})") from e
+  return source
 
 
-def encode_audio(path, item_id, options):
-  _require_file(path, item_id, "audio")
+def encode_audio(source, where, item_id, options):
   try:
-    return media.decode_audio(path, options.sample_rate)
+    return media.decode_audio(source, options.sample_rate)
   except ValueError as e:
-    raise BadRecord(item_id, path, f"cannot decode audio ({e})") from e
+    raise BadRecord(item_id, where, f"cannot decode audio ({e})") from e
 
 
-def encode_video(path, item_id, options):
-  _require_file(path, item_id, "video")
+def encode_video(source, where, item_id, options):
   try:
-    frames = media.decode_video(path, options.video_frames)
+    frames = media.decode_video(source, options.video_frames)
   except ValueError as e:
-    raise BadRecord(item_id, path, f"cannot decode video ({e})") from e
+    raise BadRecord(item_id, where, f"cannot decode video ({e})") from e
   height, width = frames.shape[1:3]
   scale = options.frame_size / min(height, width)
   if scale < 1:
@@ -172,17 +182,17 @@ def encode_video(path, item_id, options):
                    for f in frames], dtype=object)
 
 
-def encode_features(path, item_id, shape):
-  _require_file(path, item_id, "features")
+def encode_features(source, where, item_id, shape):
   try:
-    x = np.load(path, allow_pickle=False)
+    x = np.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                allow_pickle=False)
   except (ValueError, OSError) as e:
-    raise BadRecord(item_id, path, f"cannot read .npy ({e})") from e
+    raise BadRecord(item_id, where, f"cannot read .npy ({e})") from e
   if x.shape != tuple(shape):
-    raise BadRecord(item_id, path, f"features of shape {x.shape}; this dataset's are "
+    raise BadRecord(item_id, where, f"features of shape {x.shape}; this dataset's are "
                     f"{tuple(shape)} (from its first features file)")
   if not np.issubdtype(x.dtype, np.number):
-    raise BadRecord(item_id, path, f"features of dtype {x.dtype}; expected numbers")
+    raise BadRecord(item_id, where, f"features of dtype {x.dtype}; expected numbers")
   return x.astype(np.float32)
 
 
@@ -204,12 +214,15 @@ def features_shape(records, name, base_dir):
   """The shape of the first readable .npy file of modality `name` (all must share it)."""
   for _, record in records:
     value = record.get(name)
-    if isinstance(value, str):
-      path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-      try:
+    try:
+      if webdataset.is_member(value):
+        return tuple(np.load(io.BytesIO(webdataset.read_member(value)),
+                             allow_pickle=False).shape)
+      if isinstance(value, str):
+        path = value if os.path.isabs(value) else os.path.join(base_dir, value)
         return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-      except (ValueError, OSError):
-        continue
+    except (ValueError, OSError, tf.errors.OpError):
+      continue
   raise ValueError(f"modality {name!r} (features): no readable .npy file in the manifest")
 
 
@@ -227,20 +240,91 @@ def check_id_types(splits):
                      "use one type for every id")
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+  """One record -> (example without its first_ flags, {modality: marker}), or BadRecord.
+  What every build worker runs; it holds only what it needs, so it pickles to Beam workers.
+  A marker names the (id, modality, value) an example stores: first_m is set on the first
+  good record of the split with its marker."""
+  modalities: dict
+  feature_shapes: dict
+  options: BuildOptions
+  base_dir: str
+
+  def __call__(self, where, record, number, home_split, split):
+    """`number`: the item's int id; `home_split`: the split where its id first appears."""
+    try:
+      self._check(where, record, home_split, split)
+      encoded = self._encode(record)
+    except (BadRecord, KeyboardInterrupt):
+      raise
+    except Exception as e:  # pylint: disable=broad-except  # e.g. OSError, a codec's
+      raise BadRecord(record["id"], where, f"{type(e).__name__}: {e}") from e
+    key = str(record["id"])
+    example, markers = {"id": number, "key": key}, {}
+    for name, kind in self.modalities.items():
+      has = name in encoded
+      example[name] = encoded[name] if has else empty_value(kind,
+                                                            self.feature_shapes.get(name))
+      example[f"has_{name}"] = has
+      if has:
+        markers[name] = json.dumps([key, name, record[name]], sort_keys=True)
+    return example, markers
+
+  def _check(self, where, record, home_split, split):
+    item_id = record.get("id")
+    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or item_id == "":
+      raise BadRecord(item_id, where, "'id' must be a non-empty string or an integer")
+    allowed = {"id", "split"} | set(self.modalities)
+    unknown = sorted(set(record) - allowed)
+    if unknown:
+      raise BadRecord(item_id, where, f"unknown modality key(s) {unknown}; this dataset has "
+                      f"{sorted(self.modalities)}")
+    if home_split != split:
+      raise BadRecord(item_id, where, f"id also appears in split {home_split!r}")
+    if not any(record.get(name) is not None for name in self.modalities):
+      raise BadRecord(item_id, where, "the record has none of the dataset's modalities")
+
+  def _encode(self, record):
+    item_id = record["id"]
+    out = {}
+    for name, kind in self.modalities.items():
+      if name not in record or record[name] is None:
+        continue
+      value = record[name]
+      if kind == "text":
+        if webdataset.is_member(value):
+          data, where = load(value, self.base_dir, item_id, name, kind)
+          value = webdataset.member_text(value, data)
+        out[name] = encode_text(value, item_id, name)
+        continue
+      source, where = load(value, self.base_dir, item_id, name, kind)
+      if kind == "features":
+        out[name] = encode_features(source, where, item_id, self.feature_shapes[name])
+      else:
+        encode = {"image": encode_image, "audio": encode_audio, "video": encode_video}[kind]
+        out[name] = encode(source, where, item_id, self.options)
+    return out
+
+
 class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Builds a TFDS dataset from records. Subclasses set MODALITIES ({name: kind}) and
   implement `split_records(dl_manager)` -> {split: [(where, record)]}, where `where` names
   the record's source (a manifest line) and relative paths are resolved against
-  `base_dir(dl_manager)`."""
+  `base_dir(dl_manager)`. With `beam=True` the records are encoded by an Apache Beam
+  pipeline (the runner and its options come with download_and_prepare's DownloadConfig),
+  giving the same examples and the same bad-record report (`xmodal_jax.data.beam_build`)."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
   MODALITIES = {}
   FEATURE_SHAPES = {}  # {name: shape} for features modalities
 
-  def __init__(self, *, options=BuildOptions(), **kwargs):
+  def __init__(self, *, options=BuildOptions(), beam=False, **kwargs):
     self.options = options
+    self.beam = beam
     self.bad_records = []
+    self._beam_temp_dir = None
     super().__init__(**kwargs)
 
   def split_records(self, dl_manager):
@@ -261,7 +345,6 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _split_generators(self, dl_manager):
     splits = self.split_records(dl_manager)
-    base_dir = self.base_dir(dl_manager)
     check_id_types(splits)
     numbers, split_of = {}, {}  # given id -> int id, split
     for split, records in splits.items():
@@ -269,80 +352,45 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         key = str(record.get("id"))
         numbers.setdefault(key, len(numbers))
         split_of.setdefault(key, split)
-    return {split: self._examples(records, base_dir, numbers, split_of, split)
-            for split, records in splits.items()}
+    encoder = Encoder(dict(self.MODALITIES), dict(self.FEATURE_SHAPES), self.options,
+                      str(self.base_dir(dl_manager)))
+    plans = {split: [(str(where), record, numbers[str(record.get("id"))],
+                      split_of[str(record.get("id"))]) for where, record in records]
+             for split, records in splits.items()}
+    if self.beam:
+      from xmodal_jax.data import beam_build  # pylint: disable=g-import-not-at-top
+      self._beam_temp_dir = os.path.join(os.fspath(self.data_dir_root),
+                                         f".{self.name}-beam-{os.getpid()}")
+      return {split: beam_build.examples(encoder, split, plan, self._beam_temp_dir)
+              for split, plan in plans.items()}
+    return {split: self._examples(encoder, split, plan) for split, plan in plans.items()}
 
   def _generate_examples(self, *args, **kwargs):  # Generators come from _split_generators.
     raise NotImplementedError
 
-  def _encode(self, record, base_dir):
-    item_id = record["id"]
-    out = {}
-    for name, kind in self.MODALITIES.items():
-      if name not in record or record[name] is None:
-        continue
-      value = record[name]
-      if kind == "text":
-        out[name] = encode_text(value, item_id, name)
-        continue
-      path = resolve_path(value, base_dir, item_id, name)
-      if kind == "image":
-        out[name] = encode_image(path, item_id, self.options)
-      elif kind == "audio":
-        out[name] = encode_audio(path, item_id, self.options)
-      elif kind == "video":
-        out[name] = encode_video(path, item_id, self.options)
-      else:
-        out[name] = encode_features(path, item_id, self.FEATURE_SHAPES[name])
-    return out
-
-  def _check(self, where, record, split_of, split):
-    item_id = record.get("id")
-    if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or item_id == "":
-      raise BadRecord(item_id, where, "'id' must be a non-empty string or an integer")
-    allowed = {"id", "split"} | set(self.MODALITIES)
-    unknown = sorted(set(record) - allowed)
-    if unknown:
-      raise BadRecord(item_id, where, f"unknown modality key(s) {unknown}; this dataset has "
-                      f"{sorted(self.MODALITIES)}")
-    if split_of[str(item_id)] != split:
-      raise BadRecord(item_id, where, f"id also appears in split {split_of[str(item_id)]!r}")
-    if not any(record.get(name) is not None for name in self.MODALITIES):
-      raise BadRecord(item_id, where, "the record has none of the dataset's modalities")
-
-  def _examples(self, records, base_dir, numbers, split_of, split):
-    seen = set()  # (id, modality, value) already stored
-    for where, record in records:
+  def _examples(self, encoder, split, plan):
+    seen = set()  # markers already stored
+    for where, record, number, home_split in plan:
       try:
-        self._check(where, record, split_of, split)
-        try:
-          encoded = self._encode(record, base_dir)
-        except (BadRecord, KeyboardInterrupt):
-          raise
-        except Exception as e:  # pylint: disable=broad-except  # e.g. OSError, a codec's
-          raise BadRecord(record["id"], where, f"{type(e).__name__}: {e}") from e
+        example, markers = encoder(where, record, number, home_split, split)
       except BadRecord as e:
         if self.options.strict:
           raise
-        self.bad_records.append(e.as_dict() | {"source": str(where), "split": split})
+        self.bad_records.append(bad_record_entry(e, where, split))
         continue
-      key = str(record["id"])
-      example = {"id": numbers[key], "key": key}
-      for name, kind in self.MODALITIES.items():
-        has = name in encoded
-        marker = (key, name, json.dumps(record.get(name)))
-        example[name] = encoded[name] if has else empty_value(
-            kind, self.FEATURE_SHAPES.get(name))
-        example[f"has_{name}"] = has
-        example[f"first_{name}"] = has and marker not in seen
-        seen.add(marker)
-      yield str(where), example
+      for name in self.MODALITIES:
+        example[f"first_{name}"] = name in markers and markers[name] not in seen
+      seen.update(markers.values())
+      yield where, example
 
   def download_and_prepare(self, *args, **kwargs):
     """Builds (if not built yet), then writes the bad-record report and the sidecar."""
     if self.is_prepared():
       return
     super().download_and_prepare(*args, **kwargs)
+    if self._beam_temp_dir:
+      from xmodal_jax.data import beam_build  # pylint: disable=g-import-not-at-top
+      self.bad_records = beam_build.collect_bad_records(self._beam_temp_dir)
     for split in self.info.splits:
       random_access.write_copy(self, split)
     report = os.path.join(self.data_dir, REPORT_FILE)
@@ -363,6 +411,11 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       print(f"  ... and {len(self.bad_records) - 20} more", file=sys.stderr)
 
 
+def bad_record_entry(error, where, split):
+  """A bad-record report line."""
+  return error.as_dict() | {"source": str(where), "split": split}
+
+
 def read_sidecar(data_dir):
   """The dataset's xmodal_dataset.json ({} for datasets not built from records)."""
   path = os.path.join(data_dir, SIDECAR_FILE)
@@ -372,21 +425,56 @@ def read_sidecar(data_dir):
     return json.load(f)
 
 
-def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data_dir=None):
-  """A builder for the JSONL `manifest` (paths relative to its folder) as dataset `name`."""
+def expand_shards(manifest, line_number, line, modalities, base_dir):
+  """A manifest line naming webdataset tar shards -> [(where, record)] of their samples."""
+  where = f"{manifest}:{line_number}"
+  unknown = sorted(set(line) - {"split", "tar"} - set(modalities))
+  if unknown:
+    raise ValueError(f"{where}: a shard line takes \"split\", \"tar\" and modality names "
+                     f"({sorted(modalities)}); got {unknown}")
+  fields = {}
+  for name in modalities:
+    if name in line:
+      if not isinstance(line[name], str) or not line[name]:
+        raise ValueError(f"{where}: {name!r} of a shard line is the extension of that "
+                         f"modality's files in each sample (e.g. \"flac\"), got {line[name]!r}")
+      fields[name] = line[name].lstrip(".")
+  if not fields:
+    raise ValueError(f"{where}: the shard line names no modality's extension")
+  patterns = line["tar"] if isinstance(line["tar"], list) else [line["tar"]]
+  out = []
+  for pattern in patterns:
+    if not isinstance(pattern, str) or not pattern:
+      raise ValueError(f"{where}: \"tar\" is a shard path or a list of them, got {pattern!r}")
+    for path in webdataset.expand_braces(pattern):
+      path = path if "://" in path or os.path.isabs(path) else os.path.join(base_dir, path)
+      out.extend(webdataset.shard_records(path, line["split"], fields, where))
+  return out
+
+
+def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data_dir=None,
+                     beam=False, file_format="tfrecord"):
+  """A builder for the JSONL `manifest` (paths relative to its folder) as dataset `name`.
+  A line is one item, or (with "tar") every sample of some webdataset shards
+  (`webdataset`); `file_format` "tfrecord" or "array_record" (random access, no copy)."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise ValueError(f"--name={name!r}: expected lower_snake_case (letters, digits, _)")
-  records = read_manifest(manifest)
+  lines = read_manifest(manifest)
   base_dir = os.path.dirname(os.path.abspath(manifest))
-  for line_number, record in records:
+  records = []
+  for line_number, record in lines:
     if not isinstance(record.get("split"), str) or not record.get("split"):
       raise ValueError(f"{manifest}:{line_number}: missing \"split\" (a string such as "
                        f"\"train\")")
+    if "tar" in record:
+      records.extend(expand_shards(manifest, line_number, record, modalities, base_dir))
+    else:
+      records.append((f"{manifest}:{line_number}", record))
   shapes = {m: features_shape(records, m, base_dir)
             for m, kind in modalities.items() if kind == "features"}
   splits = {}
-  for line_number, record in records:
-    splits.setdefault(record["split"], []).append((f"{manifest}:{line_number}", record))
+  for where, record in records:
+    splits.setdefault(record["split"], []).append((where, record))
 
   def body(namespace):
     namespace.update(
@@ -396,4 +484,6 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
         base_dir=lambda self, dl_manager: base_dir)
   cls = types.new_class(f"Manifest_{name}", (RecordBuilder,), {"skip_registration": True},
                         body)
-  return cls(options=options, data_dir=data_dir)
+  if file_format not in FILE_FORMATS:
+    raise ValueError(f"--file_format={file_format!r}: expected one of {FILE_FORMATS}")
+  return cls(options=options, data_dir=data_dir, beam=beam, file_format=file_format)

@@ -78,7 +78,7 @@ def item_texts(config, builder, split, ids):
   texts = [m.feature for m in config.modalities.values() if m.kind == "text"]
   if not texts:
     return {}
-  ds = pipeline.keep_items(builder.as_dataset(split=split), sorted(set(ids)))
+  ds = pipeline.keep_items(pipeline.read_in_order(builder, split), sorted(set(ids)))
   return {int(example["id"]): [c.decode("utf-8") for c in np.atleast_1d(example[texts[0]])]
           for example in ds.as_numpy_iterator()}
 
