@@ -12,6 +12,13 @@ Part 1 (one core: tf.data runs with a private threadpool of 1 thread, sequential
 Part 2: median train-step time of configs/audio_video_text.py fed by the real pipeline
   (next(batches) inside the timed loop) vs the same step fed one in-memory batch over and
   over; the ratio is the pipeline's overhead (1.0 = the step never waits for data).
+Part 3 (--parts=pod): examples/s of the real train input (records read by position, decoded,
+  preprocessed, batched, tokenized) of each pod variant on synthetic items in its stored
+  format, using every core of this host, for the tf.data settings that matter (private
+  thread pool, autotune RAM budget, records cached or read per batch); against what one
+  host of a v5e-256 consumes: its 8 chips' share of the global batch per step, the step time
+  taken as the compiled step's FLOPs per chip (benchmarks/results/pod_compile_*.json) over
+  the chip's 197 bf16 TFLOP/s at an assumed 50% utilization (a faster step needs more input).
 """
 
 import argparse
@@ -26,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
@@ -153,30 +161,154 @@ def step_ratio(steps, data_dir):
   return real, in_memory
 
 
+# One v5e-256 host (Cloud TPU v5e docs: 16x16 is 32 hosts of 8 chips, 224 vCPUs each).
+HOST_CHIPS, HOST_VCPUS, CHIP_BF16_FLOPS, ASSUMED_MFU = 8, 224, 197e12, 0.5
+# (pod variant, its compile result file and row, micro-batches the row's FLOPs count once)
+POD_VARIANTS = [
+    ("image_text.py:L", "pod_compile_v5e256.json", "image_text:L (ViT-L/14 + text-L), fsdp=16"),
+    ("audio_video_text.py:pod", "pod_compile_v5e256_pod.json",
+     "audio_video_text:pod (AST-B + ViT-B/16 frames + text-B)"),
+]
+SETTINGS = {  # name -> config.data overrides
+    "as shipped (tf.data's shared pool, AUTOTUNE)": {},
+    "private thread pool = cores": {"threads": os.cpu_count()},
+    "autotune RAM budget 2 GiB": {"ram_budget_gb": 2},
+    "records cached in memory": {"cache": True},
+}
+
+
+def needed_rate(config, result_file, row_name):
+  """(examples/s one host consumes, step seconds, TFLOP per chip) for a pod variant."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", result_file)
+  with open(path, encoding="utf-8") as f:
+    row = next(r for r in json.load(f)["rows"] if r["row"] == row_name)
+  # XLA counts a loop's body once: with k micro-batches the step runs it k times.
+  flops = row["flops"] * row.get("grad_accum_steps", 1)
+  step = flops / (CHIP_BF16_FLOPS * ASSUMED_MFU)
+  per_host = config.batch_size // row["devices"] * HOST_CHIPS
+  return per_host / step, step, flops / 1e12
+
+
+def synthetic_items(root, config, count):
+  """`count` items in `config`'s modalities, as files a manifest names: 640x480 JPEG images,
+  10 s 44.1 kHz wav audio, 10 s 320x240 H.264 video, captions of 12 words."""
+  rng = np.random.default_rng(0)
+  kinds = {name: m.kind for name, m in config.modalities.items()}
+  clip = None
+  items = []
+  for i in range(count):
+    item = {"id": i, "split": "train"}
+    for name, kind in kinds.items():
+      path = os.path.join(root, f"{name}{i}")
+      if kind == "image":
+        fixtures.write_jpeg(path + ".jpg", i, size=(480, 640))
+        item[name] = path + ".jpg"
+      elif kind == "audio":
+        fixtures.write_wav(path + ".wav", i, seconds=10.0, rate=44_100)
+        item[name] = path + ".wav"
+      elif kind == "video":
+        if clip is None:
+          clip = os.path.join(root, "clip.mp4")
+          base = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+          fixtures.write_mp4(clip, np.stack([np.roll(np.repeat(np.repeat(base, 8, 0), 8, 1),
+                                                     4 * t, axis=1) for t in range(250)]),
+                             fps=25)
+        item[name] = clip
+      elif kind == "text":
+        item[name] = [" ".join(f"t{w}" for w in rng.integers(2, 49_408, 12))
+                      for _ in range(5)]
+    items.append(item)
+  return items, kinds
+
+
+def pod_rates(batch_size, batches, items):
+  """Rows of examples/s per pod variant and setting, with the host's need."""
+  from configs import audio_video_text, image_text
+  from xmodal_jax.data import pipeline
+  from pod_compile import placeholder_tokenizer
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = placeholder_tokenizer(os.path.join(tmp, "tokenizer"))
+    for variant, result_file, row_name in POD_VARIANTS:
+      module, name = variant.split(".py:")
+      get_config = {"image_text": image_text, "audio_video_text": audio_video_text}[module]
+      config = get_config.get_config(name)
+      need, step, tflop = needed_rate(config, result_file, row_name)
+      folder = os.path.join(tmp, module)
+      os.makedirs(folder)
+      manifest_items, kinds = synthetic_items(folder, config, items)
+      manifest = os.path.join(folder, "items.jsonl")
+      with open(manifest, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(item) + "\n" for item in manifest_items)
+      video = [m for m in config.modalities.values() if m.kind == "video"]
+      options = records.BuildOptions(
+          sample_rate=16_000, video_frames=video[0].num_frames if video else 8,
+          frame_size=256)
+      builder = records.manifest_builder(f"pod_{module}", manifest, kinds, options=options,
+                                         data_dir=os.path.join(tmp, "data"))
+      builder.download_and_prepare()
+      config.modalities.text.tokenizer = tokenizer
+      config.data.update(name=f"pod_{module}", data_dir=os.path.join(tmp, "data"))
+      config.batch_size = batch_size
+      for setting, overrides in SETTINGS.items():
+        trial = config.copy_and_resolve_references()
+        trial.data.update(overrides)
+        stream = pipeline.train_iterator(trial, builder, process_index=0, process_count=1)
+        for _ in range(2):
+          next(stream)
+        start = time.perf_counter()
+        for _ in range(batches):
+          next(stream)
+        rate_here = batches * batch_size / (time.perf_counter() - start)
+        per_core = rate_here / os.cpu_count()
+        rows.append({"variant": variant, "setting": setting, "examples_per_s": rate_here,
+                     "per_core": per_core, "host_needs": need, "step_s": step,
+                     "tflop_per_chip": tflop, "cores_needed": need / per_core})
+        print(f"  {variant:24} {setting:46} {rate_here:8.1f} ex/s here, {per_core:7.1f} "
+              f"per core; a host needs {need:7.1f} ({need / per_core:5.1f} of its "
+              f"{HOST_VCPUS} vCPUs)", flush=True)
+        del stream
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--items", type=int, default=64, help="items per read-time measurement")
+  parser.add_argument("--parts", default="per_core,step,pod",
+                      help="comma-separated: per_core, step, pod")
+  parser.add_argument("--items", type=int, default=64, help="items per read-time measurement "
+                      "and synthetic items per pod dataset")
   parser.add_argument("--steps", type=int, default=30, help="train steps per measurement")
+  parser.add_argument("--pod_batch", type=int, default=128, help="batch of the pod input "
+                      "measurements (the rate hardly depends on it)")
+  parser.add_argument("--pod_batches", type=int, default=8)
   parser.add_argument("--data_dir", default=None, help="where the default dataset is (built "
                       "if missing)")
   parser.add_argument("--out", default=None, help="JSON file to write")
   args = parser.parse_args()
-  with tempfile.TemporaryDirectory() as tmp:
-    rows = build_time_rates(tmp, max(2, args.items // 8)) + read_time_rates(args.items)
-  print(f"{'stage':6} {'modality':52} {'items/s/core':>12}")
-  for row in rows:
-    print(f"{row['stage']:6} {row['modality']:52} {row['items_per_s']:12.1f}")
-  real, in_memory = step_ratio(args.steps, args.data_dir)
-  print(f"\ndefault config train step ({jax.device_count()} device(s), {os.cpu_count()} CPU "
-        f"cores): in-memory batch {1e3 * in_memory:.1f} ms, real pipeline "
-        f"{1e3 * real:.1f} ms: ratio {real / in_memory:.3f}")
+  parts = set(args.parts.split(","))
+  out = {"cpu_count": os.cpu_count(), "device": jax.devices()[0].device_kind}
+  if "per_core" in parts:
+    with tempfile.TemporaryDirectory() as tmp:
+      rows = build_time_rates(tmp, max(2, args.items // 8)) + read_time_rates(args.items)
+    print(f"{'stage':6} {'modality':52} {'items/s/core':>12}")
+    for row in rows:
+      print(f"{row['stage']:6} {row['modality']:52} {row['items_per_s']:12.1f}")
+    out["per_core"] = rows
+  if "step" in parts:
+    real, in_memory = step_ratio(args.steps, args.data_dir)
+    print(f"\ndefault config train step ({jax.device_count()} device(s), {os.cpu_count()} CPU "
+          f"cores): in-memory batch {1e3 * in_memory:.1f} ms, real pipeline "
+          f"{1e3 * real:.1f} ms: ratio {real / in_memory:.3f}")
+    out["train_step_s"] = {"real_pipeline": real, "in_memory": in_memory,
+                           "ratio": real / in_memory, "steps": args.steps}
+  if "pod" in parts:
+    print(f"\npod input, {os.cpu_count()} cores, batch {args.pod_batch}:")
+    out["pod"] = pod_rates(args.pod_batch, args.pod_batches, args.items)
+    out["pod_assumptions"] = {"host_chips": HOST_CHIPS, "host_vcpus": HOST_VCPUS,
+                              "chip_bf16_flops": CHIP_BF16_FLOPS, "mfu": ASSUMED_MFU}
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
-      json.dump({"per_core": rows, "train_step_s": {"real_pipeline": real,
-                                                     "in_memory": in_memory,
-                                                     "ratio": real / in_memory},
-                 "cpu_count": os.cpu_count(), "device": jax.devices()[0].device_kind,
-                 "steps": args.steps}, f, indent=1)
+      json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -132,8 +132,22 @@ def _example_fn(config, train, expanded=None):
   return fn
 
 
+def tf_data_options(data_config):
+  """The tf.data settings config.data may give: `threads`, a private thread pool of that
+  many threads for this input (0 or unset: tf.data's pool shared with the process), and
+  `ram_budget_gb`, autotune's RAM budget (0 or unset: its default, half the host's RAM).
+  Measured effect per pod variant: benchmarks/README.md, "Input throughput per host"."""
+  options = tf.data.Options()
+  if data_config.get("threads"):
+    options.threading.private_threadpool_size = int(data_config.threads)
+  if data_config.get("ram_budget_gb"):
+    options.autotune.ram_budget = int(data_config.ram_budget_gb * 2**30)
+  return options
+
+
 def _numpy_batches(config, ds):
   """Iterates `ds` as numpy, applying each modality's batch op (e.g. tokenization)."""
+  ds = ds.with_options(tf_data_options(config.data))
   batch_ops = {name: preprocess.get_batch_op(name, m) for name, m in config.modalities.items()}
   batch_ops = {name: op for name, op in batch_ops.items() if op}
   for batch in ds.as_numpy_iterator():
