@@ -38,6 +38,9 @@ def only(*terms, contrastive=0.0):
 
 NO_AUDIO_INTRA = "--config.loss.intra_modalities=('text', 'video')"
 ALL_INTRA = "--config.loss.intra_modalities=()"
+FRESH = ["--config.alignment.momentum=0.9", "--config.alignment.queue_size=1024"]
+NO_EMA = ["--config.alignment.momentum=0.0", "--config.alignment.queue_size=256",
+          "--config.alignment.distill_alpha=0.0"]
 INFONCE = "--config.loss.weights.contrastive=1.0"
 NO_INFONCE = "--config.loss.weights.contrastive=0.0"
 
@@ -57,6 +60,10 @@ VARIANTS = {
     "itc": ("align_fuse", only("itc"), "ITC alone (queues, EMA, distillation)"),
     "itc_no_distill": ("align_fuse", only("itc") + ["--config.alignment.distill_alpha=0.0"],
                        "ITC alone without distillation"),
+    "itc_fresh": ("align_fuse", only("itc") + FRESH, "ITC alone, momentum 0.9, queue 1,024"),
+    "itc_no_ema": ("align_fuse", only("itc") + NO_EMA,
+                   "ITC alone, no EMA lag (momentum 0), the queue one batch, no distillation: "
+                   "in-batch InfoNCE but for the keys' stopped gradient and one stale batch"),
     "itc+ims": ("align_fuse", only("itc", "ims"), "ITC + IMS"),
     "itc+lmim": ("align_fuse", only("itc", "lmim"), "ITC + LMIM"),
     "itc+itm": ("align_fuse", only("itc", "itm"), "ITC + ITM"),
@@ -69,6 +76,9 @@ VARIANTS = {
     "align_fuse+infonce_no_audio_intra": (
         "align_fuse", [INFONCE, NO_AUDIO_INTRA],
         "seed 001's terms + InfoNCE, IMS and LMIM on text and video only (= align_fuse)"),
+    "align_fuse_fresh": ("align_fuse", FRESH, "as shipped, momentum 0.9, queue 1,024"),
+    "align_fuse_no_ema": ("align_fuse", NO_EMA, "as shipped, no EMA lag (momentum 0), the "
+                          "queue one batch, no distillation"),
 }
 
 

@@ -3,6 +3,7 @@ evaluation order of record datasets, and training the default config on one."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -137,6 +138,15 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
   assert beam == single
   assert read_report(str(tmp_path), "mixed") == read_report(data_dir, "mixed")
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # its temp files
+  strict = build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
+                     f"--data_dir={tmp_path / 'strict'}", "--beam", "--strict",
+                     "--beam_options=--runner=DirectRunner", check=False)
+  assert strict.returncode
+  last = strict.stderr.strip().splitlines()[-1]  # workers may meet any bad record first
+  assert re.fullmatch(r"error: --strict build stopped at a bad record: item "
+                      r"'bad_(image|audio|caption)': .*", last)
+  assert os.listdir(tmp_path / "strict") == ["downloads"] or not [
+      p for p in os.listdir(tmp_path / "strict") if p.startswith(".")]
 
 
 def test_strict_build_fails_naming_the_first_bad_record(mixed, tmp_path):

@@ -22,6 +22,7 @@ once with
 
 import logging
 import os
+import re
 import shutil
 import sys
 
@@ -133,6 +134,12 @@ def main(argv):
     builder.download_and_prepare(download_config=config)
   except records.BadRecord as e:
     sys.exit(f"error: --strict build stopped at a bad record: {e}")
+  except Exception as e:  # pylint: disable=broad-except
+    # A Beam worker's BadRecord reaches here wrapped in the runner's own error.
+    found = re.search(r"BadRecord: (.*?)(?: \[while running .*)?$", str(e), re.M)
+    if not found:
+      raise
+    sys.exit(f"error: --strict build stopped at a bad record: {found.group(1)}")
 
 
 if __name__ == "__main__":

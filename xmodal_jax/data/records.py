@@ -387,7 +387,11 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Builds (if not built yet), then writes the bad-record report and the sidecar."""
     if self.is_prepared():
       return
-    super().download_and_prepare(*args, **kwargs)
+    try:
+      super().download_and_prepare(*args, **kwargs)
+    finally:
+      if self._beam_temp_dir and not self.is_prepared():  # failed: nothing to gather
+        tf.io.gfile.rmtree(self._beam_temp_dir)
     if self._beam_temp_dir:
       from xmodal_jax.data import beam_build  # pylint: disable=g-import-not-at-top
       self.bad_records = beam_build.collect_bad_records(self._beam_temp_dir)
