@@ -123,6 +123,47 @@ def test_bad_records_are_reported_and_the_rest_is_readable(mixed_build, tmp_path
   assert flags == [(False, True), (True, True)]
 
 
+def test_a_manifest_and_its_media_on_another_filesystem_build_the_same(mixed, mixed_build,
+                                                                       tmp_path):
+  """The manifest, its media and a tar shard under TensorFlow's in-memory ram:// scheme (as
+  they would be in a bucket): the build reads them through tf.io.gfile and gives the same
+  examples and the same bad records as the build from local files."""
+  from xmodal_jax.data import webdataset  # pylint: disable=g-import-not-at-top
+  remote = "ram://bucket/mixed"
+  lines = []
+  for line in open(mixed / "items.jsonl", encoding="utf-8"):
+    item = json.loads(line)
+    if isinstance(item.get("speech"), str) and os.path.isabs(item["speech"]):
+      item["speech"] = os.path.relpath(item["speech"], mixed)  # relative to the manifest
+    lines.append(item)
+  for folder, _, files in os.walk(mixed / "media"):
+    for name in files:
+      tf.io.gfile.makedirs(f"{remote}/media")
+      tf.io.gfile.GFile(f"{remote}/media/{name}", "wb").write(
+          open(os.path.join(folder, name), "rb").read())
+  # item2's record moves into a shard (key item2, members .jpg/.wav/.txt).
+  (item2,) = [item for item in lines if item["id"] == "item2"]
+  lines.remove(item2)
+  webdataset.write_shard(f"{remote}/shard.tar", [("item2", {
+      "jpg": open(mixed / item2["photo"], "rb").read(),
+      "wav": open(mixed / item2["speech"], "rb").read(),
+      "json": json.dumps(item2["caption"]).encode()})])
+  lines.insert(3, {"split": "train", "tar": "shard.tar", "photo": "jpg", "speech": "wav",
+                   "caption": "json"})
+  with tf.io.gfile.GFile(f"{remote}/items.jsonl", "w") as f:
+    f.write("".join(json.dumps(item) + "\n" for item in lines))
+  builder = records.manifest_builder(
+      "mixed", f"{remote}/items.jsonl",
+      records.parse_modalities("photo:image,speech:audio,caption:text"),
+      data_dir=str(tmp_path))
+  builder.download_and_prepare()
+  data_dir, _ = mixed_build
+  assert read_examples(str(tmp_path), "mixed") == read_examples(data_dir, "mixed")
+  local, moved = read_report(data_dir, "mixed"), read_report(str(tmp_path), "mixed")
+  assert [(b["id"], b["reason"]) for b in moved] == [(b["id"], b["reason"]) for b in local]
+  assert moved[0]["file"] == f"{remote}/media/corrupt.jpg"
+
+
 @pytest.mark.slow
 def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_path):
   """--beam on DirectRunner with 2 worker processes: the same examples field by field

@@ -82,10 +82,10 @@ def parse_modalities(spec, flag="--modalities"):
 def read_manifest(path):
   """[(line number, record dict)] of a JSONL file; not valid JSONL -> ValueError naming the
   line."""
-  if not os.path.isfile(path):
+  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise FileNotFoundError(f"{path}: no such manifest file")
   records = []
-  with open(path, encoding="utf-8") as f:
+  with tf.io.gfile.GFile(path) as f:
     for line_number, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -130,7 +130,22 @@ def resolve_path(value, base_dir, item_id, name):
   if not isinstance(value, str) or not value:
     raise BadRecord(item_id, name, f"expected a file path (string), got "
                     f"{type(value).__name__} {value!r}"[:200])
-  return value if os.path.isabs(value) else os.path.join(base_dir, value)
+  return absolute(value, base_dir)
+
+
+def is_remote(path):
+  """Whether `path` names a file through a filesystem scheme (gs://, s3://, ram://, ...)."""
+  return "://" in path
+
+
+def absolute(path, base_dir):
+  """`path` as given when absolute or on a filesystem scheme, else relative to `base_dir`."""
+  return path if is_remote(path) or os.path.isabs(path) else os.path.join(base_dir, path)
+
+
+def folder_of(path):
+  """The folder of a local file (made absolute) or of a scheme path."""
+  return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
 def load(value, base_dir, item_id, name, what):
@@ -143,15 +158,21 @@ def load(value, base_dir, item_id, name, what):
     except (ValueError, tf.errors.OpError) as e:
       raise BadRecord(item_id, where, f"cannot read the shard member ({e})") from e
   path = resolve_path(value, base_dir, item_id, name)
-  if not os.path.isfile(path):
+  if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise BadRecord(item_id, path, f"missing {what} file")
+  if is_remote(path):  # Decoders open local paths; any other filesystem goes through gfile.
+    try:
+      with tf.io.gfile.GFile(path, "rb") as f:
+        return f.read(), path
+    except tf.errors.OpError as e:
+      raise BadRecord(item_id, path, f"cannot read the file ({e.message})") from e
   return path, path
 
 
 def encode_image(source, where, item_id, options):
   del options
   if isinstance(source, str):
-    with open(source, "rb") as f:
+    with open(source, "rb") as f:  # a local path (`load` reads other filesystems)
       source = f.read()
   try:
     tf.io.decode_image(source, channels=3, expand_animations=False)
@@ -219,8 +240,8 @@ def features_shape(records, name, base_dir):
         return tuple(np.load(io.BytesIO(webdataset.read_member(value)),
                              allow_pickle=False).shape)
       if isinstance(value, str):
-        path = value if os.path.isabs(value) else os.path.join(base_dir, value)
-        return tuple(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+        with tf.io.gfile.GFile(absolute(value, base_dir), "rb") as f:
+          return tuple(np.load(io.BytesIO(f.read()), allow_pickle=False).shape)
     except (ValueError, OSError, tf.errors.OpError):
       continue
   raise ValueError(f"modality {name!r} (features): no readable .npy file in the manifest")
@@ -451,7 +472,7 @@ def expand_shards(manifest, line_number, line, modalities, base_dir):
     if not isinstance(pattern, str) or not pattern:
       raise ValueError(f"{where}: \"tar\" is a shard path or a list of them, got {pattern!r}")
     for path in webdataset.expand_braces(pattern):
-      path = path if "://" in path or os.path.isabs(path) else os.path.join(base_dir, path)
+      path = absolute(path, base_dir)
       out.extend(webdataset.shard_records(path, line["split"], fields, where))
   return out
 
@@ -464,7 +485,7 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise ValueError(f"--name={name!r}: expected lower_snake_case (letters, digits, _)")
   lines = read_manifest(manifest)
-  base_dir = os.path.dirname(os.path.abspath(manifest))
+  base_dir = folder_of(manifest)
   records = []
   for line_number, record in lines:
     if not isinstance(record.get("split"), str) or not record.get("split"):
@@ -483,7 +504,7 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
   def body(namespace):
     namespace.update(
         __module__=__name__, name=name, MODALITIES=dict(modalities), FEATURE_SHAPES=shapes,
-        __doc__=f"Built by xmodal_jax.data.build from {os.path.abspath(manifest)}.",
+        __doc__=f"Built by xmodal_jax.data.build from {absolute(manifest, os.getcwd())}.",
         split_records=lambda self, dl_manager: splits,
         base_dir=lambda self, dl_manager: base_dir)
   cls = types.new_class(f"Manifest_{name}", (RecordBuilder,), {"skip_registration": True},

@@ -103,9 +103,12 @@ def member_text(member, data):
 def write_shard(path, samples):
   """Writes `samples` ([(key, {extension: bytes})]) as a tar shard: for tests and for
   converting loose files."""
-  with tf.io.gfile.GFile(path, "wb") as f, tarfile.open(fileobj=f, mode="w:") as tar:
+  buffer = io.BytesIO()  # tarfile needs tell(), which some filesystems' writers lack
+  with tarfile.open(fileobj=buffer, mode="w:") as tar:
     for key, files in samples:
       for extension, data in files.items():
         info = tarfile.TarInfo(f"{key}.{extension}")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buffer.getvalue())
