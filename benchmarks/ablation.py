@@ -49,6 +49,8 @@ VARIANTS = {
     "cls": ("", [], "InfoNCE, cls pooling (the default before issue 19)"),
     "mean": ("", pooling("mean"), "InfoNCE, mean pooling"),
     "gpo": ("", pooling("gpo"), "InfoNCE, GPO pooling"),
+    "gpo_3000_steps": ("", pooling("gpo") + ["--config.total_steps=3000"],
+                       "InfoNCE, GPO pooling, twice the steps (3,000)"),
     "regression_gpo": ("regression", pooling("gpo"), "similarity regression, GPO"),
     "sigmoid_gpo": ("sigmoid", pooling("gpo"), "SigLIP's sigmoid loss, GPO"),
     "align_fuse": ("align_fuse", [], "as shipped: seed 001's terms + InfoNCE, IMS and LMIM "
