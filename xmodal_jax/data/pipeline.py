@@ -27,7 +27,7 @@ def get_builder(data_config):
   data_dir = data_config.data_dir
   if data_dir is not None:
     data_dir = os.path.expanduser(data_dir)
-    if not os.path.isdir(data_dir):
+    if not tf.io.gfile.isdir(data_dir):
       raise FileNotFoundError(f"config.data.data_dir={data_config.data_dir!r}: no such folder")
   name = data_config.name
   if name in EMBEDDED_BUILDERS:

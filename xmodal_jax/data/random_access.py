@@ -29,6 +29,10 @@ def _copy_path(builder, shard_path):
 
 
 def _instructions(builder, split):
+  if "://" in builder.data_dir:
+    raise ValueError(f"{builder.data_dir}: examples are read by position from local files "
+                     "only; mount the bucket (e.g. Cloud Storage FUSE) and set "
+                     "config.data.data_dir to the mount point")
   instructions = builder.info.splits[split].file_instructions
   if builder.info.file_format.value not in ("tfrecord", "array_record"):
     raise ValueError(f"{builder.data_dir}: stored as {builder.info.file_format.value}; "
