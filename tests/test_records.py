@@ -531,3 +531,11 @@ def test_shard_names_expand_and_members_split_at_the_first_dot():
     webdataset.expand_braces("a-{3..1}.tar")
   assert webdataset.split_name("dir/x.y/000123.seg.flac") == ("dir/x.y/000123", "seg.flac")
   assert webdataset.split_name("k.txt") == ("k", "txt")
+
+
+def test_random_access_on_a_bucket_path_says_to_mount_it():
+  from xmodal_jax.data import random_access  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  builder = types.SimpleNamespace(data_dir="gs://bucket/tfds/mydata/1.0.0")
+  with pytest.raises(ValueError, match=r"gs://bucket/tfds/mydata/1.0.0: .*mount the bucket"):
+    random_access.has_copy(builder, "train")
