@@ -154,6 +154,8 @@ def build_model(model_config, vocab_sizes=None, loader=None):
   towers, pretrained = {}, {}
   for modality, tower_config in model_config.towers.items():
     tower_config = dict(tower_config)
+    for key in ("trainable", "lr_multiplier"):  # the optimizer's (train/optimizer.py)
+      tower_config.pop(key, None)
     where = f"config.model.towers.{modality}"
     if tower_config.pop("projection", False):
       if loader is None:

@@ -1,6 +1,18 @@
-"""AdamW with linear warmup and cosine decay, gradient clipping, no decay on 1-D params."""
+"""AdamW with linear warmup and cosine decay, gradient clipping, no decay on 1-D params;
+frozen towers (or parts of them) and per-tower learning-rate multipliers.
+
+A tower's config may set `trainable`: "all" (the default), "none" (the tower and its head
+into the shared space are frozen, as LiT locks one tower and ImageBind binds to a frozen
+space), or a tuple of regexes matched in full against the tower's parameter paths
+("trunk/encoder/block11/.*" for the last of 12 blocks, ".*/ln_[a-z]+/.*" for its
+LayerNorms): only those train, and its head. `lr_multiplier` (default 1)
+scales the learning rate of the tower's trainable parameters and its head. Frozen parameters
+get no gradient (the loss sees them through stop_gradient, so XLA drops their backward
+pass), no optimizer state and no update.
+"""
 
 import math
+import re
 
 import jax
 import optax
@@ -23,6 +35,7 @@ def validate(config):
   for name, value, ok, expected in checks:
     if not ok:
       raise ValueError(f"config.optimizer.{name}={value}: expected {expected}")
+  tower_rules(config)
 
 
 def learning_rate_schedule(config):
@@ -33,11 +46,100 @@ def learning_rate_schedule(config):
       end_value=opt.learning_rate * opt.end_learning_rate_ratio)
 
 
+def tower_rules(config):
+  """{modality: (trainable, lr_multiplier)} of config.model.towers, validated."""
+  rules = {}
+  for modality, tower in config.model.towers.items():
+    where = f"config.model.towers.{modality}"
+    trainable = tower.get("trainable", "all")
+    if isinstance(trainable, (list, tuple)):
+      if not trainable:
+        raise ValueError(f"{where}.trainable=(): expected \"all\", \"none\" or some regexes")
+      for pattern in trainable:
+        try:
+          re.compile(pattern)
+        except (re.error, TypeError) as e:
+          raise ValueError(f"{where}.trainable: {pattern!r} is not a regex ({e})") from e
+      trainable = tuple(trainable)
+    elif trainable not in ("all", "none"):
+      raise ValueError(f"{where}.trainable={trainable!r}: expected \"all\", \"none\" or a "
+                       "tuple of regexes on the tower's parameter paths")
+    multiplier = tower.get("lr_multiplier", 1.0)
+    if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier)
+            and multiplier > 0):
+      raise ValueError(f"{where}.lr_multiplier={multiplier!r}: expected a number > 0 (freeze "
+                       "with trainable=\"none\")")
+    rules[modality] = (trainable, float(multiplier))
+  return rules
+
+
+def _names(path):
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def learning_rate_multipliers(config, params):
+  """A tree like `params`: each parameter's learning-rate multiplier, 0.0 where frozen."""
+  rules = tower_rules(config)
+  owners = {f"towers_{m}": m for m in rules} | {f"heads_{m}": m for m in rules}
+  matched = set()
+
+  def multiplier(path, _):
+    names = _names(path)
+    modality = owners.get(names[0])
+    if modality is None:
+      return 1.0
+    trainable, scale = rules[modality]
+    if trainable == "none":
+      return 0.0
+    if trainable == "all" or names[0].startswith("heads_"):
+      return scale
+    inner = "/".join(names[1:])
+    if any(re.fullmatch(pattern, inner) for pattern in trainable):
+      matched.add(modality)
+      return scale
+    return 0.0
+  tree = jax.tree_util.tree_map_with_path(multiplier, params)
+  for modality, (trainable, _) in rules.items():
+    if isinstance(trainable, tuple) and modality not in matched:
+      example = next(("/".join(_names(path)[1:]) for path, _ in
+                      jax.tree_util.tree_leaves_with_path(params)
+                      if _names(path)[0] == f"towers_{modality}"), "(no parameters)")
+      raise ValueError(f"config.model.towers.{modality}.trainable={trainable}: matches no "
+                       f"parameter of the tower (its paths look like {example!r})")
+  return tree
+
+
+def frozen(config, params):
+  """A tree like `params` of bools: True where the parameter does not train."""
+  return jax.tree.map(lambda m: m == 0.0, learning_rate_multipliers(config, params))
+
+
+def has_frozen(config):
+  return any(trainable != "all" for trainable, _ in tower_rules(config).values())
+
+
+def has_frozen_or_scaled(config):
+  return any(rule != ("all", 1.0) for rule in tower_rules(config).values())
+
+
 def make_optimizer(config):
-  """The optax transformation of `config.optimizer`; biases, norms and scalars get no decay."""
+  """The optax transformation of `config.optimizer`; biases, norms and scalars get no decay.
+  With frozen parameters or learning-rate multipliers (tower `trainable`, `lr_multiplier`),
+  AdamW runs per multiplier group (optax.multi_transform): frozen ones get no state."""
   opt = config.optimizer
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  schedule = learning_rate_schedule(config)
+
+  def adamw(scale):
+    rate = schedule if scale == 1.0 else lambda step: scale * schedule(step)
+    return optax.adamw(rate, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
+                       mask=decay_mask)
+  if not has_frozen_or_scaled(config):
+    return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw(1.0))
+  label = lambda m: "frozen" if m == 0.0 else f"lr x{m:g}"
+  scales = {1.0} | {scale for _, scale in tower_rules(config).values()}
+  transforms = {"frozen": optax.set_to_zero()} | {label(s): adamw(s) for s in scales}
   return optax.chain(
       optax.clip_by_global_norm(opt.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=opt.b1, b2=opt.b2,
-                  weight_decay=opt.weight_decay, mask=decay_mask))
+      optax.multi_transform(transforms, lambda params: jax.tree.map(
+          label, learning_rate_multipliers(config, params))))

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 from xmodal_jax import parallel
 from xmodal_jax.losses import alignment, objectives
 from xmodal_jax.models import towers
+from xmodal_jax.train import optimizer
 from xmodal_jax.train import state as state_lib
 
 MAX_LOGIT_SCALE = 100.0
@@ -39,8 +40,10 @@ def tower_outputs(params, batch, rng, *, model, details):
 
 
 def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *, model,
-                 loss_config, mesh):
-  """(sum over config.loss.weights of weight x term, metrics) on a global batch."""
+                 loss_config, mesh, freeze=None):
+  """(sum over config.loss.weights of weight x term, metrics) on a global batch. `freeze`
+  (params -> params) stops the gradient of frozen parameters."""
+  params = freeze(params) if freeze else params
   rng, term_rng = jax.random.split(rng)
   out = tower_outputs(params, batch, rng, model=model,
                       details=objectives.uses(loss_config, "details"))
@@ -132,7 +135,7 @@ def embed_in_micro_batches(apply, batch, steps, mesh):
 
 
 def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *,
-                          steps, model, loss_config, mesh):
+                          steps, model, loss_config, mesh, freeze=None):
   """((loss, metrics), grads) of compute_loss on the global batch, with the towers' memory of
   one micro-batch of B / `steps` rows (gradient caching, Gao et al. 2021).
 
@@ -144,9 +147,10 @@ def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, al
   """
   rng, term_rng = jax.random.split(rng)
   details = objectives.uses(loss_config, "details")
+  freeze = freeze or (lambda p: p)
 
   def outputs(p, micro_batch, i):
-    return tower_outputs(p, micro_batch, jax.random.fold_in(rng, i), model=model,
+    return tower_outputs(freeze(p), micro_batch, jax.random.fold_in(rng, i), model=model,
                          details=details)
   out = embed_in_micro_batches(functools.partial(outputs, params), batch, steps, mesh)
   leaves, treedef = jax.tree.flatten(out)
@@ -156,8 +160,8 @@ def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, al
   def loss_of_outputs(p, float_leaves):  # the outputs with their float leaves replaced
     float_leaves = iter(float_leaves)
     out = treedef.unflatten([next(float_leaves) if f else x for x, f in zip(leaves, inexact)])
-    return objective_loss(p, out, batch, term_rng, momentum_emb, queues, alpha, model=model,
-                          loss_config=loss_config, mesh=mesh)
+    return objective_loss(freeze(p), out, batch, term_rng, momentum_emb, queues, alpha,
+                          model=model, loss_config=loss_config, mesh=mesh)
   (loss, metrics), (grads, out_grads) = jax.value_and_grad(
       loss_of_outputs, argnums=(0, 1), has_aux=True)(params, floats(out))
 
@@ -187,8 +191,11 @@ def update_queues(queues, momentum_emb, batch, mesh):
 
 
 def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_config=None,
-               grad_accum_steps=1):
+               grad_accum_steps=1, frozen=None):
   """One optimizer update on a global batch. Returns (new state, metrics).
+
+  `frozen` (params -> tree of bools, train/optimizer.py) names parameters that do not
+  train: the loss sees them through stop_gradient and they keep their exact values.
 
   With `grad_accum_steps` k > 1 the towers run on k micro-batches in turn
   (cached_loss_and_grads): the same loss and gradients over the whole global batch, with the
@@ -215,10 +222,17 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   else:
     grad_fn = functools.partial(cached_loss_and_grads, steps=grad_accum_steps)
+  is_frozen = frozen(state.params) if frozen else None
+  if is_frozen is not None:
+    extra["freeze"] = lambda p: jax.tree.map(
+        lambda x, f: jax.lax.stop_gradient(x) if f else x, p, is_frozen)
   (loss, metrics), grads = grad_fn(state.params, batch, rng, model=model,
                                    loss_config=loss_config, mesh=mesh, **extra)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if is_frozen is not None:  # exactly as they were (x + 0 would turn -0.0 into 0.0)
+    params = jax.tree.map(lambda new, old, f: old if f else new, params, state.params,
+                          is_frozen)
   metrics["loss"] = loss
   metrics["grad_norm"] = optax.global_norm(grads)
   finite = (jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
@@ -241,5 +255,7 @@ def jit_train_step(config, model, tx, mesh, shardings):
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, loss_config=config.loss, mesh=mesh,
                         seed=config.seed, alignment_config=config.get("alignment"),
-                        grad_accum_steps=config.get("grad_accum_steps", 1)),
+                        grad_accum_steps=config.get("grad_accum_steps", 1),
+                        frozen=(functools.partial(optimizer.frozen, config)
+                                if optimizer.has_frozen(config) else None)),
       out_shardings=(shardings, jax.sharding.NamedSharding(mesh, P())), donate_argnums=(0,))

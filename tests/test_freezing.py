@@ -1,0 +1,120 @@
+"""Frozen and partly trained towers (a tower's `trainable` and `lr_multiplier`): frozen
+parameters keep their exact bytes and have no optimizer state; a multiplier scales the
+update, checked against Adam's known first step."""
+
+import jax
+import numpy as np
+import pytest
+
+from test_grad_cache import random_batch
+from xmodal_jax import parallel
+from xmodal_jax.train import experiment, optimizer, step as step_lib
+
+
+def nbytes(tree):
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def by_path(tree):
+  return {"/".join(str(getattr(k, "key", k)) for k in path): np.array(x, copy=True)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.slow  # compiles a train step (9 s); the full suite runs it
+def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
+  """Tiny default config: text frozen (tower and head), video training only its LayerNorms
+  (and head), audio at 0.1x the learning rate. Two steps on 8 devices (data=2 x fsdp=4)."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny")
+  config.model.towers.text.trainable = "none"
+  config.model.towers.video.trainable = (".*/ln_[a-z]+/.*",)
+  config.model.towers.audio.lr_multiplier = 0.1
+  config.optimizer.update(warmup_steps=0, weight_decay=0.0, grad_clip_norm=1e9)
+  config.batch_size = 16
+  config = experiment.resolve_tokenizers(config)
+  model, _, tx = experiment.build_model_and_optimizer(config)
+  mesh = parallel.make_mesh(shape=dict(data=2, fsdp=4))
+  batch = random_batch(config, config.batch_size, seed=0)
+  create = experiment.state_creator(config, model, tx)
+  example = jax.tree.map(lambda x: x[:1], batch)
+  shardings = experiment.state_shardings(jax.eval_shape(create, example), mesh, config)
+  state = jax.jit(create, out_shardings=shardings)(example)
+  before = by_path(state.params)
+  frozen = by_path(optimizer.frozen(config, state.params))
+  train_step = step_lib.jit_train_step(config, model, tx, mesh, shardings)
+
+  # No optimizer state for frozen parameters: AdamW's mu and nu cover the others only.
+  trainable_bytes = sum(x.nbytes for p, x in before.items() if not frozen[p])
+  float_state = [x for x in jax.tree.leaves(state.opt_state) if x.dtype == np.float32]
+  assert sum(x.size * 4 for x in float_state) == 2 * trainable_bytes
+
+  state, _ = train_step(state, parallel.shard_batch(batch, mesh))
+  first = by_path(state.params)
+  state, metrics = train_step(state, parallel.shard_batch(random_batch(
+      config, config.batch_size, seed=1), mesh))
+  assert int(metrics["nonfinite"]) == 0
+  after = by_path(state.params)
+  lr = config.optimizer.learning_rate
+  for path, value in after.items():
+    moved = value.tobytes() != before[path].tobytes()
+    if path.startswith(("towers_text/", "heads_text/")) or (
+        path.startswith("towers_video/") and "/ln_" not in path):
+      assert not moved, path  # bit for bit, signs of zeros included
+      assert frozen[path]
+    elif not path.startswith("towers_text"):
+      assert moved or not np.any(before[path]), path
+    # Adam's first step moves each parameter by lr x multiplier (m / sqrt(v) = g / |g|).
+    step_one = np.abs(first[path] - before[path])[np.abs(first[path] - before[path]) > 0]
+    if "attn/key/bias" in path:  # its gradient is 0 up to rounding (softmax's shift)
+      continue
+    if path.startswith(("towers_audio/", "heads_audio/")):
+      np.testing.assert_allclose(np.median(step_one), 0.1 * lr, rtol=1e-3, err_msg=path)
+    elif path == "logit_scale":
+      np.testing.assert_allclose(step_one, lr, rtol=1e-3)
+    elif path.startswith(("towers_video/", "heads_video/")) and not frozen[path]:
+      np.testing.assert_allclose(np.median(step_one), lr, rtol=1e-3, err_msg=path)
+  assert any(p.startswith("towers_video/") and "/ln_" in p and not np.array_equal(
+      after[p], before[p]) for p in after)
+
+
+def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():
+  """The default experiment's state (params + AdamW's mu and nu), from shapes only: freezing
+  text removes its mu and nu, 2 x its parameters' bytes."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  sizes = {}
+  for trainable in ("all", "none"):
+    config = audio_video_text.get_config()
+    config.model.towers.text.trainable = trainable
+    config = experiment.resolve_tokenizers(config)
+    model, _, tx = experiment.build_model_and_optimizer(config)
+    example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
+    state = jax.eval_shape(experiment.state_creator(config, model, tx), example)
+    text = nbytes({k: v for k, v in state.params.items() if k.endswith("_text")})
+    sizes[trainable] = (nbytes(state.params) + nbytes(state.opt_state), text)
+  (full, text), (frozen, _) = sizes["all"], sizes["none"]
+  assert text > 0 and full - frozen == 2 * text
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("trainable", "some", r"towers.text.trainable='some': expected \"all\", \"none\""),
+    ("trainable", ("blocks_(",), r"towers.text.trainable: 'blocks_\(' is not a regex"),
+    ("lr_multiplier", 0.0, r"towers.text.lr_multiplier=0.0: expected a number > 0"),
+])
+def test_bad_tower_training_options_name_the_field(field, value, message):
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny")
+  config.model.towers.text[field] = value
+  with pytest.raises(ValueError, match=message):
+    optimizer.validate(config)
+
+
+def test_a_pattern_matching_no_parameter_is_an_error_showing_a_path():
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny")
+  config.model.towers.text.trainable = ("trunk/encoder/block99/.*",)
+  config = experiment.resolve_tokenizers(config)
+  model, _, tx = experiment.build_model_and_optimizer(config)
+  example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
+  with pytest.raises(ValueError, match=r"matches no parameter of the tower \(its paths look "
+                     r"like '.+/.+'\)"):
+    jax.eval_shape(experiment.state_creator(config, model, tx), example)
