@@ -56,12 +56,15 @@ class Objective:
     reduce over `inputs.axis_name` itself); otherwise on the global batch under jit.
   details: needs the towers' tokens and local features. momentum: needs the EMA params'
     embeddings and the queues (config.alignment).
+  pair_scales: takes `inputs.scale` (and bias) as {pair "m-n": scalar}, as the model holds
+    them with config.model.per_pair_temperature; otherwise one scalar.
   validate(config): raises ValueError naming the config field that is wrong.
   """
   term: Callable[[Inputs, Any], tuple]
   per_device: bool = False
   details: bool = False
   momentum: bool = False
+  pair_scales: bool = False
   validate: Callable[[Any], None] = no_options
 
 
@@ -223,8 +226,10 @@ def validate_itm(config):
 
 
 OBJECTIVES = {
-    "contrastive": Objective(contrastive_term, per_device=True, validate=validate_contrastive),
-    "regression": Objective(regression_term, per_device=True, validate=validate_regression),
+    "contrastive": Objective(contrastive_term, per_device=True, pair_scales=True,
+                             validate=validate_contrastive),
+    "regression": Objective(regression_term, per_device=True, pair_scales=True,
+                            validate=validate_regression),
     "itc": Objective(itc_term, momentum=True, validate=validate_momentum),
     "ims": Objective(ims_term, momentum=True, validate=validate_ims),
     "lmim": Objective(lmim_term, details=True, validate=validate_lmim),
@@ -259,3 +264,9 @@ def validate(config):
     raise ValueError("config.loss.weights: every objective has weight 0")
   for name in active(config.loss):
     OBJECTIVES[name].validate(config)
+  if config.model.get("per_pair_temperature"):
+    scalar_scale = sorted(n for n in active(config.loss) if not OBJECTIVES[n].pair_scales)
+    if scalar_scale:
+      raise ValueError(f"config.model.per_pair_temperature=True: objectives {scalar_scale} "
+                       "take one temperature (queues and within-modality terms have no "
+                       "pair); set it False or weight them 0")

@@ -1,6 +1,7 @@
 """The multi-modal model: one tower + projection head per modality, a shared logit scale."""
 
-from typing import Any, Mapping, Optional
+import itertools
+from typing import Any, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -41,7 +42,8 @@ class MultiModalModel(nn.Module):
   Modalities absent from the batch are skipped. Also owns `logit_scale`, stored as its log
   (initialized to log(1/0.07) as in CLIP; the one place that default is written) and, if
   `logit_bias_init` is set, the sigmoid loss's `logit_bias` (SigLIP: -10); callers read
-  them from the params. With `local_features` > 0, a local head per modality projects up to
+  them from the params. With `scale_pairs` (pair names "m-n"), both are one scalar per pair
+  of modalities instead, {pair: scalar} (per-pair temperatures). With `local_features` > 0, a local head per modality projects up to
   that many pooled runs of tokens (a grid of cells for patch towers) into the embedding
   space (LMIM); `fusion` holds a FusionEncoder per pair "a:b" (a's tokens attend to b's) for
   matching and re-ranking (seed 001).
@@ -53,16 +55,19 @@ class MultiModalModel(nn.Module):
   dtype: Any = jnp.float32
   local_features: int = 0
   fusion: Mapping[str, nn.Module] = flax.core.FrozenDict()
+  scale_pairs: Sequence[str] = ()
 
   def setup(self):
     self.heads = {m: nn.Dense(self.embed_dim, dtype=self.dtype) for m in self.towers}
     if self.local_features:
       self.local_heads = {m: nn.Dense(self.embed_dim, dtype=self.dtype) for m in self.towers}
-    self.logit_scale = self.param(
-        "logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+    def scalar_or_per_pair(value):
+      if not self.scale_pairs:
+        return lambda rng: jnp.full((), value, jnp.float32)
+      return lambda rng: {pair: jnp.full((), value, jnp.float32) for pair in self.scale_pairs}
+    self.logit_scale = self.param("logit_scale", scalar_or_per_pair(self.logit_scale_init))
     if self.logit_bias_init is not None:
-      self.logit_bias = self.param(
-          "logit_bias", nn.initializers.constant(self.logit_bias_init), ())
+      self.logit_bias = self.param("logit_bias", scalar_or_per_pair(self.logit_bias_init))
 
   def __call__(self, batch, *, train):
     """{modality: float32[B, embed_dim]} L2-normalized embeddings."""
@@ -163,7 +168,7 @@ def build_model(model_config, vocab_sizes=None, loader=None):
                          "(xmodal_jax.pretrained.Loader)")
       head, scale = loader.projection(tower_config, where, model_config.embed_dim)
       pretrained[(f"heads_{modality}",)] = head
-      pretrained[()] = {"logit_scale": scale}
+      pretrained[()] = {"logit_scale": scale}  # every pair's, with per-pair temperatures
     tower, loaded = build_tower(tower_config, where, (vocab_sizes or {}).get(modality), loader)
     towers[modality] = tower
     for path, params in loaded.items():
@@ -171,6 +176,8 @@ def build_model(model_config, vocab_sizes=None, loader=None):
   options = {key: model_config[key] for key in ("logit_scale_init", "logit_bias_init",
                                                "local_features")
              if model_config.get(key) is not None}
+  if model_config.get("per_pair_temperature"):  # named as losses/pairs.py names pairs
+    options["scale_pairs"] = tuple(f"{m}-{n}" for m, n in itertools.combinations(towers, 2))
   model = MultiModalModel(towers=towers, embed_dim=model_config.embed_dim,
                           fusion=build_fusion(model_config.get("fusion"), list(towers)),
                           **options)
@@ -227,6 +234,9 @@ def insert_pretrained(params, pretrained):
         if key not in node:
           raise ValueError(f"pretrained param {'/'.join(full)} has no place in the model")
         node = node[key]
+      if isinstance(node.get(full[-1]), dict) and np.shape(value) == ():
+        node[full[-1]] = {pair: value for pair in node[full[-1]]}  # one scale for each pair
+        continue
       if full[-1] not in node or node[full[-1]].shape != value.shape:
         raise ValueError(f"pretrained param {'/'.join(full)} {value.shape} does not fit the "
                          f"model's {getattr(node.get(full[-1]), 'shape', None)}")

@@ -17,8 +17,16 @@ MAX_LOGIT_SCALE = 100.0
 
 
 def logit_scale(params):
-  """The multiplier s = exp(stored log), clipped at 100 as in CLIP."""
-  return jnp.minimum(jnp.exp(params["logit_scale"]), MAX_LOGIT_SCALE)
+  """The multiplier s = exp(stored log), clipped at 100 as in CLIP (a scalar, or {pair:
+  scalar} with per-pair temperatures)."""
+  return jax.tree.map(lambda x: jnp.minimum(jnp.exp(x), MAX_LOGIT_SCALE), params["logit_scale"])
+
+
+def scalar_metrics(name, value):
+  """{name: value} for a scalar, {name/pair: value} for a per-pair mapping."""
+  if isinstance(value, dict):
+    return {f"{name}/{pair}": v for pair, v in value.items()}
+  return {name: value}
 
 
 def distill_alpha(alignment_config, step):
@@ -91,9 +99,9 @@ def objective_loss(params, out, batch, rng, momentum_emb=None, queues=None, alph
     loss += weights[name] * value
     metrics[name] = value
     metrics.update({f"{name}/{k}": v for k, v in terms.items()})
-  metrics["logit_scale"] = scale
+  metrics.update(scalar_metrics("logit_scale", scale))
   if bias is not None:
-    metrics["logit_bias"] = bias
+    metrics.update(scalar_metrics("logit_bias", bias))
   return loss, metrics
 
 
