@@ -167,3 +167,10 @@ def test_per_pair_temperatures_refuse_objectives_with_one_temperature():
   with pytest.raises(ValueError, match=r"per_pair_temperature=True: objectives \['ims', "
                      r"'itc', 'itm', 'lmim'\] take one temperature"):
     objectives.validate(config)
+
+
+def test_a_loaded_clip_scale_goes_to_every_pair():
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  params = {"logit_scale": {"image-text": np.float32(0.0), "audio-image": np.float32(0.0)}}
+  loaded = towers.insert_pretrained(params, {(): {"logit_scale": np.float32(4.6)}})
+  assert loaded["logit_scale"] == {"image-text": 4.6, "audio-image": 4.6}
