@@ -22,11 +22,12 @@ def by_path(tree):
 
 @pytest.mark.slow  # compiles a train step (9 s); the full suite runs it
 def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
-  """Tiny default config: text frozen (tower and head), video training only its LayerNorms
-  (and head), audio at 0.1x the learning rate. Two steps on 8 devices (data=2 x fsdp=4)."""
+  """Tiny default config: text frozen (tower and head) with rank-2 LoRA adapters, video
+  training only its LayerNorms (and head), audio at 0.1x the learning rate. Two steps on 8
+  devices (data=2 x fsdp=4)."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
-  config.model.towers.text.trainable = "none"
+  config.model.towers.text.update(trainable="none", lora_rank=2)
   config.model.towers.video.trainable = (".*/ln_[a-z]+/.*",)
   config.model.towers.audio.lr_multiplier = 0.1
   config.optimizer.update(warmup_steps=0, weight_decay=0.0, grad_clip_norm=1e9)
@@ -57,6 +58,9 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
   lr = config.optimizer.learning_rate
   for path, value in after.items():
     moved = value.tobytes() != before[path].tobytes()
+    if path.endswith(("/lora_a", "/lora_b")):  # only the adapters train in the text tower
+      assert path.startswith("towers_text/") and moved and not frozen[path], path
+      continue
     if path.startswith(("towers_text/", "heads_text/")) or (
         path.startswith("towers_video/") and "/ln_" not in path):
       assert not moved, path  # bit for bit, signs of zeros included
@@ -118,3 +122,29 @@ def test_a_pattern_matching_no_parameter_is_an_error_showing_a_path():
   with pytest.raises(ValueError, match=r"matches no parameter of the tower \(its paths look "
                      r"like '.+/.+'\)"):
     jax.eval_shape(experiment.state_creator(config, model, tx), example)
+
+
+@pytest.mark.slow  # compiles the tiny model twice
+def test_lora_adapters_start_as_the_tower_without_them():
+  """lora_b starts at zero, so a tower with adapters embeds exactly as the same weights
+  without them."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  embeddings = []
+  for rank in (0, 2):
+    config = audio_video_text.get_config("tiny")
+    config.model.towers.text.lora_rank = rank
+    config = experiment.resolve_tokenizers(config)
+    model, _, _ = experiment.build_model_and_optimizer(config)
+    batch = random_batch(config, 4, seed=0)
+    params = jax.jit(lambda b, m=model: m.init(jax.random.key(0), b, train=False))(batch)
+    if rank:
+      kernels = by_path(params)
+      assert all(not np.any(v) for p, v in kernels.items() if p.endswith("/lora_b"))
+      assert sum(p.endswith("/lora_a") for p in kernels) == 6  # q, k, v, out, fc1, fc2
+      params = jax.tree_util.tree_map_with_path(
+          lambda path, x: reference.get("/".join(str(getattr(k, "key", k)) for k in path), x),
+          params)
+    else:
+      reference = by_path(params)
+    embeddings.append(jax.jit(lambda p, b, m=model: m.apply(p, b, train=False))(params, batch))
+  np.testing.assert_array_equal(embeddings[0]["text"], embeddings[1]["text"])

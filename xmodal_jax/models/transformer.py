@@ -148,15 +148,26 @@ def attention(query, key, value, kv_valid=None, *, causal=False, implementation=
 
 class ProjectionWeights(nn.Module):
   """A kernel [*in, *out] and bias [*out], initialized and named as nn.DenseGeneral's (so
-  checkpoints and `load_hf` keep their layout), returned rather than applied."""
+  checkpoints and `load_hf` keep their layout), returned rather than applied.
+
+  With `lora_rank` r > 0, also LoRA's adapters (Hu et al., 2021): lora_a [in, r] (normal,
+  std 1/sqrt(in)) and lora_b [r, out] (zeros), and the kernel returned is kernel + A B, so
+  the product starts as the kernel's and a frozen kernel trains through A and B only.
+  """
   in_shape: Tuple[int, ...]
   out_shape: Tuple[int, ...]
+  lora_rank: int = 0
 
   @nn.compact
   def __call__(self):
     flat = (int(np.prod(self.in_shape)), int(np.prod(self.out_shape)))
     kernel = self.param("kernel", lambda rng: nn.initializers.lecun_normal()(rng, flat).reshape(
         self.in_shape + self.out_shape))
+    if self.lora_rank:
+      a = self.param("lora_a", nn.initializers.normal(flat[0] ** -0.5),
+                     (flat[0], self.lora_rank))
+      b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, flat[1]))
+      kernel = kernel + (a @ b).reshape(kernel.shape)
     return kernel, self.param("bias", nn.initializers.zeros, self.out_shape)
 
 
@@ -188,6 +199,7 @@ class Attention(nn.Module):
   dropout_rate: float = 0.0
   implementation: str = "auto"
   fp8: bool = False
+  lora_rank: int = 0
 
   @nn.compact
   def __call__(self, inputs_q, inputs_kv, kv_valid=None, *, causal=False, train=False):
@@ -195,7 +207,7 @@ class Attention(nn.Module):
     heads = (self.num_heads, width // self.num_heads)
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads={self.num_heads}")
-    weights = {name: ProjectionWeights((x.shape[-1],), heads, name=name)()
+    weights = {name: ProjectionWeights((x.shape[-1],), heads, self.lora_rank, name=name)()
                for name, x in (("query", inputs_q), ("key", inputs_kv), ("value", inputs_kv))}
     cast = lambda x: jnp.asarray(x, self.dtype)
     names = ("query", "key", "value") if inputs_q is inputs_kv else ("key", "value")
@@ -213,7 +225,7 @@ class Attention(nn.Module):
     out = attention(query, key, value, kv_valid, causal=causal,
                     implementation=self.implementation, dropout_rate=self.dropout_rate,
                     dropout_rng=dropout_rng)
-    out_weights = ProjectionWeights(heads, (width,), name="out")()
+    out_weights = ProjectionWeights(heads, (width,), self.lora_rank, name="out")()
     return project(out, *map(cast, out_weights), fp8=self.fp8)
 
 
@@ -224,6 +236,7 @@ class MlpBlock(nn.Module):
   dtype: Any = jnp.float32
   activation: str = "gelu"
   fp8: bool = False
+  lora_rank: int = 0
 
   @nn.compact
   def __call__(self, x, *, train):
@@ -231,7 +244,7 @@ class MlpBlock(nn.Module):
     cast = lambda a: jnp.asarray(a, self.dtype)
 
     def dense(y, size, name):
-      kernel, bias = ProjectionWeights((y.shape[-1],), (size,), name=name)()
+      kernel, bias = ProjectionWeights((y.shape[-1],), (size,), self.lora_rank, name=name)()
       return project(cast(y), cast(kernel), cast(bias), fp8=self.fp8)
 
     x = ACTIVATIONS[self.activation](dense(x, self.mlp_dim, "fc1"))
@@ -253,6 +266,7 @@ class EncoderBlock(nn.Module):
   attention_impl: str = "auto"
   causal: bool = False
   fp8: bool = False  # the matrix products in float8 (see fp8.py)
+  lora_rank: int = 0  # LoRA adapters of this rank on every matrix product (0: none)
 
   @nn.compact
   def __call__(self, x, valid, train):  # positional: nn.remat needs `train` static
@@ -261,10 +275,10 @@ class EncoderBlock(nn.Module):
     attn = Attention(
         self.num_heads, self.dtype,
         self.dropout if self.attention_dropout is None else self.attention_dropout,
-        self.attention_impl, self.fp8, name="attn")
+        self.attention_impl, self.fp8, self.lora_rank, name="attn")
     attend = lambda y: attn(y, y, valid, causal=self.causal, train=train)
     mlp = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.activation, self.fp8,
-                   name="mlp")
+                   self.lora_rank, name="mlp")
     if self.norm == "pre":
       x = x + residual_dropout(attend(layer_norm("ln_attn")(x)))
       return x + residual_dropout(mlp(layer_norm("ln_mlp")(x), train=train))
@@ -292,6 +306,7 @@ class Encoder(nn.Module):
   final_norm: bool = True
   attention_impl: str = "auto"  # see resolve_attention_impl
   fp8: bool = False  # the blocks' matrix products in float8 (see fp8.py)
+  lora_rank: int = 0  # LoRA adapters on the blocks' matrix products (0: none)
 
   @nn.compact
   def __call__(self, x, valid: Optional[jnp.ndarray] = None, *, train):
@@ -311,7 +326,7 @@ class Encoder(nn.Module):
     for i in range(self.num_layers):
       block = block_cls(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.norm,
                         self.activation, self.layer_norm_eps, self.attention_dropout,
-                        impl, self.causal, self.fp8, name=f"block{i}")
+                        impl, self.causal, self.fp8, self.lora_rank, name=f"block{i}")
       x = block(x, valid, train)
     x = x[:, :length]
     if self.final_norm:
@@ -337,6 +352,9 @@ class TrunkOptions(nn.Module):
   layer_norm_eps: float = 1e-6
   attention_dropout: Optional[float] = None  # None: the same as `dropout`
   fp8: bool = False  # the blocks' matrix products in float8 (see fp8.py; H100 and newer)
+  # LoRA adapters of this rank on every block's attention and MLP products (0: none); with
+  # the tower's trainable="none" only they train (train/optimizer.py).
+  lora_rank: int = 0
 
   def encoder(self, **kwargs):
     """An Encoder with these options (and family-specific `kwargs`: norm, causal,
@@ -344,7 +362,8 @@ class TrunkOptions(nn.Module):
     return Encoder(self.num_layers, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
                    self.remat, activation=self.activation, layer_norm_eps=self.layer_norm_eps,
                    attention_dropout=self.attention_dropout,
-                   attention_impl=self.attention_impl, fp8=self.fp8, name="encoder",
+                   attention_impl=self.attention_impl, fp8=self.fp8,
+                   lora_rank=self.lora_rank, name="encoder",
                    **kwargs)
 
   def pool(self, tokens, valid, *, train, num_prefix_tokens=1):

@@ -5,7 +5,9 @@ A tower's config may set `trainable`: "all" (the default), "none" (the tower and
 into the shared space are frozen, as LiT locks one tower and ImageBind binds to a frozen
 space), or a tuple of regexes matched in full against the tower's parameter paths
 ("trunk/encoder/block11/.*" for the last of 12 blocks, ".*/ln_[a-z]+/.*" for its
-LayerNorms): only those train, and its head. `lr_multiplier` (default 1)
+LayerNorms): only those train, and its head. A tower's LoRA adapters (its `lora_rank`,
+models/transformer.py) always train: with trainable="none", only they do. `lr_multiplier`
+(default 1)
 scales the learning rate of the tower's trainable parameters and its head. Frozen parameters
 get no gradient (the loss sees them through stop_gradient, so XLA drops their backward
 pass), no optimizer state and no update.
@@ -16,6 +18,8 @@ import re
 
 import jax
 import optax
+
+LORA_PARAMS = ("lora_a", "lora_b")  # models/transformer.py: ProjectionWeights
 
 
 def validate(config):
@@ -89,6 +93,8 @@ def learning_rate_multipliers(config, params):
     if modality is None:
       return 1.0
     trainable, scale = rules[modality]
+    if names[-1] in LORA_PARAMS:
+      return scale
     if trainable == "none":
       return 0.0
     if trainable == "all" or names[0].startswith("heads_"):
