@@ -325,7 +325,8 @@ def digit_manifest(root, num_train=40, num_test=10):
       wavfile.write(str(root / audio), digit_sequences.SAMPLE_RATE, ex["audio"])
       fixtures.write_mp4(str(root / f"media/{key}.mp4"), np.repeat(ex["video"], 3, -1), fps=4)
       items.append({"id": f"seq{key}", "split": split, "audio": audio,
-                    "video": f"media/{key}.mp4", "text": ex["text"]})
+                    "video": f"media/{key}.mp4", "text": ex["text"],
+                    "label": ex["text"].split()[0]})  # its first digit, as a class
   write_manifest(root / "items.jsonl", items)
   return items
 
@@ -485,7 +486,8 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   """The digit items as webdataset tar shards (key = id; .wav, .mp4, .txt members), built
   as ArrayRecord: every example equals the TFRecord build of the same items as loose files;
   a corrupt member is reported, not dropped; and changing config.data.name is all it takes
-  for the tiny default to train and evaluate on the build (40 train, 10 test items)."""
+  for the tiny default to train and evaluate on the build (40 train, 10 test items), zero-shot
+  classification of audio by each item's first digit (its "label") included."""
   from xmodal_jax.data import webdataset  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
   data_dir, items = digit_records
@@ -494,7 +496,8 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   for item in items:
     files = {ext: open(os.path.join(root, item[m]), "rb").read()
              for m, ext in (("audio", "wav"), ("video", "mp4"))}
-    samples[item["split"]].append((item["id"], files | {"txt": item["text"].encode()}))
+    samples[item["split"]].append((item["id"], files | {"txt": item["text"].encode(),
+                                                        "cls": item["label"].encode()}))
   # The last sample: a truncated recording (its id comes after every good one's).
   samples["test"].append(("corrupt", {"wav": b"RIFF\x00\x00", "txt": b"one two"}))
   os.makedirs(tmp_path / "shards")
@@ -502,7 +505,7 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   for name, part in (("train-000", samples["train"][:half]),
                      ("train-001", samples["train"][half:]), ("test-000", samples["test"])):
     webdataset.write_shard(str(tmp_path / "shards" / f"{name}.tar"), part)
-  fields = {"audio": "wav", "video": "mp4", "text": "txt"}
+  fields = {"audio": "wav", "video": "mp4", "text": "txt", "label": "cls"}
   write_manifest(tmp_path / "shards.jsonl", [
       {"split": "train", "tar": "shards/train-{000..001}.tar"} | fields,
       {"split": "test", "tar": "shards/test-000.tar"} | fields])
@@ -515,9 +518,17 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   assert bad["reason"].startswith("cannot decode audio")
   assert not os.path.exists(os.path.join(built, "digit_records", "1.0.0", "random_access"))
   assert read_examples(built, "digit_records") == read_examples(data_dir, "digit_records")
-  metrics = loop.train_and_evaluate(digit_config(built), str(tmp_path / "run"))
+  config = digit_config(built)
+  config.evals.zeroshot = dict(type="zeroshot", every=6, modality="audio",
+                               templates=("{}", "{} and more"))
+  metrics = loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert metrics["test/audio->text/chance_R@1"] == pytest.approx(10.0)
   assert "test/audio->text/R@1" in open(tmp_path / "run" / "metrics.jsonl").read()
+  # Zero-shot through the train loop's evaluators: the test items' first digits as classes.
+  classes = {item["label"] for item in items if item["split"] == "test"}
+  assert metrics["test/zeroshot/audio/chance_top1"] == pytest.approx(100 / len(classes))
+  for name in ("top1", "top5", "mean_per_class_recall"):
+    assert 0 <= metrics[f"test/zeroshot/audio/{name}"] <= 100
 
 
 def test_shard_names_expand_and_members_split_at_the_first_dot():

@@ -16,6 +16,8 @@ validates and encodes them. Stored features, per modality `m`:
            evaluation counts each distinct value once when several records share an id
            (e.g. one image with five spoken captions).
 Items are numbered in order of first appearance ("id", int64); "key" holds the given id.
+A record may name its class, "label" (a string): the dataset then has a "label" text feature
+("" for items without one), which zero-shot classification reads.
 A bad record (missing, unreadable or undecodable file, empty caption, unknown key, wrong
 type, any other error while encoding it) is skipped and reported, or stops the build when
 `strict`. Ids are all integers or all strings.
@@ -271,6 +273,7 @@ class Encoder:
   feature_shapes: dict
   options: BuildOptions
   base_dir: str
+  labels: bool = False  # records may carry a class name, "label" (zero-shot evaluation)
 
   def __call__(self, where, record, number, home_split, split):
     """`number`: the item's int id; `home_split`: the split where its id first appears."""
@@ -290,13 +293,27 @@ class Encoder:
       example[f"has_{name}"] = has
       if has:
         markers[name] = json.dumps([key, name, record[name]], sort_keys=True)
+    if self.labels:
+      example["label"] = self._label(record)
     return example, markers
+
+  def _label(self, record):
+    value = record.get("label")
+    if webdataset.is_member(value):
+      data, _ = load(value, self.base_dir, record["id"], "label", "label")
+      value = webdataset.member_text(value, data)
+    if value is None:
+      return ""
+    if not isinstance(value, str) or not value.strip():
+      raise BadRecord(record["id"], "label", f"expected a class name (non-empty string), got "
+                      f"{type(value).__name__} {value!r}"[:200])
+    return value.strip()
 
   def _check(self, where, record, home_split, split):
     item_id = record.get("id")
     if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or item_id == "":
       raise BadRecord(item_id, where, "'id' must be a non-empty string or an integer")
-    allowed = {"id", "split"} | set(self.modalities)
+    allowed = {"id", "split"} | set(self.modalities) | ({"label"} if self.labels else set())
     unknown = sorted(set(record) - allowed)
     if unknown:
       raise BadRecord(item_id, where, f"unknown modality key(s) {unknown}; this dataset has "
@@ -340,6 +357,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   RELEASE_NOTES = {"1.0.0": "First release."}
   MODALITIES = {}
   FEATURE_SHAPES = {}  # {name: shape} for features modalities
+  LABELS = False  # whether items carry a class name ("label": a Text feature)
 
   def __init__(self, *, options=BuildOptions(), beam=False, **kwargs):
     self.options = options
@@ -356,6 +374,8 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self):
     features = {"id": np.int64, "key": tfds.features.Text()}
+    if self.LABELS:
+      features["label"] = tfds.features.Text()
     for name, kind in self.MODALITIES.items():
       features[name] = feature_spec(kind, self.FEATURE_SHAPES.get(name))
       features[f"has_{name}"] = np.bool_
@@ -374,7 +394,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         numbers.setdefault(key, len(numbers))
         split_of.setdefault(key, split)
     encoder = Encoder(dict(self.MODALITIES), dict(self.FEATURE_SHAPES), self.options,
-                      str(self.base_dir(dl_manager)))
+                      str(self.base_dir(dl_manager)), self.LABELS)
     plans = {split: [(str(where), record, numbers[str(record.get("id"))],
                       split_of[str(record.get("id"))]) for where, record in records]
              for split, records in splits.items()}
@@ -453,18 +473,18 @@ def read_sidecar(data_dir):
 def expand_shards(manifest, line_number, line, modalities, base_dir):
   """A manifest line naming webdataset tar shards -> [(where, record)] of their samples."""
   where = f"{manifest}:{line_number}"
-  unknown = sorted(set(line) - {"split", "tar"} - set(modalities))
+  unknown = sorted(set(line) - {"split", "tar", "label"} - set(modalities))
   if unknown:
-    raise ValueError(f"{where}: a shard line takes \"split\", \"tar\" and modality names "
-                     f"({sorted(modalities)}); got {unknown}")
+    raise ValueError(f"{where}: a shard line takes \"split\", \"tar\", \"label\" and "
+                     f"modality names ({sorted(modalities)}); got {unknown}")
   fields = {}
-  for name in modalities:
+  for name in list(modalities) + ["label"]:
     if name in line:
       if not isinstance(line[name], str) or not line[name]:
         raise ValueError(f"{where}: {name!r} of a shard line is the extension of that "
                          f"modality's files in each sample (e.g. \"flac\"), got {line[name]!r}")
       fields[name] = line[name].lstrip(".")
-  if not fields:
+  if not set(fields) - {"label"}:
     raise ValueError(f"{where}: the shard line names no modality's extension")
   patterns = line["tar"] if isinstance(line["tar"], list) else [line["tar"]]
   out = []
@@ -504,6 +524,7 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
   def body(namespace):
     namespace.update(
         __module__=__name__, name=name, MODALITIES=dict(modalities), FEATURE_SHAPES=shapes,
+        LABELS=any("label" in record for _, record in records),
         __doc__=f"Built by xmodal_jax.data.build from {absolute(manifest, os.getcwd())}.",
         split_records=lambda self, dl_manager: splits,
         base_dir=lambda self, dl_manager: base_dir)

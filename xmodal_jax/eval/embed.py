@@ -33,11 +33,13 @@ def match_step(params, pair, query_tokens, query_valid, context_tokens, context_
 @dataclasses.dataclass
 class EmbeddedSplit:
   """Every eval example of a split: emb {modality: float32[N, D]}, masks {modality:
-  bool[N]}, ids int64[N], and tokens {modality: {"tokens", "valid"}} when asked for."""
+  bool[N]}, ids int64[N], tokens {modality: {"tokens", "valid"}} when asked for, and the
+  split's name."""
   emb: dict
   masks: dict
   ids: np.ndarray
   tokens: dict
+  split: str = ""
 
 
 class Embedder:
@@ -47,6 +49,7 @@ class Embedder:
   def __init__(self, config, builder, model, mesh):
     self.config, self.builder, self.model, self.mesh = config, builder, model, mesh
     self._embed_fns = {}
+    self._text_fn = None
     self._match_fn = jax.jit(functools.partial(match_step, model=model), static_argnums=(1,))
 
   def embed_fn(self, tokens=()):
@@ -74,7 +77,20 @@ class Embedder:
     """The whole of `split` as one EmbeddedSplit."""
     joined = jax.tree.map(lambda *xs: np.concatenate(xs),
                           *self.batches(params, split, tokens=tokens))
-    return EmbeddedSplit(joined["emb"], joined["_mask"], joined["_id"], joined["tokens"])
+    return EmbeddedSplit(joined["emb"], joined["_mask"], joined["_id"], joined["tokens"],
+                         split)
+
+  def embed_texts(self, params, modality, texts):
+    """float32[len(texts), D] embeddings of `texts` through text modality `modality`'s
+    preprocessing and tower (the same on every host)."""
+    from xmodal_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+    options = self.config.modalities[modality]
+    inputs = [preprocess.preprocess_one(modality, options, text) for text in texts]
+    batch = {key: np.concatenate([x[key] for x in inputs]) for key in inputs[0]}
+    if self._text_fn is None:
+      self._text_fn = jax.jit(lambda p, b: self.model.apply({"params": p}, b, train=False))
+    with jax.set_mesh(self.mesh):
+      return np.asarray(self._text_fn(params, {modality: batch})[modality])
 
   def matching_scores(self, params, pair, tokens, query_modality, query_rows, gallery_rows,
                       top, chunk=32):

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from xmodal_jax.eval import rerank, retrieval
+from xmodal_jax.eval import rerank, retrieval, zeroshot
 from xmodal_jax.models import towers
 
 
@@ -100,9 +100,74 @@ def rerank_validate(options, config, where):
                        f"{model_pairs}")
 
 
+# --- Zero-shot classification (CLIP's protocol, any modality) --------------------------------
+
+
+def zeroshot_text_modality(options, config):
+  return options.get("text") or next(
+      (n for n, m in config.modalities.items() if m.kind == "text"), None)
+
+
+def item_labels(builder, split, feature):
+  """{item id: class name} of a split's `feature` ("" where an item has none)."""
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  if feature not in builder.info.features:
+    raise ValueError(f"{builder.data_dir}: no {feature!r} feature to classify by (manifests "
+                     "give it as \"label\")")
+  labels = {}
+  for example in pipeline.read_in_order(builder, split).as_numpy_iterator():
+    labels.setdefault(int(example["id"]), example[feature].decode("utf-8"))
+  return labels
+
+
+def zeroshot_run(embedder, params, embedded, options, prefix):
+  """Top-1/top-5 accuracy and mean per-class recall of classifying `options.modality`'s
+  items among the classes (options.classes, or every label of the split) by prompts
+  (options.templates, or DEFAULT_TEMPLATES of its kind) through text modality
+  options.text; named "{prefix}/zeroshot/{modality}/{metric}"."""
+  config, modality = embedder.config, options.modality
+  labels_by_id = item_labels(embedder.builder, embedded.split,
+                             options.get("label_feature", "label"))
+  rows = np.flatnonzero(embedded.masks[modality])
+  names = np.array([labels_by_id[int(i)] for i in embedded.ids[rows]])
+  rows, names = rows[names != ""], names[names != ""]
+  classes = list(options.get("classes") or sorted(set(names)))
+  unknown = sorted(set(names) - set(classes))
+  if unknown:
+    raise ValueError(f"zero-shot on {embedded.split!r}: labels {unknown[:5]} are not among "
+                     f"the evaluator's classes")
+  templates = list(options.get("templates") or
+                   zeroshot.DEFAULT_TEMPLATES[config.modalities[modality].kind])
+  prompts = [template.format(name) for name in classes for template in templates]
+  prompt_emb = embedder.embed_texts(params, zeroshot_text_modality(options, config), prompts)
+  class_emb = zeroshot.class_embeddings(prompt_emb.reshape(len(classes), len(templates), -1))
+  index = {name: i for i, name in enumerate(classes)}
+  labels = np.array([index[name] for name in names], np.int64)
+  metrics = zeroshot.classification_metrics(embedded.emb[modality][rows], labels, class_emb)
+  metrics["chance_top1"] = 100.0 / len(classes)
+  return {f"{prefix}/zeroshot/{modality}/{name}": value for name, value in metrics.items()}
+
+
+def zeroshot_validate(options, config, where):
+  modality = options.get("modality")
+  if modality not in config.modalities:
+    raise ValueError(f"{where}.modality={modality!r}: expected one of "
+                     f"{list(config.modalities)} (the modality to classify)")
+  text = zeroshot_text_modality(options, config)
+  if text not in config.modalities or config.modalities[text].kind != "text":
+    raise ValueError(f"{where}.text={text!r}: expected a text modality to embed the prompts")
+  for template in options.get("templates") or ():
+    if not isinstance(template, str) or "{}" not in template:
+      raise ValueError(f"{where}.templates: {template!r} has no {{}} for the class name")
+  classes = options.get("classes") or ()
+  if any(not isinstance(c, str) or not c for c in classes):
+    raise ValueError(f"{where}.classes: expected non-empty class names, got {classes!r}")
+
+
 EVALUATORS = {
     "retrieval": Evaluator(retrieval_run, validate=retrieval_validate),
     "rerank": Evaluator(rerank_run, tokens=rerank_tokens, validate=rerank_validate),
+    "zeroshot": Evaluator(zeroshot_run, validate=zeroshot_validate),
 }
 
 
