@@ -519,8 +519,11 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   assert not os.path.exists(os.path.join(built, "digit_records", "1.0.0", "random_access"))
   assert read_examples(built, "digit_records") == read_examples(data_dir, "digit_records")
   config = digit_config(built)
-  config.evals.zeroshot = dict(type="zeroshot", every=6, modality="audio",
-                               templates=("{}", "{} and more"))
+  zeroshot = dict(type="zeroshot", every=6, modality="audio", templates=("{}", "{} and more"))
+  config.evals.zeroshot = zeroshot
+  # The same items from the other build, as another dataset (ESC-50 after training on pairs).
+  config.evals.zeroshot_elsewhere = zeroshot | dict(
+      data=dict(name="digit_records", data_dir=data_dir, split="test"), prefix="loose")
   metrics = loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert metrics["test/audio->text/chance_R@1"] == pytest.approx(10.0)
   assert "test/audio->text/R@1" in open(tmp_path / "run" / "metrics.jsonl").read()
@@ -529,6 +532,8 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   assert metrics["test/zeroshot/audio/chance_top1"] == pytest.approx(100 / len(classes))
   for name in ("top1", "top5", "mean_per_class_recall"):
     assert 0 <= metrics[f"test/zeroshot/audio/{name}"] <= 100
+    assert metrics[f"loose/zeroshot/audio/{name}"] == pytest.approx(
+        metrics[f"test/zeroshot/audio/{name}"])
 
 
 def test_shard_names_expand_and_members_split_at_the_first_dot():

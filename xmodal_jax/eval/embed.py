@@ -46,11 +46,34 @@ class Embedder:
   """A model's jitted embedding and matching steps over `mesh`, fed by the config's eval
   pipeline; compiled once per set of token modalities."""
 
-  def __init__(self, config, builder, model, mesh):
+  def __init__(self, config, builder, model, mesh, prompt_modalities=None):
     self.config, self.builder, self.model, self.mesh = config, builder, model, mesh
+    # The model's modalities, for embed_texts even when this one reads a dataset with fewer.
+    self.prompt_modalities = prompt_modalities or config.modalities
     self._embed_fns = {}
     self._text_fn = None
     self._match_fn = jax.jit(functools.partial(match_step, model=model), static_argnums=(1,))
+    self._others = {}
+
+  def for_dataset(self, data_config, modality, feature=None):
+    """An Embedder of the same model reading `modality` only (from `feature`, default its
+    own) of another dataset: `data_config` {name, data_dir} as config.data takes them. Kept,
+    so that evaluating it again compiles nothing."""
+    from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    key = (data_config.get("name"), data_config.get("data_dir"), modality, feature)
+    if key in self._others:
+      return self._others[key]
+    config = self.config.copy_and_resolve_references()
+    config.data.update({k: v for k, v in data_config.items() if k in ("name", "data_dir")})
+    options = config.modalities[modality]
+    if feature:
+      options.feature = feature
+    config.modalities = {modality: options}
+    builder = pipeline.get_builder(config.data)
+    pipeline.check_modalities(config, builder)
+    self._others[key] = Embedder(config, builder, self.model, self.mesh,
+                                 self.config.modalities)
+    return self._others[key]
 
   def embed_fn(self, tokens=()):
     """The jitted (params, sharded batch) -> embed_step output."""
@@ -84,7 +107,7 @@ class Embedder:
     """float32[len(texts), D] embeddings of `texts` through text modality `modality`'s
     preprocessing and tower (the same on every host)."""
     from xmodal_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-    options = self.config.modalities[modality]
+    options = self.prompt_modalities[modality]
     inputs = [preprocess.preprocess_one(modality, options, text) for text in texts]
     batch = {key: np.concatenate([x[key] for x in inputs]) for key in inputs[0]}
     if self._text_fn is None:

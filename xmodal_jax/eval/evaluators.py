@@ -103,9 +103,9 @@ def rerank_validate(options, config, where):
 # --- Zero-shot classification (CLIP's protocol, any modality) --------------------------------
 
 
-def zeroshot_text_modality(options, config):
+def zeroshot_text_modality(options, modalities):
   return options.get("text") or next(
-      (n for n, m in config.modalities.items() if m.kind == "text"), None)
+      (n for n, m in modalities.items() if m.kind == "text"), None)
 
 
 def item_labels(builder, split, feature):
@@ -124,7 +124,9 @@ def zeroshot_run(embedder, params, embedded, options, prefix):
   """Top-1/top-5 accuracy and mean per-class recall of classifying `options.modality`'s
   items among the classes (options.classes, or every label of the split) by prompts
   (options.templates, or DEFAULT_TEMPLATES of its kind) through text modality
-  options.text; named "{prefix}/zeroshot/{modality}/{metric}"."""
+  options.text; named "{prefix}/zeroshot/{modality}/{metric}". With options.data (name,
+  data_dir, split), the items come from that dataset (its `feature`, by default the
+  modality's own), as ESC-50 or ImageNet after training on pairs; the prefix is its name."""
   config, modality = embedder.config, options.modality
   labels_by_id = item_labels(embedder.builder, embedded.split,
                              options.get("label_feature", "label"))
@@ -139,7 +141,8 @@ def zeroshot_run(embedder, params, embedded, options, prefix):
   templates = list(options.get("templates") or
                    zeroshot.DEFAULT_TEMPLATES[config.modalities[modality].kind])
   prompts = [template.format(name) for name in classes for template in templates]
-  prompt_emb = embedder.embed_texts(params, zeroshot_text_modality(options, config), prompts)
+  text = zeroshot_text_modality(options, embedder.prompt_modalities)
+  prompt_emb = embedder.embed_texts(params, text, prompts)
   class_emb = zeroshot.class_embeddings(prompt_emb.reshape(len(classes), len(templates), -1))
   index = {name: i for i, name in enumerate(classes)}
   labels = np.array([index[name] for name in names], np.int64)
@@ -153,7 +156,7 @@ def zeroshot_validate(options, config, where):
   if modality not in config.modalities:
     raise ValueError(f"{where}.modality={modality!r}: expected one of "
                      f"{list(config.modalities)} (the modality to classify)")
-  text = zeroshot_text_modality(options, config)
+  text = zeroshot_text_modality(options, config.modalities)
   if text not in config.modalities or config.modalities[text].kind != "text":
     raise ValueError(f"{where}.text={text!r}: expected a text modality to embed the prompts")
   for template in options.get("templates") or ():
@@ -162,6 +165,10 @@ def zeroshot_validate(options, config, where):
   classes = options.get("classes") or ()
   if any(not isinstance(c, str) or not c for c in classes):
     raise ValueError(f"{where}.classes: expected non-empty class names, got {classes!r}")
+  data = options.get("data")
+  if data is not None and not data.get("name"):
+    raise ValueError(f"{where}.data: expected the dataset to classify, {{name, data_dir, "
+                     f"split}}, got {data!r}")
 
 
 EVALUATORS = {
@@ -188,18 +195,28 @@ def validate(config):
     every = options.get("every")
     if not isinstance(every, int) or every <= 0:
       raise ValueError(f"{where}.every={every!r}: expected a positive number of steps")
+    if options.get("data") is not None and kind != "zeroshot":
+      raise ValueError(f"{where}.data: only zero-shot classification reads another dataset")
     EVALUATORS[kind].validate(options, config, where)
 
 
 def run(config, embedder, params, *, step=None, split=None):
   """Metrics of the config.evals entries due at `step` (every one when `step` is None, as at
   the end of training); `split` replaces every entry's split (an evaluate.py flag)."""
-  groups = {}
+  groups, elsewhere = {}, []
   for options in config.get("evals", {}).values():
     if step is None or step % options.every == 0:
+      if options.get("data"):  # another dataset: embedded on its own
+        elsewhere.append(options)
+        continue
       name = split or options.get("split") or config.data.eval_split
       groups.setdefault(name, []).append(options)
   metrics = {}
+  for options in elsewhere:
+    other = embedder.for_dataset(options.data, options.modality, options.get("feature"))
+    embedded = other.split(params, options.data.get("split", "test"))
+    prefix = options.get("prefix") or options.data.name
+    metrics.update(EVALUATORS[options.type].run(other, params, embedded, options, prefix))
   for name, group in groups.items():
     tokens = {m for options in group
               for m in EVALUATORS[options.type].tokens(options, embedder.model)}
