@@ -46,13 +46,13 @@ NO_INFONCE = "--config.loss.weights.contrastive=0.0"
 
 # name -> (config variant, overrides, what it tests)
 VARIANTS = {
-    "cls": ("", [], "InfoNCE, cls pooling (the default before issue 19)"),
+    "cls": ("", pooling("cls"), "InfoNCE, cls pooling (the default before issue 19)"),
     "mean": ("", pooling("mean"), "InfoNCE, mean pooling"),
-    "gpo": ("", pooling("gpo"), "InfoNCE, GPO pooling"),
-    "gpo_3000_steps": ("", pooling("gpo") + ["--config.total_steps=3000"],
+    "gpo": ("", [], "InfoNCE, GPO pooling (the default since issue 19)"),
+    "gpo_3000_steps": ("", ["--config.total_steps=3000"],
                        "InfoNCE, GPO pooling, twice the steps (3,000)"),
-    "regression_gpo": ("regression", pooling("gpo"), "similarity regression, GPO"),
-    "sigmoid_gpo": ("sigmoid", pooling("gpo"), "SigLIP's sigmoid loss, GPO"),
+    "regression_gpo": ("regression", [], "similarity regression, GPO"),
+    "sigmoid_gpo": ("sigmoid", [], "SigLIP's sigmoid loss, GPO"),
     "align_fuse": ("align_fuse", [], "as shipped: seed 001's terms + InfoNCE, IMS and LMIM "
                    "on text and video"),
     "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA],
@@ -79,6 +79,9 @@ VARIANTS = {
         "align_fuse", [INFONCE, NO_AUDIO_INTRA],
         "seed 001's terms + InfoNCE, IMS and LMIM on text and video only (= align_fuse)"),
     "align_fuse_fresh": ("align_fuse", FRESH, "as shipped, momentum 0.9, queue 1,024"),
+    "align_fuse_fresh_no_distill": (
+        "align_fuse", FRESH + ["--config.alignment.distill_alpha=0.0"],
+        "as shipped, momentum 0.9, queue 1,024, no distillation"),
     "align_fuse_no_ema": ("align_fuse", NO_EMA, "as shipped, no EMA lag (momentum 0), the "
                           "queue one batch, no distillation"),
 }
