@@ -125,7 +125,7 @@ def test_per_pair_temperatures_from_the_config_train_and_are_logged():
   InfoNCE equals CLIP's formula with each pair's own scale on the model's embeddings, each
   scale is logged as logit_scale/{pair}, and they train apart."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
-  from test_grad_cache import random_batch  # pylint: disable=g-import-not-at-top
+  from fixtures import random_batch  # pylint: disable=g-import-not-at-top
   from xmodal_jax import parallel  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import experiment, step  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")

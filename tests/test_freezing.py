@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from test_grad_cache import random_batch
+import fixtures
+from fixtures import random_batch
 from xmodal_jax import parallel
 from xmodal_jax.train import experiment, optimizer, step as step_lib
 
@@ -32,14 +33,8 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
   config.model.towers.audio.lr_multiplier = 0.1
   config.optimizer.update(warmup_steps=0, weight_decay=0.0, grad_clip_norm=1e9)
   config.batch_size = 16
-  config = experiment.resolve_tokenizers(config)
-  model, _, tx = experiment.build_model_and_optimizer(config)
-  mesh = parallel.make_mesh(shape=dict(data=2, fsdp=4))
-  batch = random_batch(config, config.batch_size, seed=0)
-  create = experiment.state_creator(config, model, tx)
-  example = jax.tree.map(lambda x: x[:1], batch)
-  shardings = experiment.state_shardings(jax.eval_shape(create, example), mesh, config)
-  state = jax.jit(create, out_shardings=shardings)(example)
+  config, model, tx, mesh, batch, shardings, state = fixtures.sharded_state(
+      config, dict(data=2, fsdp=4))
   before = by_path(state.params)
   frozen = by_path(optimizer.frozen(config, state.params))
   train_step = step_lib.jit_train_step(config, model, tx, mesh, shardings)

@@ -8,6 +8,9 @@ import numpy as np
 import optax
 import pytest
 
+import fixtures
+from fixtures import random_batch
+
 from xmodal_jax import parallel
 from xmodal_jax.train import aot, experiment, step as step_lib
 
@@ -29,23 +32,6 @@ def test_micro_batches_take_rows_of_every_device_and_merge_back():
   np.testing.assert_array_equal(np.asarray(merged), rows)
 
 
-def random_batch(config, size, seed):
-  """A batch of the config's shapes with random contents, ids in pairs (two rows of one item)
-  and about a fifth of each modality's rows missing."""
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    if path[0].key == "_mask":
-      return rng.random(x.shape) < 0.8
-    if path[0].key == "_id":
-      return (np.arange(size) // 2).astype(x.dtype)
-    if np.issubdtype(x.dtype, np.integer):
-      return rng.integers(1, 12, x.shape).astype(x.dtype)
-    return rng.normal(size=x.shape).astype(x.dtype)
-  return jax.tree_util.tree_map_with_path(fill, pipeline.abstract_batch(config, size))
-
-
 @pytest.fixture(scope="module")
 def every_objective():
   """configs/audio_video_text.py:tiny,align_fuse cut to audio + text (one fusion pair, half
@@ -57,14 +43,8 @@ def every_objective():
   config.model.fusion.pairs = ["text:audio"]
   config.loss.weights.update(contrastive=1.0, regression=0.5)
   config.batch_size, config.alignment.queue_size = 64, 128
-  config = experiment.resolve_tokenizers(config)
-  model, _, tx = experiment.build_model_and_optimizer(config)
-  mesh = parallel.make_mesh(shape=dict(data=2, fsdp=4))
-  batch = random_batch(config, config.batch_size, seed=0)
-  create = experiment.state_creator(config, model, tx)
-  example = jax.tree.map(lambda x: x[:1], batch)
-  shardings = experiment.state_shardings(jax.eval_shape(create, example), mesh, config)
-  state = jax.jit(create, out_shardings=shardings)(example)
+  config, model, tx, mesh, batch, shardings, state = fixtures.sharded_state(
+      config, dict(data=2, fsdp=4))
   rng = np.random.default_rng(1)
   queues = {m: {"emb": rng.normal(size=q["emb"].shape).astype(np.float32),
                 "ids": np.where(np.arange(128) < 64, 1000 + np.arange(128), -1).astype(np.int32)}
