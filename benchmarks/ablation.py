@@ -28,19 +28,25 @@ def pooling(kind):
   return [f"--config.model.towers.{m}.pooling={kind}" for m in TOWERS]
 
 
-def only(*terms, contrastive=0.0):
-  """align_fuse with only `terms` of seed 001 weighted as it weighs them, IMS and LMIM on
-  every modality (and, if given, InfoNCE beside them)."""
+def only(*terms, ema=None):
+  """align_fuse with only `terms` of seed 001 weighted as it weighs them, no InfoNCE, IMS
+  and LMIM on every modality, and the momentum settings `ema` (default ALBEF_EMA)."""
   weights = dict(itc=1 / 3, ims=1 / 3, lmim=1 / 3, itm=1.0)
   return [f"--config.loss.weights.{t}={w if t in terms else 0.0}" for t, w in weights.items()
-          ] + [f"--config.loss.weights.contrastive={contrastive}", ALL_INTRA]
+          ] + [NO_INFONCE, ALL_INTRA] + (ema or ALBEF_EMA)
 
 
 NO_AUDIO_INTRA = "--config.loss.intra_modalities=('text', 'video')"
 ALL_INTRA = "--config.loss.intra_modalities=()"
+# The momentum settings :align_fuse had before issue 19 (ALBEF's, the queue cut to 4,096),
+# and the ones it has since.
+ALBEF_EMA = ["--config.alignment.momentum=0.995", "--config.alignment.queue_size=4096",
+             "--config.alignment.distill_alpha=0.4"]
 FRESH = ["--config.alignment.momentum=0.9", "--config.alignment.queue_size=1024"]
 NO_EMA = ["--config.alignment.momentum=0.0", "--config.alignment.queue_size=256",
           "--config.alignment.distill_alpha=0.0"]
+DISTILL, NO_DISTILL = ("--config.alignment.distill_alpha=0.4",
+                       "--config.alignment.distill_alpha=0.0")
 INFONCE = "--config.loss.weights.contrastive=1.0"
 NO_INFONCE = "--config.loss.weights.contrastive=0.0"
 
@@ -54,16 +60,17 @@ VARIANTS = {
     "regression_gpo": ("regression", [], "similarity regression, GPO"),
     "sigmoid_gpo": ("sigmoid", [], "SigLIP's sigmoid loss, GPO"),
     "align_fuse": ("align_fuse", [], "as shipped: seed 001's terms + InfoNCE, IMS and LMIM "
-                   "on text and video"),
-    "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA],
+                   "on text and video, momentum 0.9, queue 1,024, no distillation"),
+    "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA] + ALBEF_EMA,
                       "seed 001 alone: ITC + IMS + LMIM + ITM on every modality (GPO)"),
-    "align_fuse+infonce": ("align_fuse", [INFONCE, ALL_INTRA],
+    "align_fuse+infonce": ("align_fuse", [INFONCE, ALL_INTRA] + ALBEF_EMA,
                            "seed 001's terms on every modality + InfoNCE"),
     "itc": ("align_fuse", only("itc"), "ITC alone (queues, EMA, distillation)"),
-    "itc_no_distill": ("align_fuse", only("itc") + ["--config.alignment.distill_alpha=0.0"],
+    "itc_no_distill": ("align_fuse", only("itc", ema=ALBEF_EMA[:2] + [NO_DISTILL]),
                        "ITC alone without distillation"),
-    "itc_fresh": ("align_fuse", only("itc") + FRESH, "ITC alone, momentum 0.9, queue 1,024"),
-    "itc_no_ema": ("align_fuse", only("itc") + NO_EMA,
+    "itc_fresh": ("align_fuse", only("itc", ema=FRESH + [DISTILL]),
+                  "ITC alone, momentum 0.9, queue 1,024"),
+    "itc_no_ema": ("align_fuse", only("itc", ema=NO_EMA),
                    "ITC alone, no EMA lag (momentum 0), the queue one batch, no distillation: "
                    "in-batch InfoNCE but for the keys' stopped gradient and one stale batch"),
     "itc+ims": ("align_fuse", only("itc", "ims"), "ITC + IMS"),
@@ -73,16 +80,16 @@ VARIANTS = {
                           "ITC + LMIM over 4 locals per sample (a digit's span of audio)"),
     "align_fuse_no_lmim": ("align_fuse", only("itc", "ims", "itm"),
                            "seed 001 without LMIM: ITC + IMS + ITM"),
-    "align_fuse_no_audio_intra": ("align_fuse", [NO_INFONCE, NO_AUDIO_INTRA],
+    "align_fuse_no_audio_intra": ("align_fuse", [NO_INFONCE, NO_AUDIO_INTRA] + ALBEF_EMA,
                                   "seed 001 with IMS and LMIM on text and video only"),
     "align_fuse+infonce_no_audio_intra": (
-        "align_fuse", [INFONCE, NO_AUDIO_INTRA],
-        "seed 001's terms + InfoNCE, IMS and LMIM on text and video only (= align_fuse)"),
-    "align_fuse_fresh": ("align_fuse", FRESH, "as shipped, momentum 0.9, queue 1,024"),
-    "align_fuse_fresh_no_distill": (
-        "align_fuse", FRESH + ["--config.alignment.distill_alpha=0.0"],
-        "as shipped, momentum 0.9, queue 1,024, no distillation"),
-    "align_fuse_no_ema": ("align_fuse", NO_EMA, "as shipped, no EMA lag (momentum 0), the "
+        "align_fuse", [INFONCE, NO_AUDIO_INTRA] + ALBEF_EMA,
+        "seed 001's terms + InfoNCE, IMS and LMIM on text and video only, ALBEF's EMA"),
+    "align_fuse_fresh": ("align_fuse", FRESH + [DISTILL],
+                         "the same, momentum 0.9, queue 1,024, distillation 0.4"),
+    "align_fuse_fresh_no_distill": ("align_fuse", FRESH + [NO_DISTILL],
+                                    "the same without distillation (= align_fuse)"),
+    "align_fuse_no_ema": ("align_fuse", NO_EMA, "the same, no EMA lag (momentum 0), the "
                           "queue one batch, no distillation"),
 }
 
