@@ -24,13 +24,14 @@ def by_path(tree):
 @pytest.mark.slow  # compiles a train step (9 s); the full suite runs it
 def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
   """Tiny default config: text frozen (tower and head) with rank-2 LoRA adapters, video
-  training only its LayerNorms (and head), audio at 0.1x the learning rate. Two steps on 8
-  devices (data=2 x fsdp=4)."""
+  training only its LayerNorms (and head), audio at 0.1x the learning rate, one temperature
+  per pair of modalities. Two steps on 8 devices (data=2 x fsdp=4)."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
   config.model.towers.text.update(trainable="none", lora_rank=2)
   config.model.towers.video.trainable = (".*/ln_[a-z]+/.*",)
   config.model.towers.audio.lr_multiplier = 0.1
+  config.model.per_pair_temperature = True
   config.optimizer.update(warmup_steps=0, weight_decay=0.0, grad_clip_norm=1e9)
   config.batch_size = 16
   config, model, tx, mesh, batch, shardings, state = fixtures.sharded_state(
@@ -68,12 +69,15 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
       continue
     if path.startswith(("towers_audio/", "heads_audio/")):
       np.testing.assert_allclose(np.median(step_one), 0.1 * lr, rtol=1e-3, err_msg=path)
-    elif path == "logit_scale":
+    elif path.startswith("logit_scale/"):  # each pair's own scale, with its own gradient
       np.testing.assert_allclose(step_one, lr, rtol=1e-3)
+      assert f"logit_scale/{path.split('/')[1]}" in metrics
     elif path.startswith(("towers_video/", "heads_video/")) and not frozen[path]:
       np.testing.assert_allclose(np.median(step_one), lr, rtol=1e-3, err_msg=path)
   assert any(p.startswith("towers_video/") and "/ln_" in p and not np.array_equal(
       after[p], before[p]) for p in after)
+  assert sorted(p for p in after if p.startswith("logit_scale/")) == [
+      "logit_scale/audio-text", "logit_scale/audio-video", "logit_scale/text-video"]
 
 
 def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():

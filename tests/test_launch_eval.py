@@ -91,6 +91,8 @@ def test_search_checks_that_the_export_is_the_runs(trained_run, short_export):
   with open(os.path.join(short_export, "meta.json")) as f:
     meta = json.load(f)
   model = audio_video_text.get_config().model
+  for tower in model.towers.values():
+    tower.pooling = "cls"  # as trained_run sets it
   assert query.export_mismatches(meta, workdir, model) == []
   assert "exported from run" in query.export_mismatches(meta, "/other/run", model)[0]
   model.embed_dim = 32
