@@ -114,14 +114,14 @@ def test_preempted_runs_resume_on_either_layout_with_one_loss_curve(digit_data_d
   1 x 8 run, with every logged step once. (One 2-process leg: on CPU, gloo runs each tensor
   of a collective separately, about 0.4 s per step here.)"""
   args = [f"--config={CONFIG}:tiny", f"--config.data.data_dir={digit_data_dir}",
-          "--config.total_steps=24", "--config.checkpoint_every=1000", "--config.log_every=2",
-          "--config.evals.retrieval.every=24", "--config.evals.retrieval.fused=none"]
+          "--config.total_steps=16", "--config.checkpoint_every=1000", "--config.log_every=2",
+          "--config.evals.retrieval.every=16", "--config.evals.retrieval.fused=none"]
   # The uninterrupted 1 x 8 run, in this process (the suite's 8 devices): the launcher's loop.
   reference = str(tmp_path / "one_process")
   config = audio_video_text.get_config("tiny")
   config.update_from_flattened_dict({
-      "data.data_dir": digit_data_dir, "total_steps": 24, "checkpoint_every": 1000,
-      "log_every": 2, "evals.retrieval.every": 24, "evals.retrieval.fused": "none"})
+      "data.data_dir": digit_data_dir, "total_steps": 16, "checkpoint_every": 1000,
+      "log_every": 2, "evals.retrieval.every": 16, "evals.retrieval.fused": "none"})
   loop.train_and_evaluate(config, reference)
 
   workdir = str(tmp_path / "layouts")
@@ -129,13 +129,13 @@ def test_preempted_runs_resume_on_either_layout_with_one_loss_curve(digit_data_d
   first, _ = preempt(args, workdir, 1, after_lines=2)
   second, out = preempt(args, workdir, 2, after_lines=1)
   assert f"Resuming from the checkpoint of step {first}." in out
-  assert 0 < first < second < 24
+  assert 0 < first < second < 16
   out = run_train(args, devices=8).stdout
   assert f"Resuming from the checkpoint of step {second}." in out
 
   losses_one, table_one = logged(reference)
   losses_mixed, table_mixed = logged(workdir)
-  assert sorted(losses_mixed) == sorted(losses_one) == list(range(2, 25, 2))
+  assert sorted(losses_mixed) == sorted(losses_one) == list(range(2, 17, 2))
   np.testing.assert_allclose([losses_mixed[s] for s in sorted(losses_one)],
                              [losses_one[s] for s in sorted(losses_one)], rtol=2e-4)
   for key, value in table_one.items():
