@@ -60,17 +60,17 @@ def run_train(args, **kwargs):
 
 @pytest.fixture(scope="session")
 def trained_run(digit_data_dir, tmp_path_factory):
-  """The default config with cls pooling, cut to 200 steps on 1 device through
-  launch/train.py (about 40 s; twice that on 2 simulated devices, which share the same 2
-  cores): enough to retrieve well above chance, so search results mean something. The tests that read it run on 2 devices.
+  """The default config with cls pooling, cut to 300 steps on 1 device through
+  launch/train.py (51 s; 94 s on 2 simulated devices, which share the same 2 cores): enough
+  to retrieve (text->video R@1 about 46%), so search results mean something. The tests that read it run on 2 devices.
   Returns (the run's launcher args, config and workdir, workdir, train.py's stdout); shared
   by the launcher tests, which only read it (or resume it when it is finished)."""
   workdir = str(tmp_path_factory.mktemp("trained_run"))
   # cls pooling: GPO (the default's) adds 40 s to this run; the launchers do not care.
   args = [f"--config={CONFIG}", f"--config.data.data_dir={digit_data_dir}",
           *[f"--config.model.towers.{m}.pooling=cls" for m in ("audio", "video", "text")],
-          f"--workdir={workdir}", "--config.total_steps=200",
-          "--config.evals.retrieval.every=200", "--config.checkpoint_every=200",
+          f"--workdir={workdir}", "--config.total_steps=300",
+          "--config.evals.retrieval.every=300", "--config.checkpoint_every=300",
           "--config.log_every=100", "--config.optimizer.warmup_steps=30"]
   proc = run_train(args, devices=1, fast_compile=False)
   return args, workdir, proc.stdout

@@ -1,5 +1,5 @@
 """launch/export.py, launch/evaluate.py and launch/search.py on the suite's trained run
-(conftest.trained_run: the default config cut to 200 steps, enough to retrieve)."""
+(conftest.trained_run: the default config cut to 300 steps, enough to retrieve)."""
 
 import json
 import os
@@ -42,7 +42,7 @@ def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, t
     reported = json.load(f)
   with open(os.path.join(out, "meta.json")) as f:
     meta = json.load(f)
-  assert meta["step"] == reported["step"] == 200 and meta["count"] == 1000
+  assert meta["step"] == reported["step"] == 300 and meta["count"] == 1000
   ids = np.load(os.path.join(out, "ids.npy"))
   assert sorted(ids.tolist()) == sorted(set(ids.tolist())) and len(ids) == 1000
   emb = {m: np.load(os.path.join(out, f"{m}.npy")) for m in ("audio", "video", "text")}
