@@ -7,10 +7,9 @@ space), or a tuple of regexes matched in full against the tower's parameter path
 ("trunk/encoder/block11/.*" for the last of 12 blocks, ".*/ln_[a-z]+/.*" for its
 LayerNorms): only those train, and its head. A tower's LoRA adapters (its `lora_rank`,
 models/transformer.py) always train: with trainable="none", only they do. `lr_multiplier`
-(default 1)
-scales the learning rate of the tower's trainable parameters and its head. Frozen parameters
-get no gradient (the loss sees them through stop_gradient, so XLA drops their backward
-pass), no optimizer state and no update.
+(default 1) scales the learning rate of the tower's trainable parameters and its head.
+Frozen parameters get no gradient (the loss sees them through stop_gradient, so XLA drops
+their backward pass), no optimizer state and no update.
 """
 
 import math
@@ -18,6 +17,8 @@ import re
 
 import jax
 import optax
+
+from xmodal_jax.parallel import sharding
 
 LORA_PARAMS = ("lora_a", "lora_b")  # models/transformer.py: ProjectionWeights
 
@@ -77,10 +78,6 @@ def tower_rules(config):
   return rules
 
 
-def _names(path):
-  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-
-
 def learning_rate_multipliers(config, params):
   """A tree like `params`: each parameter's learning-rate multiplier, 0.0 where frozen."""
   rules = tower_rules(config)
@@ -88,7 +85,7 @@ def learning_rate_multipliers(config, params):
   matched = set()
 
   def multiplier(path, _):
-    names = _names(path)
+    names = sharding.path_name(path).split("/")
     modality = owners.get(names[0])
     if modality is None:
       return 1.0
@@ -107,9 +104,9 @@ def learning_rate_multipliers(config, params):
   tree = jax.tree_util.tree_map_with_path(multiplier, params)
   for modality, (trainable, _) in rules.items():
     if isinstance(trainable, tuple) and modality not in matched:
-      example = next(("/".join(_names(path)[1:]) for path, _ in
-                      jax.tree_util.tree_leaves_with_path(params)
-                      if _names(path)[0] == f"towers_{modality}"), "(no parameters)")
+      names = [sharding.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+      example = next((name.split("/", 1)[1] for name in names
+                      if name.startswith(f"towers_{modality}/")), "(no parameters)")
       raise ValueError(f"config.model.towers.{modality}.trainable={trainable}: matches no "
                        f"parameter of the tower (its paths look like {example!r})")
   return tree
