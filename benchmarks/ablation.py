@@ -61,6 +61,10 @@ VARIANTS = {
     "sigmoid_gpo": ("sigmoid", [], "SigLIP's sigmoid loss, GPO"),
     "align_fuse": ("align_fuse", [], "as shipped: seed 001's terms + InfoNCE, IMS and LMIM "
                    "on text and video, momentum 0.9, queue 1,024, no distillation"),
+    "align_fuse_av_fusion": ("align_fuse", [
+        "--config.model.fusion.pairs=('text:audio', 'text:video', 'audio:video')"],
+        "align_fuse with a third fusion encoder, audio:video, so that matching and "
+        "re-ranking act on audio<->video too"),
     "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA] + ALBEF_EMA,
                       "seed 001 alone: ITC + IMS + LMIM + ITM on every modality (GPO)"),
     "align_fuse+infonce": ("align_fuse", [INFONCE, ALL_INTRA] + ALBEF_EMA,

@@ -106,7 +106,7 @@ def get_config(variant=""):
     config.model.logit_scale_init = 2.302585  # log(10), as SigLIP
     config.model.logit_bias_init = -10.0
   if v.align_fuse:
-    recipes.align_fuse(config, fusion=dict(pairs=["text:audio", "text:video"], width=64,
+    recipes.align_fuse(config, fusion=dict(pairs=("text:audio", "text:video"), width=64,
                                            num_layers=2, num_heads=4, mlp_dim=128),
                        rerank_k=16, distill_ramp_steps=500)
     # Measured best (docs/methods.md, "Seed 001 on this data"): seed 000's InfoNCE beside

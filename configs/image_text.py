@@ -91,7 +91,7 @@ def get_config(variant=""):
     config.evals.retrieval.every = 4
     config.checkpoint_every = 2
   if v.align_fuse:
-    recipes.align_fuse(config, fusion=dict(pairs=["text:image"], **FUSION[size]),
+    recipes.align_fuse(config, fusion=dict(pairs=("text:image",), **FUSION[size]),
                        rerank_k=4 if v.tiny else 128, distill_ramp_steps=1_000)
     if v.tiny:
       config.alignment.queue_size = 64

@@ -114,6 +114,42 @@ def test_audio_spectrogram_transformer(tmp_path):
   assert_close(out["pooled"], reference.pooler_output)
 
 
+SPEECH = dict(conv_dim=(16, 16, 16), conv_kernel=(10, 3, 2), conv_stride=(5, 2, 2),
+              conv_bias=True, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+
+
+@pytest.mark.parametrize("family,stable", [("wav2vec2", False), ("wav2vec2", True),
+                                           ("hubert", False)])
+def test_speech_families(tmp_path, family, stable):
+  """wav2vec 2.0 (base layout: GroupNorm frontend, post-LN blocks; large: LayerNorm frontend,
+  pre-LN blocks) and HuBERT, from raw waveforms: ours standardizes them on device, the
+  reference gets Wav2Vec2FeatureExtractor's output."""
+  options = dict(SPEECH, feat_extract_norm="layer" if stable else "group",
+                 do_stable_layer_norm=stable, **SMALL)
+  if family == "wav2vec2":
+    model = transformers.Wav2Vec2Model(transformers.Wav2Vec2Config(**options))
+  else:
+    model = transformers.HubertModel(transformers.HubertConfig(**options))
+  model, folder = saved(model, tmp_path)
+  extractor = transformers.Wav2Vec2FeatureExtractor(do_normalize=True)
+  extractor.save_pretrained(folder)
+  if family == "hubert":  # older torch's names for the weight-normed positional convolution
+    from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    for new, old in (("parametrizations.weight.original0", "weight_g"),
+                     ("parametrizations.weight.original1", "weight_v")):
+      tensors[f"encoder.pos_conv_embed.conv.{old}"] = tensors.pop(
+          f"encoder.pos_conv_embed.conv.{new}")
+    save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+  waveform = np.random.default_rng(0).normal(0.1, 0.3, size=(2, 1600)).astype(np.float32)
+  normalized = extractor(list(waveform), sampling_rate=16000, return_tensors="np")
+  reference = model(input_values=torch.tensor(normalized["input_values"]))
+  out = run_ours(folder, {"input_values": waveform})
+  assert out["tokens"].shape[1] == 79  # (1600 - 10) // 5 + 1 = 319 frames, then 159, 79
+  assert_close(out["tokens"], reference.last_hidden_state)
+  assert_close(out["pooled"], reference.last_hidden_state.mean(1))
+
+
 def test_legacy_vit_names_and_torch_bin(tmp_path):
   """Checkpoints written by older transformers (ViT block names, pytorch_model.bin)."""
   model, folder = saved(transformers.ViTModel(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal_jax.models import audio, features, text, transformer, vision
+from xmodal_jax.models import audio, features, speech, text, transformer, vision
 
 SMALL = dict(num_layers=2, num_heads=2, mlp_dim=32)
 
@@ -31,6 +31,10 @@ def towers_and_inputs(rng, **kwargs):
        {"spectrogram": rng.normal(size=(3, 24, 16)).astype(np.float32)}),
       (features.FeatureEncoder(width=16, **(SMALL | kwargs)),
        {"features": rng.normal(size=(3, 5, 7)).astype(np.float32)}),
+      (speech.SpeechTransformer(width=16, conv_channels=(8, 8), conv_kernels=(10, 4),
+                                conv_strides=(5, 2), pos_conv_kernel=4, pos_conv_groups=2,
+                                **(SMALL | kwargs)),
+       {"waveform": rng.normal(size=(3, 400)).astype(np.float32)}),
   ]
 
 
@@ -49,7 +53,7 @@ def flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_trunk_options_keep_the_params_and_stay_close_to_float32(index):
   """Each tower with bfloat16 compute, remat and fp8 matmuls, against its float32 self on
   the same params: bfloat16 keeps float32 params and outputs within 5% of the largest;
@@ -164,6 +168,22 @@ def test_spec_augment_masks_bands_of_at_most_the_given_width():
   unchanged = audio.spec_augment(jax.random.key(0), spec, time_masks=2, time_width=0,
                                  freq_masks=2, freq_width=0)
   np.testing.assert_array_equal(unchanged, spec)
+
+
+def test_speech_time_masking_replaces_whole_spans_by_the_learned_vector():
+  """wav2vec 2.0's training-time masking: about mask_time_prob * T / mask_time_length spans
+  (here 5) of exactly mask_time_length frames per example, each set to masked_spec_embed."""
+  tower = speech.SpeechTransformer(width=4, mask_time_prob=0.5, mask_time_length=4, **SMALL)
+  frames = np.zeros((64, 40, 4), np.float32)
+  out = np.asarray(tower.apply({}, frames, jnp.ones(4), method="mask_spans",
+                               rngs={"dropout": jax.random.key(0)}))
+  masked = (out == 1).all(axis=2)
+  np.testing.assert_array_equal(out[~masked], 0.0)  # a frame is wholly masked or untouched
+  counts = masked.sum(axis=1)
+  assert counts.min() >= 4 and counts.max() <= 20 and len(set(counts)) > 1
+  for row in masked:  # every run of masked frames is at least one span long
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], row.astype(int), [0]])))
+    assert (np.diff(edges)[::2] >= 4).all()
 
 
 def test_attention_impl_resolution_off_gpu():

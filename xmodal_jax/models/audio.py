@@ -1,7 +1,7 @@
 """Audio: log-mel spectrogram frontends computed on device, and transformers over them."""
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -116,28 +116,31 @@ def kaldi_fbank(sample_rate=16000, num_mels=128):
                 mel_scale="kaldi", triangles_in_mel=True)
 
 
+def random_bands(rng, batch, count, width, size, *, exact=False):
+  """bool[batch, size]: per example, the union of `count` bands of up to `width` positions
+  (exactly `width` with `exact`) at uniform random starts within `size`."""
+  k_width, k_start = jax.random.split(rng)
+  widths = (jnp.full((batch, count), width) if exact
+            else jax.random.randint(k_width, (batch, count), 0, width + 1))
+  starts = jax.random.randint(k_start, (batch, count), 0, size)
+  starts = jnp.minimum(starts, size - widths)
+  positions = jnp.arange(size)
+  inside = ((positions >= starts[..., None]) &
+            (positions < (starts + widths)[..., None]))  # [B, count, size]
+  return inside.any(axis=1)
+
+
 def spec_augment(rng, spec, *, time_masks, time_width, freq_masks, freq_width, fill=0.0):
   """SpecAugment's masking (Park et al. 2019) on spectrograms [B, frames, mels]: per example,
   `time_masks` bands of up to `time_width` frames and `freq_masks` bands of up to
   `freq_width` mel bins set to `fill`."""
   batch, frames, mels = spec.shape
-
-  def bands(key, count, width, size):
-    k_width, k_start = jax.random.split(key)
-    widths = jax.random.randint(k_width, (batch, count), 0, width + 1)
-    starts = jax.random.randint(k_start, (batch, count), 0, size)
-    starts = jnp.minimum(starts, size - widths)
-    positions = jnp.arange(size)
-    inside = ((positions >= starts[..., None]) &
-              (positions < (starts + widths)[..., None]))  # [B, count, size]
-    return inside.any(axis=1)
-
   k_time, k_freq = jax.random.split(rng)
   masked = jnp.zeros((batch, frames, mels), bool)
   if time_masks:
-    masked |= bands(k_time, time_masks, time_width, frames)[:, :, None]
+    masked |= random_bands(k_time, batch, time_masks, time_width, frames)[:, :, None]
   if freq_masks:
-    masked |= bands(k_freq, freq_masks, freq_width, mels)[:, None, :]
+    masked |= random_bands(k_freq, batch, freq_masks, freq_width, mels)[:, None, :]
   return jnp.where(masked, fill, spec)
 
 
@@ -193,6 +196,7 @@ class SpectrogramTransformer(vision.PatchTransformer, SpecAugmentOptions, kw_onl
   spectrogram is an image [num_mels, max_frames, 1] for the patch transformer, whose
   pooled output ("pooler") is the mean of the [CLS] and distillation tokens.
   """
+  INPUT_VALUES: ClassVar[str] = "spectrogram"  # what load_hf's input_values are for this tower
   sample_rate: int = 16000
   num_mels: int = 128
   max_frames: int = 1024

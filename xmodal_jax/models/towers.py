@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.models import audio, features, fusion as fusion_lib, pooling, text, vision
+from xmodal_jax.models import (audio, features, fusion as fusion_lib, pooling, speech, text,
+                                vision)
 
 # Towers by the name a config gives them; each maps {input name: array} to
 # `transformer.tower_output` (pooled [B, W], tokens, valid). "pretrained" (a Hugging Face
@@ -24,6 +25,7 @@ TOWERS = {
     "clip_text": text.CausalTextEncoder,
     "vit": vision.PatchTransformer,
     "ast": audio.SpectrogramTransformer,
+    "speech": speech.SpeechTransformer,
     "features": features.FeatureEncoder,
 }
 BUILT_TOWERS = ("pretrained", "frames")

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.models import audio, text, vision
+from xmodal_jax.models import audio, speech, text, vision
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "vit", "clip", "clip_text_model",
-            "clip_vision_model", "audio-spectrogram-transformer")
+            "clip_vision_model", "audio-spectrogram-transformer", "wav2vec2", "hubert")
+SPEECH_FAMILIES = ("wav2vec2", "hubert")
 CLIP_PARTS = ("text", "vision")
 
 # Older transformers wrote ViT/AST blocks under these names; transformers 5 writes the right.
@@ -301,6 +302,88 @@ def ast_params(w, tower):
   return vit_params(w, tower, ("embeddings.cls_token", "embeddings.distillation_token"))
 
 
+# --- wav2vec 2.0 and HuBERT ------------------------------------------------------------------
+
+
+def feature_extractor_options(path):
+  """preprocessor_config.json's fields (the processor's), or {} when the folder has none."""
+  name = os.path.join(path, "preprocessor_config.json")
+  if not os.path.exists(name):
+    return {}
+  with open(name) as f:
+    return json.load(f)
+
+
+def speech_tower(config, overrides, path):
+  unsupported = {name: getattr(config, name) for name, ok in (
+      ("add_adapter", False), ("conv_pos_batch_norm", False),
+      ("use_weighted_layer_sum", False)) if getattr(config, name, ok) != ok}
+  if unsupported:
+    raise ValueError(f"{path}: {unsupported} is not supported (expected the standard encoder)")
+  if config.feat_extract_norm not in speech.FEATURE_NORMS:
+    raise ValueError(f"{path}: feat_extract_norm={config.feat_extract_norm!r}: expected one "
+                     f"of {speech.FEATURE_NORMS}")
+  features = feature_extractor_options(path)
+  kwargs = dict(
+      width=config.hidden_size, num_layers=config.num_hidden_layers,
+      num_heads=config.num_attention_heads, mlp_dim=config.intermediate_size,
+      sample_rate=features.get("sampling_rate", 16000),
+      normalize=features.get("do_normalize", True), conv_channels=tuple(config.conv_dim),
+      conv_kernels=tuple(config.conv_kernel), conv_strides=tuple(config.conv_stride),
+      conv_bias=config.conv_bias, feature_norm=config.feat_extract_norm,
+      feature_activation=config.feat_extract_activation,
+      feature_projection_norm=getattr(config, "feat_proj_layer_norm", True),
+      pos_conv_kernel=config.num_conv_pos_embeddings,
+      pos_conv_groups=config.num_conv_pos_embedding_groups,
+      stable_layer_norm=config.do_stable_layer_norm, mask_time_prob=config.mask_time_prob,
+      mask_time_length=config.mask_time_length, activation=activation(config),
+      layer_norm_eps=config.layer_norm_eps, dropout=config.hidden_dropout,
+      attention_dropout=config.attention_dropout)
+  return speech.SpeechTransformer(**(kwargs | overrides))
+
+
+def weight_normed_conv(w, name):
+  """A weight-normalized Conv1d (over dim 2, as torch's weight_norm(dim=2)) as the plain
+  kernel [K, in / groups, out] it computes, g * v / |v|. Newer torch saves g and v as
+  parametrizations.weight.original0/1, older as weight_g/weight_v."""
+  if name + ".weight_g" in w:
+    g, v = w[name + ".weight_g"], w[name + ".weight_v"]
+  else:
+    g = w[name + ".parametrizations.weight.original0"]
+    v = w[name + ".parametrizations.weight.original1"]
+  weight = g * v / np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+  return {"kernel": weight.astype(np.float32).transpose(2, 1, 0), "bias": w[name + ".bias"]}
+
+
+def speech_params(w, tower):
+  convs = {}
+  for i in range(len(tower.conv_channels)):
+    name = f"feature_extractor.conv_layers.{i}."
+    convs[f"conv{i}"] = {"kernel": w[name + "conv.weight"].transpose(2, 1, 0)} | (
+        {"bias": w[name + "conv.bias"]} if tower.conv_bias else {})
+    if tower.feature_norm == "layer" or i == 0:
+      convs[f"norm{i}"] = layer_norm(w, name + "layer_norm")
+  encoder = {f"block{i}": block(w, tower.num_heads, {
+      "attn": [f"encoder.layers.{i}.attention.{n}_proj" for n in ("q", "k", "v", "out")],
+      "ln_attn": f"encoder.layers.{i}.layer_norm",
+      "fc1": f"encoder.layers.{i}.feed_forward.intermediate_dense",
+      "fc2": f"encoder.layers.{i}.feed_forward.output_dense",
+      "ln_mlp": f"encoder.layers.{i}.final_layer_norm"}) for i in range(tower.num_layers)}
+  params = {"feature_encoder": convs,
+            "feature_projection": dense(w, "feature_projection.projection"),
+            "pos_conv": weight_normed_conv(w, "encoder.pos_conv_embed.conv"),
+            "encoder": encoder}
+  if tower.feature_projection_norm:
+    params["feature_ln"] = layer_norm(w, "feature_projection.layer_norm")
+  if tower.stable_layer_norm:
+    encoder["ln_final"] = layer_norm(w, "encoder.layer_norm")
+  else:
+    params["ln_pre"] = layer_norm(w, "encoder.layer_norm")
+  if tower.mask_time_prob > 0:
+    params["masked_spec_embed"] = w["masked_spec_embed"]
+  return params
+
+
 # --- Entry point -----------------------------------------------------------------------------
 
 
@@ -323,7 +406,7 @@ class HFModule(nn.Module):
     elif pixel_values is not None:
       inputs = {"pixels": pixel_values}
     elif input_values is not None:
-      inputs = {"spectrogram": input_values}
+      inputs = {self.tower.INPUT_VALUES: input_values}
     else:
       raise ValueError("expected input_ids, pixel_values or input_values")
     out = self.tower(inputs, train=train)
@@ -338,8 +421,9 @@ def load_hf(path, part=None, **overrides):
   tower itself (the same params) for `MultiModalModel`.
 
   Families: BERT, RoBERTa, XLM-R and MiniLM (BertModel layout), ViT, CLIP (a CLIPModel
-  folder needs part="text" or "vision"; CLIPTextModel / CLIPVisionModel folders need none)
-  and the Audio Spectrogram Transformer. `overrides` replace the tower's options (dtype,
+  folder needs part="text" or "vision"; CLIPTextModel / CLIPVisionModel folders need none),
+  the Audio Spectrogram Transformer, wav2vec 2.0 and HuBERT (their input_values are raw
+  waveforms, standardized on device when the folder's processor does so). `overrides` replace the tower's options (dtype,
   remat, dropout, pooling, ...). Nothing is fetched from a hub.
   """
   check_folder(path)
@@ -376,7 +460,7 @@ def convert(path, read_tensors, part, overrides):
     raise ValueError(f"{path}: part={part!r} only applies to CLIP model folders")
   else:
     prefixes = ("bert.", "roberta.", "vit.", "audio_spectrogram_transformer.", "text_model.",
-                "vision_model.")
+                "vision_model.", "wav2vec2.", "hubert.")
   renames = LEGACY_VIT_NAMES if model_type in ("vit", "audio-spectrogram-transformer") else ()
   w = Weights(canonical_names(read_tensors(), prefixes, renames), path)
 
@@ -397,6 +481,10 @@ def convert(path, read_tensors, part, overrides):
       params = clip_vision_params(w, tower)
     example = {"pixels": np.zeros((1,) + tower.input_size() + (tower.num_channels,),
                                   np.float32)}
+  elif model_type in SPEECH_FAMILIES:
+    tower = speech_tower(config, overrides, path)
+    params = speech_params(w, tower)
+    example = {"waveform": np.zeros((1, tower.sample_rate), np.float32)}
   else:
     tower = ast_tower(config, overrides, path)
     params = ast_params(w, tower)
