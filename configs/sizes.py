@@ -4,7 +4,7 @@ Each function returns a tower config dict for `config.model.towers.<modality>`; 
 arguments override any field (dtype, remat, pooling, dropout, ...). Widths, depths and heads
 follow ViT-B/16, ViT-L/14 and ViT-g/14 (1.0B parameters: width 1408, 40 blocks, MLP 6144,
 as in Zhai et al., "Scaling Vision Transformers"), BERT-base, CLIP's text transformers
-(OpenCLIP's for g: width 1024, 24 blocks) and AST-base.
+(OpenCLIP's for g: width 1024, 24 blocks), AST-base and wav2vec 2.0 / HuBERT base and large.
 """
 
 TRUNKS = {
@@ -57,6 +57,17 @@ def ast(size, num_mels=128, max_frames=1024, **kwargs):
   return dict(name="ast", num_mels=num_mels, max_frames=max_frames,
               patch_size=16 if size != "tiny" else 8, patch_stride=(10, 10),
               **TRUNKS[size], **COMMON) | dict(pooling="pooler") | kwargs
+
+
+def speech(size, **kwargs):
+  """A wav2vec 2.0 / HuBERT speech tower at `size` (B: their base, 7 convolutions to 512
+  channels, one frame per 20 ms at 16 kHz; L: their large, stable layer norm); tiny has two
+  small convolutions. Mean pooling over the frames."""
+  check(size)
+  convs = (dict(conv_channels=(16, 16), conv_kernels=(10, 4), conv_strides=(5, 2),
+                pos_conv_kernel=8, pos_conv_groups=2) if size == "tiny" else
+           dict(feature_norm="layer", stable_layer_norm=True) if size in ("L", "g") else {})
+  return dict(name="speech", **TRUNKS[size], **COMMON) | convs | dict(pooling="mean") | kwargs
 
 
 def frames(size, num_frames=8, temporal="mean", image_size=224, **kwargs):

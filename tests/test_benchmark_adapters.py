@@ -121,6 +121,111 @@ def test_flickr8k_audio(tmp_path):
   assert all(ex["first_audio"] and ex["first_text"] for ex in test)
 
 
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def write_flickr8k_audio(manual, images=6, spoken=2):
+  """Flickr8k + Flickr8k Audio in their layout: `images` images (the first half train, then
+  one validation, the rest test), 5 captions each (digit words), `spoken` spoken captions
+  per training image and 5 per test image."""
+  entries, lines = [], []
+  for i in range(images):
+    split = "train" if i < images // 2 else "val" if i == images // 2 else "test"
+    image = f"{2000 + i}_y.jpg"
+    fixtures.write_jpeg(str(manual / "Flicker8k_Dataset" / image), i)
+    entries.append(karpathy_entry(image, split, [f"{DIGITS[i % 10]} {DIGITS[j]}"
+                                                 for j in range(5)], i))
+    for j in range(5 if split == "test" else spoken):
+      wav = f"{2000 + i}_y_{j}.wav"
+      fixtures.write_wav(str(manual / "flickr_audio" / "wavs" / wav), 10 * i + j,
+                         seconds=0.25, rate=16_000)
+      lines.append(f"{wav} {image} #{j}\n")
+  karpathy_json(manual / "dataset_flickr8k.json", entries, "flickr8k")
+  (manual / "flickr_audio" / "wav2capt.txt").write_text("".join(lines))
+
+
+def write_cub(manual, per_class=3, classes=("001.Black_footed_Albatross", "002.Laysan_Albatross",
+                                            "003.Sooty_Albatross")):
+  """CUB-200-2011 and Reed et al.'s text_c10 in their layout: `per_class` photos per class
+  (the first of each is a test photo), 10 descriptions each, 312 attributes per class;
+  returns the attribute matrix (0-100)."""
+  root = manual / "CUB_200_2011"
+  images, labels, split, attributes = [], [], [], []
+  for c, folder in enumerate(classes, 1):
+    for k in range(per_class):
+      image_id = len(images) + 1
+      relative = f"{folder}/{folder.split('.')[1]}_{k:04d}_{image_id}.jpg"
+      fixtures.write_jpeg(str(root / "images" / relative), image_id)
+      images.append(f"{image_id} {relative}")
+      labels.append(f"{image_id} {c}")
+      split.append(f"{image_id} {int(k > 0)}")
+      text = manual / "text_c10" / relative.replace(".jpg", ".txt")
+      text.parent.mkdir(parents=True, exist_ok=True)
+      text.write_text("".join(f"{DIGITS[c]} {DIGITS[j]}\n" for j in range(10)))
+    attributes.append(np.random.default_rng(c).uniform(0, 100, 312).round(2))
+  (root / "attributes").mkdir(parents=True)
+  for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
+                      ("train_test_split.txt", split),
+                      ("classes.txt", [f"{c} {f}" for c, f in enumerate(classes, 1)]),
+                      ("attributes/class_attribute_labels_continuous.txt",
+                       [" ".join(f"{x:.2f}" for x in row) for row in attributes])):
+    (root / name).write_text("\n".join(lines) + "\n")
+  return np.array(attributes)
+
+
+def test_cub200(tmp_path):
+  manual = tmp_path / "files"
+  attributes = write_cub(manual)
+  out = build("cub200", manual, tmp_path / "tfds")
+  assert {s: sorted(items) for s, items in out.items()} == {
+      "train": sorted(f"{n}_{k:04d}_{3 * c + k + 1}" for c, n in enumerate(
+          ["Black_footed_Albatross", "Laysan_Albatross", "Sooty_Albatross"]) for k in (1, 2)),
+      "test": ["Black_footed_Albatross_0000_1", "Laysan_Albatross_0000_4",
+               "Sooty_Albatross_0000_7"]}
+  [ex] = out["test"]["Laysan_Albatross_0000_4"]
+  assert ex["label"].decode() == "Laysan Albatross"
+  assert ex["text"] == [f"two {DIGITS[j]}" for j in range(10)]
+  np.testing.assert_allclose(ex["attributes"], attributes[1] / 100, rtol=1e-6)
+  assert ex["has_image"] and ex["has_text"] and ex["has_attributes"]
+
+
+@pytest.mark.slow
+def test_seed_000_configs_train_on_files_in_the_real_layouts(tmp_path):
+  """configs/flickr8k.py:tiny and configs/cub.py:tiny train and evaluate every pair and
+  fused query (CUB's attributes by species, and zero-shot species from the photos) on
+  builds of small files in the Flickr8k Audio and CUB layouts; the full configs validate."""
+  from configs import cub, flickr8k  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  for config in (flickr8k.get_config(""), flickr8k.get_config("regression"),
+                 cub.get_config(""), cub.get_config("regression")):
+    experiment.validate_config(config)
+
+  write_flickr8k_audio(tmp_path / "flickr8k")
+  build("flickr8k_audio", tmp_path / "flickr8k", tmp_path / "tfds")
+  write_cub(tmp_path / "cub", per_class=4)
+  build("cub200", tmp_path / "cub", tmp_path / "tfds")
+  for name in ("flickr8k", "cub"):
+    run_train([f"--config=configs/{name}.py:tiny", f"--config.data.data_dir={tmp_path / 'tfds'}",
+               f"--workdir={tmp_path / name}"], devices=1)
+    last = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")][-1]
+    assert last["step"] == 4
+    modalities = ("image", "text", "audio" if name == "flickr8k" else "attributes")
+    for query in modalities:
+      for gallery in set(modalities) - {query}:
+        assert f"test/{query}->{gallery}/R@1" in last
+    fused = "audio+image->text" if name == "flickr8k" else "attributes+image->text"
+    assert f"test/{fused}/R@1" in last
+  # Flickr8k: 2 test images, each with 5 spoken and written captions, counted once.
+  assert last_of(tmp_path / "flickr8k")["test/text->image/chance_R@1"] == pytest.approx(50.0)
+  cub_last = last_of(tmp_path / "cub")
+  assert cub_last["test/image->attributes/chance_R@1"] == pytest.approx(100 / 3)
+  assert cub_last["test/zeroshot/image/chance_top1"] == pytest.approx(100 / 3)
+
+
+def last_of(workdir):
+  return [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
+
+
 def test_msrvtt(tmp_path):
   manual = tmp_path / "msrvtt"
   rng = np.random.default_rng(0)

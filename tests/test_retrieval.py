@@ -115,3 +115,26 @@ def test_fused_query_is_the_normalized_sum_over_items_having_both():
   assert "test/audio+text->video/R@1" not in out
   with pytest.raises(ValueError, match="fused query 'audio\+sound'"):
     retrieval.evaluate_pairs(emb, masks, ids, "test", fused=["audio+sound"])
+
+
+def test_class_level_modality_matches_by_class_once_per_class():
+  """A species' attributes (identical for its photos): photo -> attributes is nearest-class
+  classification among the classes; attributes -> photo queries once per class, and any
+  photo of the class is a hit; photo <-> text still matches by item."""
+  rng = np.random.default_rng(3)
+  classes = np.repeat(np.arange(4), 5)  # 20 photos, 4 species
+  class_vectors = rng.normal(size=(4, 8))
+  emb = {"image": rng.normal(size=(20, 8)), "text": rng.normal(size=(20, 8)),
+         "attributes": class_vectors[classes]}
+  masks = {m: np.ones(20, bool) for m in emb}
+  ids = np.arange(20)
+  out = retrieval.evaluate_pairs(emb, masks, ids, "test", fused="none", class_ids=classes,
+                                 class_level=("attributes",))
+  nearest = np.argmax(emb["image"] @ class_vectors.T, axis=1)
+  assert out["test/image->attributes/R@1"] == pytest.approx(100 * np.mean(nearest == classes))
+  assert out["test/image->attributes/chance_R@1"] == pytest.approx(25.0)
+  best_photo = np.argmax(class_vectors @ emb["image"].T, axis=1)
+  assert out["test/attributes->image/R@1"] == pytest.approx(
+      100 * np.mean(classes[best_photo] == np.arange(4)))
+  ranks = brute_force_ranks(emb["image"], emb["text"], ids, ids)
+  assert out["test/image->text/R@1"] == pytest.approx(100 * np.mean(ranks <= 1))

@@ -1,8 +1,9 @@
 """Datasets given as records -> TFDS datasets with per-modality presence masks.
 
 A record is one item: {"id": ..., "split": ..., <modality>: value, ...}. Values are file
-paths for image, audio, video and features (.npy) modalities and a string or a list of
-strings for text. The JSONL manifest builder (`xmodal_jax.data.build`) and the standard
+paths for image, audio, video and features (.npy) modalities, a string or a list of strings
+for text; a features value may also be the numbers themselves (a list, nested for more
+axes). The JSONL manifest builder (`xmodal_jax.data.build`) and the standard
 benchmark adapters (`xmodal_jax.data.builders.benchmarks`) both produce records; this module
 validates and encodes them. Stored features, per modality `m`:
   m        image: the file's encoded bytes (decoded in the pipeline);
@@ -10,7 +11,7 @@ validates and encodes them. Stored features, per modality `m`:
            video: the build's `video_frames` frames sampled uniformly, JPEG, shorter side
                   resized to `frame_size`;
            text:  the captions (a sequence of strings);
-           features: float32 of the shape the manifest's first such file has.
+           features: float32 of the shape the manifest's first such value has.
   has_m    the item has modality m (docs/architecture.md, "Batches");
   first_m  this is the first record of the item's split with this id and this value of m:
            evaluation counts each distinct value once when several records share an id
@@ -206,11 +207,17 @@ def encode_video(source, where, item_id, options):
 
 
 def encode_features(source, where, item_id, shape):
+  """A .npy file (a path or its bytes), or numbers written in the record (a list) ->
+  float32 of this dataset's `shape`."""
   try:
-    x = np.load(io.BytesIO(source) if isinstance(source, bytes) else source,
-                allow_pickle=False)
+    if isinstance(source, list):
+      x = np.asarray(source)
+    else:
+      x = np.load(io.BytesIO(source) if isinstance(source, bytes) else source,
+                  allow_pickle=False)
   except (ValueError, OSError) as e:
-    raise BadRecord(item_id, where, f"cannot read .npy ({e})") from e
+    what = "a list of numbers" if isinstance(source, list) else ".npy"
+    raise BadRecord(item_id, where, f"cannot read {what} ({e})") from e
   if x.shape != tuple(shape):
     raise BadRecord(item_id, where, f"features of shape {x.shape}; this dataset's are "
                     f"{tuple(shape)} (from its first features file)")
@@ -238,6 +245,8 @@ def features_shape(records, name, base_dir):
   for _, record in records:
     value = record.get(name)
     try:
+      if isinstance(value, list):
+        return np.asarray(value, np.float32).shape
       if webdataset.is_member(value):
         return tuple(np.load(io.BytesIO(webdataset.read_member(value)),
                              allow_pickle=False).shape)
@@ -335,6 +344,9 @@ class Encoder:
           data, where = load(value, self.base_dir, item_id, name, kind)
           value = webdataset.member_text(value, data)
         out[name] = encode_text(value, item_id, name)
+        continue
+      if kind == "features" and isinstance(value, list):
+        out[name] = encode_features(value, name, item_id, self.feature_shapes[name])
         continue
       source, where = load(value, self.base_dir, item_id, name, kind)
       if kind == "features":

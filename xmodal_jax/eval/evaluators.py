@@ -41,9 +41,23 @@ class Evaluator:
 
 
 def retrieval_run(embedder, params, embedded, options, prefix):
-  del embedder, params
+  """Every pair and fused query (retrieval.evaluate_pairs); modalities in
+  options.class_level match by the items' "label" (their class) instead of their id."""
+  del params
+  class_level, class_ids = tuple(options.get("class_level") or ()), None
+  if class_level:
+    labels = item_labels(embedder.builder, embedded.split, "label")
+    names = [labels[int(i)] for i in embedded.ids]
+    unlabelled = [embedded.ids[i] for i, name in enumerate(names) if not name
+                  and any(embedded.masks[m][i] for m in class_level)]
+    if unlabelled:
+      raise ValueError(f"{prefix}: class_level={class_level} needs every item's \"label\"; "
+                       f"{len(unlabelled)} items have none (ids {unlabelled[:5]})")
+    index = {name: i for i, name in enumerate(sorted(set(names)))}
+    class_ids = np.array([index[name] for name in names], np.int64)
   return retrieval.evaluate_pairs(embedded.emb, embedded.masks, embedded.ids, prefix,
-                                  fused=options.get("fused", "all"))
+                                  fused=options.get("fused", "all"), class_ids=class_ids,
+                                  class_level=class_level)
 
 
 def retrieval_validate(options, config, where):
@@ -51,6 +65,10 @@ def retrieval_validate(options, config, where):
     retrieval.fused_query_sets(list(config.modalities), options.get("fused", "all"))
   except ValueError as e:
     raise ValueError(f"{where}.fused: {e}") from e
+  for modality in options.get("class_level") or ():
+    if modality not in config.modalities:
+      raise ValueError(f"{where}.class_level: {modality!r} is not one of "
+                       f"{list(config.modalities)}")
 
 
 # --- Re-ranked retrieval through a fusion pair's matching head (seed 001) --------------------

@@ -148,7 +148,16 @@ def fuse(embeddings, modalities, weights=None):
   return total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
 
 
-def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10), fused="all", mesh=None):
+def first_per_class(mask, class_ids):
+  """`mask` keeping only the first row of each class."""
+  keep = np.zeros_like(mask)
+  rows = np.flatnonzero(mask)
+  keep[rows[np.unique(class_ids[rows], return_index=True)[1]]] = True
+  return keep
+
+
+def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10), fused="all", mesh=None,
+                   class_ids=None, class_level=()):
   """Metrics for every ordered pair (query, gallery) of modalities, and for fused queries.
 
   Args:
@@ -157,6 +166,10 @@ def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10), fused="all", me
     ids: int[N] item ids.
     fused: which modality sets also query as one (see `fused_query_sets`), each against
       every modality outside the set; an item queries only if it has all of them.
+    class_ids, class_level: modalities in `class_level` describe an item's class, not the
+      item (a species' attributes): a query or gallery that involves one matches by
+      `class_ids` (int[N]) instead of `ids`, and such a modality enters a gallery, or
+      queries alone, once per class.
   Returns:
     {"{split}/{query}->{gallery}/{metric}": value} plus "…/chance_R@1"; a fused query's
     name joins its modalities with "+"; "{split}/{a}<->{b}/RSUM" sums both directions.
@@ -171,10 +184,17 @@ def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10), fused="all", me
   for query, g in queries:
     qm = np.logical_and.reduce([np.asarray(masks[m], bool) for m in query])
     gm = np.asarray(masks[g], bool)
+    match = ids
+    if set(query + (g,)) & set(class_level):
+      match = np.asarray(class_ids)
+      if g in class_level:
+        gm = first_per_class(gm, match)
+      if set(query) <= set(class_level):
+        qm = first_per_class(qm, match)
     query_emb = fuse({m: embeddings[m][qm] for m in query}, query)
-    metrics = retrieval_metrics(query_emb, embeddings[g][gm], ids[qm], ids[gm], ks,
+    metrics = retrieval_metrics(query_emb, embeddings[g][gm], match[qm], match[gm], ks,
                                 mesh=mesh)
-    metrics["chance_R@1"] = chance_recall(ids[qm], ids[gm], 1)
+    metrics["chance_R@1"] = chance_recall(match[qm], match[gm], 1)
     for name, value in metrics.items():
       out[f"{split}/{'+'.join(query)}->{g}/{name}"] = value
   for a, b in itertools.combinations(embeddings, 2):

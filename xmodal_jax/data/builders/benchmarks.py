@@ -282,5 +282,93 @@ class Clotho(records.RecordBuilder):
     return splits
 
 
+def _read_table(path, columns):
+  """[(line number, [field, ...])] of a whitespace-separated file with `columns` fields per
+  line (the last one keeps any spaces)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: missing (see the builder's docstring for the layout)")
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      fields = line.strip().split(maxsplit=columns - 1)
+      if len(fields) != columns:
+        raise ValueError(f"{path}:{line_number}: expected {columns} fields, got "
+                         f"{line.strip()!r}")
+      rows.append((line_number, fields))
+  return rows
+
+
+CUB_ATTRIBUTES = 312
+
+
+class Cub200(records.RecordBuilder):
+  """CUB-200-2011 (Wah et al., 2011): 11,788 photos of 200 bird species, each with the 10
+  descriptions of Reed et al. (2016) and its species' 312 attributes (the share of its
+  photos annotators marked with each, 0-1) as a class embedding: seed 000's image / text /
+  class-embedding experiment. Split: the dataset's own train_test_split.txt (5,994 / 5,794
+  images); "label" is the species ("Black footed Albatross"), for zero-shot classification.
+
+  Files: CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/) and Reed
+  et al.'s cvpr2016_cub.tar.gz (https://github.com/reedscot/cvpr2016), whose text_c10/
+  folder holds the descriptions. Layout of manual_dir:
+    CUB_200_2011/images.txt                 "<image id> <class folder>/<file>.jpg"
+    CUB_200_2011/image_class_labels.txt     "<image id> <class id>"
+    CUB_200_2011/train_test_split.txt       "<image id> <1: train, 0: test>"
+    CUB_200_2011/classes.txt                "<class id> <nnn.Class_Name>"
+    CUB_200_2011/attributes/class_attribute_labels_continuous.txt   200 lines x 312 (0-100)
+    CUB_200_2011/images/<class folder>/<file>.jpg
+    text_c10/<class folder>/<file>.txt      10 descriptions, one per line (or text/)
+  """
+  MODALITIES = {"image": "image", "text": "text", "attributes": "features"}
+  FEATURE_SHAPES = {"attributes": (CUB_ATTRIBUTES,)}
+  LABELS = True
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+  def split_records(self, dl_manager):
+    manual_dir = dl_manager.manual_dir
+    root = os.path.join(manual_dir, "CUB_200_2011")
+    text_dir = _find_dir(manual_dir, ("text_c10", "text"), "descriptions")
+    table = lambda name, columns: _read_table(os.path.join(root, name), columns)
+    class_names = {c: name.split(".", 1)[-1].replace("_", " ")
+                   for _, (c, name) in table("classes.txt", 2)}
+    attributes_path = os.path.join(root, "attributes", "class_attribute_labels_continuous.txt")
+    attributes = {}
+    for line_number, fields in _read_table(attributes_path, 1):
+      values = fields[0].split()
+      if len(values) != CUB_ATTRIBUTES:
+        raise ValueError(f"{attributes_path}:{line_number}: expected {CUB_ATTRIBUTES} "
+                         f"values, got {len(values)}")
+      attributes[str(len(attributes) + 1)] = [float(x) / 100 for x in values]
+    label_of = dict(fields for _, fields in table("image_class_labels.txt", 2))
+    split_path = os.path.join(root, "train_test_split.txt")
+    split_of = {i: flag for _, (i, flag) in table("train_test_split.txt", 2)}
+    splits = {}
+    images_path = os.path.join(root, "images.txt")
+    for line_number, (image_id, relative) in table("images.txt", 2):
+      where = f"{images_path}:{line_number}"
+      if image_id not in label_of or split_of.get(image_id) not in ("0", "1"):
+        raise ValueError(f"{where}: image {image_id} has no class in image_class_labels.txt "
+                         f"or no 0/1 flag in {split_path}")
+      label = label_of[image_id]
+      record = {"id": os.path.splitext(os.path.basename(relative))[0],
+                "split": "train" if split_of[image_id] == "1" else "test",
+                "image": os.path.join(root, "images", relative),
+                "text": _descriptions(text_dir, relative),
+                "attributes": attributes.get(label), "label": class_names.get(label)}
+      splits.setdefault(record["split"], []).append((where, record))
+    return splits
+
+
+def _descriptions(text_dir, image_relative):
+  """The non-empty lines of an image's description file, or None when it has none."""
+  path = os.path.join(text_dir, os.path.splitext(image_relative)[0] + ".txt")
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return [line.strip() for line in f if line.strip()] or None
+
+
 ADAPTERS = {cls.name: cls for cls in (CocoKarpathy, Flickr30kKarpathy, Flickr8kKarpathy,
-                                      Flickr8kAudio, Msrvtt, Audiocaps, Clotho)}
+                                      Flickr8kAudio, Msrvtt, Audiocaps, Clotho, Cub200)}
