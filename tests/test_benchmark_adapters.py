@@ -31,7 +31,8 @@ def read_back(builder):
   for split in builder.info.splits:
     items = {}
     for ex in builder.as_dataset(split=split).as_numpy_iterator():
-      ex["text"] = [c.decode() for c in ex["text"]]
+      if "text" in ex:
+        ex["text"] = [c.decode() for c in ex["text"]]
       items.setdefault(ex["key"].decode(), []).append(ex)
     out[split] = items
   return out
@@ -224,6 +225,59 @@ def test_seed_000_configs_train_on_files_in_the_real_layouts(tmp_path):
 
 def last_of(workdir):
   return [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
+
+
+def test_esc50(tmp_path):
+  root = tmp_path / "files" / "ESC-50-master"  # as the repository's archive unpacks
+  rows = []
+  for i, (category, fold) in enumerate([("dog", 1), ("chirping_birds", 1), ("dog", 3)]):
+    filename = f"{fold}-{100 + i}-A-{i}.wav"
+    fixtures.write_wav(str(root / "audio" / filename), i, seconds=0.2, rate=44_100)
+    rows.append([filename, fold, i, category, "True", 100 + i, "A"])
+  write_csv(str(root / "meta" / "esc50.csv"),
+            ["filename", "fold", "target", "category", "esc10", "src_file", "take"], rows)
+  out = build("esc50", tmp_path / "files", tmp_path / "tfds")
+  assert list(out) == ["test"]
+  labels = {key: ex["label"].decode() for key, [ex] in out["test"].items()}
+  assert labels == {"1-100-A-0": "dog", "1-101-A-1": "chirping birds", "3-102-A-2": "dog"}
+  assert len(out["test"]["1-100-A-0"][0]["audio"]) == 3_200  # 0.2 s at 16 kHz
+
+
+def test_ucf101(tmp_path):
+  manual = tmp_path / "files"
+  lists = manual / "ucfTrainTestlist"
+  lists.mkdir(parents=True)
+  (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 YoYo\n")
+  train, test = [], []
+  for name, index in (("ApplyEyeMakeup", 1), ("YoYo", 2)):
+    for group in (1, 8):
+      clip = f"{name}/v_{name}_g{group:02d}_c01.avi"
+      frames = np.full((4, 16, 16, 3), 40 * index + group, np.uint8)
+      fixtures.write_mp4(str(manual / "UCF-101" / clip), frames)
+      (test if group == 1 else train).append(clip + (f" {index}" if group == 8 else ""))
+  (lists / "trainlist01.txt").write_text("\n".join(train) + "\n")
+  (lists / "testlist01.txt").write_text("\n".join(test) + "\n")
+  out = build("ucf101", manual, tmp_path / "tfds", video_frames=2, frame_size=16)
+  assert {s: sorted(items) for s, items in out.items()} == {
+      "train": ["v_ApplyEyeMakeup_g08_c01", "v_YoYo_g08_c01"],
+      "test": ["v_ApplyEyeMakeup_g01_c01", "v_YoYo_g01_c01"]}
+  [ex] = out["test"]["v_ApplyEyeMakeup_g01_c01"]
+  assert ex["label"].decode() == "Apply Eye Makeup" and len(ex["video"]) == 2
+
+
+def test_image_folder(tmp_path):
+  manual = tmp_path / "files"
+  for split, count in (("train", 2), ("val", 1)):
+    for folder in ("n01440764", "n01443537"):
+      for k in range(count):
+        fixtures.write_jpeg(str(manual / split / folder / f"{folder}_{k}.JPEG"), k)
+  (manual / "LOC_synset_mapping.txt").write_text(
+      "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n")
+  out = build("image_folder", manual, tmp_path / "tfds")
+  assert {s: len(items) for s, items in out.items()} == {"train": 4, "validation": 2}
+  assert {ex["label"].decode() for [ex] in out["validation"].values()} == {"tench", "goldfish"}
+  [ex] = out["validation"]["val/n01443537/n01443537_0"]
+  assert ex["label"].decode() == "goldfish" and ex["has_image"]
 
 
 def test_msrvtt(tmp_path):
