@@ -2,6 +2,8 @@
 parameters keep their exact bytes and have no optimizer state; a multiplier scales the
 update, checked against Adam's known first step."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -147,3 +149,51 @@ def test_lora_adapters_start_as_the_block_without_them():
       reference = by_path(params)
     outputs.append(jax.jit(lambda p, b=block: b.apply(p, x, valid, False))(params))
   np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+@pytest.mark.slow  # trains the tiny config twice in this process (about 40 s)
+def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_dir, tmp_path,
+                                                                    capsys):
+  """ImageBind's recipe: the frozen video tower's embeddings of the training split, computed
+  once, stand in for the tower; with no augmentation the other towers see the same
+  embeddings, so every step's loss and the final evaluation equal those of running the
+  frozen tower each step."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  losses, finals = {}, {}
+  for cached in (False, True):
+    config = audio_video_text.get_config("tiny")
+    config.data.data_dir = digit_data_dir
+    config.log_every = 1
+    config.modalities.video.augment = False
+    config.model.towers.video.trainable = "none"
+    config.model.towers.video.cache_embeddings = cached
+    workdir = tmp_path / f"cached_{cached}"
+    finals[cached] = loop.train_and_evaluate(config, str(workdir))
+    with open(workdir / "metrics.jsonl") as f:
+      losses[cached] = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
+  assert "Cached the frozen video tower's embeddings of" in capsys.readouterr().out
+  assert len(losses[True]) == config.total_steps
+  np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
+  for key, value in finals[False].items():
+    if key.endswith("R@1"):
+      assert finals[True][key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"towers.video.trainable": "all"}, "only a frozen tower"),
+    ({"augment": True}, "must not augment"),
+    ({"loss.weights.ims": 1.0}, "token features"),
+])
+def test_a_cache_needs_a_frozen_unaugmented_tower_without_token_objectives(change, message):
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny")
+  config.model.towers.video.update(trainable="none", cache_embeddings=True)
+  config.modalities.video.augment = change.pop("augment", False)
+  for key, value in change.items():
+    node, leaf = config.model if key.startswith("towers") else config, key.rsplit(".", 1)
+    for name in leaf[0].split("."):
+      node = node[name]
+    node[leaf[1]] = value
+  with pytest.raises(ValueError, match=f"cache_embeddings.*{message}"):
+    experiment.validate_config(config)

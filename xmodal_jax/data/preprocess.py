@@ -224,6 +224,9 @@ def _kind(modality_name, modality_config):
 
 
 def get_op(modality_name, modality_config, train):
+  """The modality's per-example op; in training it augments unless the modality sets
+  augment=False (then training prepares an example exactly as evaluation does)."""
+  train = train and modality_config.get("augment", True)
   return OPS[_kind(modality_name, modality_config)][0](modality_config, train)
 
 

@@ -41,7 +41,8 @@ def l2_normalize(x, eps=1e-6):
 class MultiModalModel(nn.Module):
   """{modality: inputs} -> {modality: float32[B, embed_dim] L2-normalized embeddings}.
 
-  Modalities absent from the batch are skipped. Also owns `logit_scale`, stored as its log
+  Modalities absent from the batch are skipped; a modality given as {"cached_embedding":
+  float32[B, embed_dim]} (a frozen tower's, computed once) skips its tower. Also owns `logit_scale`, stored as its log
   (initialized to log(1/0.07) as in CLIP; the one place that default is written) and, if
   `logit_bias_init` is set, the sigmoid loss's `logit_bias` (SigLIP: -10); callers read
   them from the params. With `scale_pairs` (pair names "m-n"), both are one scalar per pair
@@ -81,6 +82,9 @@ class MultiModalModel(nn.Module):
     embeddings, tokens, local = {}, {}, {}
     for modality, tower in self.towers.items():
       if modality not in batch:
+        continue
+      if "cached_embedding" in batch[modality]:  # a frozen tower's (train/embedding_cache.py)
+        embeddings[modality] = batch[modality]["cached_embedding"].astype(jnp.float32)
         continue
       out = tower(batch[modality], train=train)
       embeddings[modality] = l2_normalize(
@@ -161,7 +165,8 @@ def build_model(model_config, vocab_sizes=None, loader=None):
   towers, pretrained = {}, {}
   for modality, tower_config in model_config.towers.items():
     tower_config = dict(tower_config)
-    for key in ("trainable", "lr_multiplier"):  # the optimizer's (train/optimizer.py)
+    # The optimizer's (train/optimizer.py) and the embedding cache's.
+    for key in ("trainable", "lr_multiplier", "cache_embeddings"):
       tower_config.pop(key, None)
     where = f"config.model.towers.{modality}"
     if tower_config.pop("projection", False):

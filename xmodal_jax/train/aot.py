@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from xmodal_jax import parallel
 from xmodal_jax.models import transformer
-from xmodal_jax.train import experiment, state as state_lib, step as step_lib
+from xmodal_jax.train import embedding_cache, experiment, state as state_lib, step as step_lib
 
 GIB = 1 << 30
 # HBM per chip by device_kind; XLA keeps a little for itself (v5e: 15.75 of 16 GiB usable).
@@ -74,7 +74,8 @@ def compile_train_step(config, devices):
                        abstract, shardings)
   rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
-                       pipeline.abstract_batch(config, config.batch_size))
+                       embedding_cache.abstract(
+                           config, pipeline.abstract_batch(config, config.batch_size)))
   train_fn = step_lib.jit_train_step(config, model, tx, mesh, shardings)
   start = time.perf_counter()
   # attention_impl="auto" resolves for the target chips; kernels run per device (the mesh).

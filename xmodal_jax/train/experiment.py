@@ -14,7 +14,8 @@ from xmodal_jax.parallel import sharding
 from xmodal_jax.eval import embed, evaluators
 from xmodal_jax.losses import objectives
 from xmodal_jax.models import towers
-from xmodal_jax.train import checkpoint, nonfinite, optimizer, state as state_lib
+from xmodal_jax.train import (checkpoint, embedding_cache, nonfinite, optimizer,
+                              state as state_lib)
 
 
 def validate_config(config, device_count=None):
@@ -47,6 +48,7 @@ def validate_config(config, device_count=None):
     raise ValueError(f"config.keep_checkpoints={config.keep_checkpoints}: expected at least 1 "
                      "(the newest checkpoint is what a re-run resumes from)")
   optimizer.validate(config)
+  embedding_cache.validate(config)
   nonfinite.validate(config)
   parallel.mesh_shape(config.get("mesh"), device_count)
   sharding.check_rules(config.get("sharding", sharding.DEFAULT_RULES))

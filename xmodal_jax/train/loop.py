@@ -5,7 +5,7 @@ import jax
 from xmodal_jax import parallel
 from xmodal_jax.eval import evaluators, retrieval
 from xmodal_jax.train import checkpoint, experiment as experiment_lib, metrics as metrics_lib
-from xmodal_jax.train import nonfinite, optimizer, preemption, run_config
+from xmodal_jax.train import embedding_cache, nonfinite, optimizer, preemption, run_config
 from xmodal_jax.train import step as step_lib
 
 
@@ -42,6 +42,8 @@ def train_and_evaluate(config, workdir, *, allow_config_change=False):
   train_fn = step_lib.jit_train_step(config, experiment.model, experiment.tx, mesh,
                                      experiment.shardings)
   batches = pipeline.train_iterator(config, experiment.builder, start_step=start_step)
+  if embedding_cache.cached_modalities(config):
+    batches = embedding_cache.Cache.compute(experiment, state.params).batches(batches)
   progress = metrics_lib.Progress(config.total_steps, start_step)
   schedule = optimizer.learning_rate_schedule(config)
   guard = nonfinite.Guard(config, manager)
