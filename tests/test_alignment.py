@@ -159,6 +159,52 @@ def test_intra_modalities_choose_what_ims_and_lmim_run_on():
     objectives.validate(config)
 
 
+def test_ims_with_a_second_view_takes_that_views_keys():
+  """With momentum_view_emb for video, video's IMS is the NumPy formula with the second
+  view's momentum embeddings as the batch keys (the queue unchanged); audio, without one,
+  keeps its own momentum keys."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.losses import objectives  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  batch, dim = 6, 8
+  modalities = ("audio", "video")
+  emb, momentum = ({m: normalized(rng, batch, dim) for m in modalities} for _ in range(2))
+  views = {"video": normalized(rng, batch, dim)}
+  queue_ids = np.array([2, -1, 40, 41, -1, 5, 42, 43])
+  queues = {m: {"emb": normalized(rng, 8, dim), "ids": queue_ids} for m in modalities}
+  ids, ones = np.arange(batch), np.ones(batch, bool)
+  inputs = objectives.Inputs(emb, {m: ones for m in modalities}, 3.0, ids=ids,
+                             momentum_emb=momentum, momentum_view_emb=views, queues=queues)
+  _, metrics = objectives.ims_term(inputs, ml_collections.ConfigDict(dict(intra_modalities=())))
+  for m, keys in (("video", views["video"]), ("audio", momentum["audio"])):
+    want = np_queue_contrastive(emb[m], momentum[m], keys, queues[m]["emb"], 3.0, ids, ones,
+                                ones, queue_ids, None)
+    np.testing.assert_allclose(metrics[m], want, rtol=1e-5, err_msg=m)
+
+
+def test_second_view_is_another_draw_of_the_same_example(digit_data_dir):
+  """The pipeline's second view of video: the same items and shapes, other random shifts;
+  a second view that IMS does not read, or that cannot differ, is a config error."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny,align_fuse")
+  config.data.data_dir = digit_data_dir
+  config.modalities.video.update(max_shift=2, second_view=True)
+  experiment.validate_config(config)
+  batch = next(pipeline.train_iterator(config, pipeline.get_builder(config.data)))
+  assert list(batch["_views"]) == ["video"]
+  first, second = batch["video"]["frames"], batch["_views"]["video"]["frames"]
+  assert first.shape == second.shape and not np.array_equal(first, second)
+  config.loss.intra_modalities = ("text",)
+  with pytest.raises(ValueError, match="video.second_view: only IMS reads"):
+    experiment.validate_config(config)
+  config.loss.intra_modalities = ("video",)
+  config.modalities.video.augment = False
+  with pytest.raises(ValueError, match="both views are the same"):
+    experiment.validate_config(config)
+
+
 @pytest.mark.slow  # compiles towers and their gradients; the full suite runs it
 def test_lmim_gradients_are_finite_when_a_local_run_is_all_padding():
   """Text of 9 tokens pooled into 4 runs: a short caption's last runs hold only padding, so
@@ -322,6 +368,8 @@ def aligned_run(digit_data_dir, tmp_path_factory):
   config.data.eval_split = "test[:100]"  # re-ranking 4 directions x 100 queries x 4
   config.evals.retrieval.update(every=4, fused="none")
   config.evals.rerank.update(every=4, k=4)
+  # IMS on video takes the momentum keys of a second view (frames shifted by other draws).
+  config.modalities.video.update(max_shift=2, second_view=True)
   workdir = str(tmp_path_factory.mktemp("aligned"))
   metrics = loop.train_and_evaluate(config, workdir)
   return config, workdir, metrics

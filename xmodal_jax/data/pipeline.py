@@ -108,9 +108,10 @@ def _example_fn(config, train, expanded=None):
   dataset's has_ flags; at evaluation also its first_ flags, and an item's other modalities
   count only with its first caption when `expanded` captions are separate examples."""
   ops = {name: preprocess.get_op(name, m, train) for name, m in config.modalities.items()}
+  second_views = second_view_modalities(config) if train else []
 
   def fn(index, example):
-    out, masks = {}, {}
+    out, masks, views = {}, {}, {}
     for i, (name, m) in enumerate(config.modalities.items()):
       seed = None if index is None else tf.stack(
           [tf.constant(config.seed * 7919 + i, tf.int64), tf.cast(index, tf.int64)])
@@ -126,10 +127,23 @@ def _example_fn(config, train, expanded=None):
         mask &= example.get(f"first_{m.feature}", tf.constant(True))
       out[name] = ops[name](raw, seed)
       masks[name] = mask
+      if name in second_views:  # the same example, augmented with other random draws
+        views[name] = ops[name](raw, seed + tf.constant([SECOND_VIEW_SEED, 0], tf.int64))
     out["_mask"] = masks
     out["_id"] = tf.cast(example["id"], tf.int64)
+    if views:
+      out["_views"] = views
     return out
   return fn
+
+
+SECOND_VIEW_SEED = 104_729  # offsets the second view's draws from the first's
+
+
+def second_view_modalities(config):
+  """The modalities whose training examples come with a second augmented view (a modality's
+  `second_view`), batch["_views"][m]: IMS's positive (losses/objectives.py)."""
+  return [name for name, m in config.modalities.items() if m.get("second_view")]
 
 
 def tf_data_options(data_config):
@@ -153,6 +167,8 @@ def _numpy_batches(config, ds):
   for batch in ds.as_numpy_iterator():
     for name, op in batch_ops.items():
       batch[name] = op(batch[name])
+      if name in batch.get("_views", {}):
+        batch["_views"][name] = op(batch["_views"][name])
     yield batch
 
 
@@ -265,6 +281,8 @@ def abstract_batch(config, batch_size, builder=None):
     batch[name] = {k: (batch_size,) + v.shape[1:] + (v.dtype,) for k, v in one.items()}
     masks[name] = (batch_size, np.bool_)
   batch |= {"_mask": masks, "_id": (batch_size, np.int64)}
+  if second_view_modalities(config):
+    batch["_views"] = {name: batch[name] for name in second_view_modalities(config)}
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[:-1], jax.dtypes.canonicalize_dtype(
       s[-1])), batch, is_leaf=lambda x: isinstance(x, tuple))
 

@@ -35,6 +35,8 @@ class Inputs:
   tokens: Optional[dict] = None  # details: {modality: (tokens [B, L, W], valid [B, L])}
   locals: Optional[dict] = None  # details: {modality: (local emb [B, K, D], valid [B, K])}
   momentum_emb: Optional[dict] = None  # momentum: the EMA model's embeddings of the batch
+  # momentum: its embeddings of the second views (batch["_views"]) of some modalities
+  momentum_view_emb: Optional[dict] = None
   queues: Optional[dict] = None  # momentum: {modality: {"emb", "ids"}}
   alpha: Any = None  # momentum distillation's alpha; None: off
   queue_columns: Any = None  # sharding that keeps [B, Q] scores on the queue's row shards
@@ -112,10 +114,12 @@ def validate_regression(config):
 # --- Seed 001: alignment on the global batch -------------------------------------------------
 
 
-def queued(inputs, query, key):
-  """Cross-entropy of `query`'s embeddings against `key`'s momentum keys and queue."""
+def queued(inputs, query, key, keys=None):
+  """Cross-entropy of `query`'s embeddings against `key`'s momentum keys (or `keys`) and
+  queue."""
   value, _ = alignment.queue_contrastive(
-      inputs.emb[query], inputs.momentum_emb[query], inputs.momentum_emb[key],
+      inputs.emb[query], inputs.momentum_emb[query],
+      inputs.momentum_emb[key] if keys is None else keys,
       inputs.queues[key]["emb"], inputs.scale, ids=inputs.ids, key_mask=inputs.masks[key],
       query_mask=inputs.masks[query], queue_ids=inputs.queues[key]["ids"], alpha=inputs.alpha,
       queue_columns=inputs.queue_columns)
@@ -143,8 +147,11 @@ def intra_modal(loss_config, modalities):
 
 
 def ims_term(inputs, loss_config):
-  """Intra-modal separability: each modality against its own momentum keys and queue."""
-  metrics = {m: queued(inputs, m, m) for m in intra_modal(loss_config, inputs.emb)}
+  """Intra-modal separability: each modality against its own momentum keys and queue. A
+  modality with a second view (pipeline `second_view`) takes the momentum keys of that view,
+  so its positive is another augmentation of the same item rather than the same input."""
+  views = inputs.momentum_view_emb or {}
+  metrics = {m: queued(inputs, m, m, views.get(m)) for m in intra_modal(loss_config, inputs.emb)}
   return mean_of(metrics), metrics
 
 
@@ -212,6 +219,21 @@ def validate_ims(config):
   validate_intra(config)
 
 
+def validate_second_views(config):
+  """A modality's second_view feeds IMS only, and only differs from the first if it
+  augments."""
+  for name, m in config.modalities.items():
+    if not m.get("second_view"):
+      continue
+    where = f"config.modalities.{name}.second_view"
+    if not config.loss.weights.get("ims", 0.0) or name not in intra_modal(config.loss,
+                                                                           config.modalities):
+      raise ValueError(f"{where}: only IMS reads a second view, and it does not run on "
+                       f"{name!r} (config.loss.weights.ims, config.loss.intra_modalities)")
+    if not m.get("augment", True):
+      raise ValueError(f"{where}: with augment=False both views are the same example")
+
+
 def validate_lmim(config):
   validate_intra(config)
   if not config.model.get("local_features"):
@@ -264,6 +286,7 @@ def validate(config):
     raise ValueError("config.loss.weights: every objective has weight 0")
   for name in active(config.loss):
     OBJECTIVES[name].validate(config)
+  validate_second_views(config)
   if config.model.get("per_pair_temperature"):
     scalar_scale = sorted(n for n in active(config.loss) if not OBJECTIVES[n].pair_scales)
     if scalar_scale:

@@ -48,7 +48,7 @@ def tower_outputs(params, batch, rng, *, model, details):
 
 
 def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *, model,
-                 loss_config, mesh, freeze=None):
+                 loss_config, mesh, freeze=None, momentum_view_emb=None):
   """(sum over config.loss.weights of weight x term, metrics) on a global batch. `freeze`
   (params -> params) stops the gradient of frozen parameters."""
   params = freeze(params) if freeze else params
@@ -56,11 +56,12 @@ def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None,
   out = tower_outputs(params, batch, rng, model=model,
                       details=objectives.uses(loss_config, "details"))
   return objective_loss(params, out, batch, term_rng, momentum_emb, queues, alpha, model=model,
-                        loss_config=loss_config, mesh=mesh)
+                        loss_config=loss_config, mesh=mesh,
+                        momentum_view_emb=momentum_view_emb)
 
 
 def objective_loss(params, out, batch, rng, momentum_emb=None, queues=None, alpha=None, *,
-                   model, loss_config, mesh):
+                   model, loss_config, mesh, momentum_view_emb=None):
   """(loss, metrics) of the towers' outputs `out` (tower_outputs) of the global batch.
 
   Per-device terms (objectives.Objective.per_device) run inside shard_map over the batch
@@ -90,7 +91,8 @@ def objective_loss(params, out, batch, rng, momentum_emb=None, queues=None, alph
                          train=True, method="match", rngs={"dropout": dropout_rng})
     inputs = objectives.Inputs(
         emb, batch["_mask"], scale, bias, ids=batch["_id"], tokens=out.get("tokens"),
-        locals=out.get("locals"), momentum_emb=momentum_emb, queues=queues, alpha=alpha,
+        locals=out.get("locals"), momentum_emb=momentum_emb,
+        momentum_view_emb=momentum_view_emb, queues=queues, alpha=alpha,
         queue_columns=jax.sharding.NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
         rng=rng, match=match, fusion_pairs=tuple(towers.fusion_pairs(model)))
     values.update({name: table[name].term(inputs, loss_config) for name in on_global_batch})
@@ -143,7 +145,8 @@ def embed_in_micro_batches(apply, batch, steps, mesh):
 
 
 def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *,
-                          steps, model, loss_config, mesh, freeze=None):
+                          steps, model, loss_config, mesh, freeze=None,
+                          momentum_view_emb=None):
   """((loss, metrics), grads) of compute_loss on the global batch, with the towers' memory of
   one micro-batch of B / `steps` rows (gradient caching, Gao et al. 2021).
 
@@ -169,7 +172,8 @@ def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, al
     float_leaves = iter(float_leaves)
     out = treedef.unflatten([next(float_leaves) if f else x for x, f in zip(leaves, inexact)])
     return objective_loss(freeze(p), out, batch, term_rng, momentum_emb, queues, alpha,
-                          model=model, loss_config=loss_config, mesh=mesh)
+                          model=model, loss_config=loss_config, mesh=mesh,
+                          momentum_view_emb=momentum_view_emb)
   (loss, metrics), (grads, out_grads) = jax.value_and_grad(
       loss_of_outputs, argnums=(0, 1), has_aux=True)(params, floats(out))
 
@@ -221,11 +225,14 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
   extra, momentum_params, queues = {}, state.momentum_params, state.queues
   if queues is not None:
     momentum_params = state_lib.ema(momentum_params, state.params, alignment_config.momentum)
-    momentum_emb = jax.lax.stop_gradient(embed_in_micro_batches(
+    momentum_embed = lambda inputs: jax.lax.stop_gradient(embed_in_micro_batches(
         lambda micro_batch, _: model.apply({"params": momentum_params}, micro_batch,
-                                           train=False), batch, grad_accum_steps, mesh))
+                                           train=False), inputs, grad_accum_steps, mesh))
+    momentum_emb = momentum_embed({k: v for k, v in batch.items() if k != "_views"})
     extra = dict(momentum_emb=momentum_emb, queues=queues,
                  alpha=distill_alpha(alignment_config, state.step))
+    if "_views" in batch:  # IMS's positives: the second views' keys
+      extra["momentum_view_emb"] = momentum_embed(batch["_views"])
   if grad_accum_steps == 1:
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   else:
