@@ -150,6 +150,42 @@ def test_speech_families(tmp_path, family, stable):
   assert_close(out["pooled"], reference.last_hidden_state.mean(1))
 
 
+def test_whisper_encoder(tmp_path):
+  """A WhisperForConditionalGeneration folder: its encoder equals transformers' on the
+  feature extractor's input_features; the decoder is not loaded, and said so."""
+  config = transformers.WhisperConfig(
+      d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=37,
+      decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=37, num_mel_bins=16,
+      max_source_positions=20, vocab_size=100, pad_token_id=0, bos_token_id=1,
+      eos_token_id=2, decoder_start_token_id=1)
+  model, folder = saved(transformers.WhisperForConditionalGeneration(config), tmp_path)
+  features = np.random.default_rng(0).normal(size=(2, 16, 40)).astype(np.float32)
+  reference = model.model.encoder(input_features=torch.tensor(features))
+  module, params = load_hf(folder)
+  out = module.apply({"params": params}, input_features=features)
+  assert_close(out["last_hidden_state"], reference.last_hidden_state)
+
+
+def test_whisper_frontend_matches_the_feature_extractor_on_a_real_recording():
+  """Our on-device log-mel (centred STFT, Slaney mels, log10, clamp, scale) vs
+  WhisperFeatureExtractor's NumPy path on a real voice recording at 16 kHz, padded to 30 s
+  as it pads."""
+  from scipy import signal  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data.builders import digit_sequences  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import speech  # pylint: disable=g-import-not-at-top
+  x, rate = digit_sequences.read_wav(
+      os.path.join(digit_sequences.ASSETS_DIR, "audio", "en", "7.wav"))
+  x = signal.resample_poly(x, 16000, rate).astype(np.float32)
+  extractor = transformers.WhisperFeatureExtractor()
+  reference = extractor(x, sampling_rate=16000, return_tensors="np")["input_features"][0].T
+  tower = speech.WhisperEncoder(width=8, num_layers=0, num_heads=1, mlp_dim=8)
+  ours = np.asarray(tower.apply({}, x[None], method="spectrogram"))[0]
+  assert ours.shape == reference.shape == (3000, 80)
+  error = np.abs(ours - reference)
+  print(f"Whisper frontend: max abs error {error.max():.2e}, mean {error.mean():.2e}")
+  assert error.max() < 2e-3
+
+
 def test_legacy_vit_names_and_torch_bin(tmp_path):
   """Checkpoints written by older transformers (ViT block names, pytorch_model.bin)."""
   model, folder = saved(transformers.ViTModel(

@@ -10,13 +10,18 @@ import numpy as np
 
 from xmodal_jax.models import transformer, vision
 
-MEL_SCALES = ("htk", "kaldi")
+MEL_SCALES = ("htk", "kaldi", "slaney")
+# Slaney's scale (librosa's default, Whisper's): linear up to 1 kHz, logarithmic above.
+SLANEY_BREAK_HZ, SLANEY_BREAK_MEL, SLANEY_LOG_STEP = 1000.0, 15.0, np.log(6.4) / 27.0
 
 
 def hz_to_mel(hz, scale="htk"):
   hz = np.asarray(hz, np.float64)
   if scale == "kaldi":
     return 1127.0 * np.log(1.0 + hz / 700.0)
+  if scale == "slaney":
+    return np.where(hz < SLANEY_BREAK_HZ, 3.0 * hz / 200.0, SLANEY_BREAK_MEL + np.log(
+        np.maximum(hz, 1e-10) / SLANEY_BREAK_HZ) / SLANEY_LOG_STEP)
   return 2595.0 * np.log10(1.0 + hz / 700.0)
 
 
@@ -24,14 +29,18 @@ def mel_to_hz(mel, scale="htk"):
   mel = np.asarray(mel, np.float64)
   if scale == "kaldi":
     return 700.0 * (np.exp(mel / 1127.0) - 1.0)
+  if scale == "slaney":
+    return np.where(mel < SLANEY_BREAK_MEL, 200.0 * mel / 3.0, SLANEY_BREAK_HZ * np.exp(
+        SLANEY_LOG_STEP * (mel - SLANEY_BREAK_MEL)))
   return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
 
 
 def mel_filterbank(num_mels, fft_length, sample_rate, fmin, fmax, scale="htk",
-                   triangles_in_mel=False):
+                   triangles_in_mel=False, area_normalize=False):
   """Triangular mel filters as a float32 matrix [fft_length // 2 + 1, num_mels].
 
-  `triangles_in_mel` draws the triangles linear in mel rather than in Hz (Kaldi's fbank).
+  `triangles_in_mel` draws the triangles linear in mel rather than in Hz (Kaldi's fbank);
+  `area_normalize` scales each by 2 / its width in Hz (Slaney's norm: equal area).
   """
   if scale not in MEL_SCALES:
     raise ValueError(f"mel scale {scale!r}: expected one of {MEL_SCALES}")
@@ -44,7 +53,11 @@ def mel_filterbank(num_mels, fft_length, sample_rate, fmin, fmax, scale="htk",
   lower, center, upper = edges[:-2], edges[1:-1], edges[2:]
   rising = (bins[:, None] - lower) / (center - lower)
   falling = (upper - bins[:, None]) / (upper - center)
-  return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
+  filters = np.maximum(0.0, np.minimum(rising, falling))
+  if area_normalize:
+    hz = mel_to_hz(edges_mel, scale)
+    filters *= 2.0 / (hz[2:] - hz[:-2])
+  return filters.astype(np.float32)
 
 
 def hann_window(length, periodic=True):
@@ -56,9 +69,11 @@ def hann_window(length, periodic=True):
 class LogMel:
   """Waveforms float[B, N] -> log-mel spectrograms float[B, frames, num_mels].
 
-  Frames of `frame_length` samples every `hop_length` (no padding), each optionally made
-  zero-mean and pre-emphasized (Kaldi), windowed (Hann, periodic or symmetric), zero-padded
-  to `fft_length`; power spectrum, mel filterbank, natural log with floor `log_floor`.
+  Frames of `frame_length` samples every `hop_length` (no padding, or with `center` the
+  waveform reflected by fft_length / 2 at both ends first, as STFTs centre frames), each
+  optionally made zero-mean and pre-emphasized (Kaldi), windowed (Hann, periodic or
+  symmetric), zero-padded to `fft_length`; power spectrum, mel filterbank, natural log (or
+  log10 with `log10`) with floor `log_floor`.
   The defaults are the small frontend of the from-scratch audio tower; `kaldi_fbank` gives
   the Audio Spectrogram Transformer's. A plain function object: it has no parameters.
   """
@@ -75,9 +90,16 @@ class LogMel:
   preemphasis: float = 0.0
   mel_scale: str = "htk"
   triangles_in_mel: bool = False
+  area_normalize: bool = False
+  center: bool = False
+  log10: bool = False
 
   def __call__(self, waveform):
     frame_length = self.frame_length or self.fft_length
+    if self.center:
+      pad = self.fft_length // 2
+      waveform = jnp.pad(waveform, [(0, 0)] * (waveform.ndim - 1) + [(pad, pad)],
+                         mode="reflect")
     n = waveform.shape[-1]
     if frame_length > self.fft_length:
       raise ValueError(f"frame_length={frame_length} is longer than fft_length="
@@ -103,8 +125,10 @@ class LogMel:
     power = product(np.cos(angle)) ** 2 + product(np.sin(angle)) ** 2
     fbank = mel_filterbank(self.num_mels, self.fft_length, self.sample_rate, self.fmin,
                            self.fmax or self.sample_rate / 2, self.mel_scale,
-                           self.triangles_in_mel)
-    return jnp.log(jnp.maximum(power @ fbank, self.log_floor))
+                           self.triangles_in_mel, self.area_normalize)
+    mel = jnp.maximum(jnp.matmul(power, fbank, precision=jax.lax.Precision.HIGHEST),
+                      self.log_floor)
+    return jnp.log10(mel) if self.log10 else jnp.log(mel)
 
 
 def kaldi_fbank(sample_rate=16000, num_mels=128):
@@ -128,6 +152,15 @@ def random_bands(rng, batch, count, width, size, *, exact=False):
   inside = ((positions >= starts[..., None]) &
             (positions < (starts + widths)[..., None]))  # [B, count, size]
   return inside.any(axis=1)
+
+
+def whisper_log_mel(sample_rate=16000, num_mels=80):
+  """The log-mel frontend of Hugging Face's WhisperFeatureExtractor before its clamping:
+  400-sample periodic Hann frames every 10 ms, centred, Slaney mels with Slaney's norm up to
+  8 kHz, log10 with floor 1e-10."""
+  return LogMel(sample_rate, fft_length=400, hop_length=sample_rate // 100, num_mels=num_mels,
+                fmin=0.0, fmax=8000.0, log_floor=1e-10, mel_scale="slaney",
+                area_normalize=True, center=True, log10=True)
 
 
 def spec_augment(rng, spec, *, time_masks, time_width, freq_masks, freq_width, fill=0.0):

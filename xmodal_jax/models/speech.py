@@ -1,6 +1,6 @@
-"""wav2vec 2.0 and HuBERT (Baevski et al., 2020; Hsu et al., 2021): a speech tower over raw
-waveforms, with the layout of Hugging Face's Wav2Vec2Model and HubertModel so that
-`pretrained.load_hf` fills it from their folders."""
+"""Speech towers with the layouts of Hugging Face's models, so that `pretrained.load_hf`
+fills them from their folders: wav2vec 2.0 and HuBERT (Baevski et al., 2020; Hsu et al.,
+2021) over raw waveforms, and Whisper's encoder over its log-mel spectrogram."""
 
 from typing import ClassVar, Sequence
 
@@ -124,3 +124,54 @@ class SpeechTransformer(transformer.TrunkOptions, kw_only=True):
     masked = audio.random_bands(self.make_rng("dropout"), batch, spans,
                                 min(self.mask_time_length, frames), frames, exact=True)
     return jnp.where(masked[..., None], embed.astype(x.dtype), x)
+
+
+class WhisperEncoder(transformer.TrunkOptions, audio.SpecAugmentOptions, kw_only=True):
+  """Whisper's audio encoder (Radford et al., 2022; Hugging Face's WhisperEncoder layout),
+  with its feature extraction on device.
+
+  {"waveform": float[B, N]} at 16 kHz -> zero-padded or cut to `max_frames` x 10 ms (30 s,
+  as the released models were trained; fewer cost less) -> WhisperFeatureExtractor's log-mel
+  (each spectrogram clamped to 8 below its maximum, then (x + 4) / 4); or {"spectrogram":
+  float[B, frames, num_mels]} already computed. Two convolutions (the second with stride 2)
+  halve the frames, the first of `max_positions` learned positions are added, pre-LN blocks
+  and a final LayerNorm follow.
+  """
+  INPUT_VALUES: ClassVar[str] = "waveform"
+  width: int
+  sample_rate: int = 16000
+  num_mels: int = 80
+  max_frames: int = 3000
+  max_positions: int = 1500
+  pooling: str = "mean"
+  layer_norm_eps: float = 1e-5
+
+  def spectrogram(self, waveform):
+    """float[B, N] -> the normalized log-mel [B, max_frames, num_mels] the encoder reads."""
+    samples = self.max_frames * (self.sample_rate // 100)
+    waveform = waveform[:, :samples]
+    waveform = jnp.pad(waveform, ((0, 0), (0, samples - waveform.shape[1])))
+    spec = audio.whisper_log_mel(self.sample_rate, self.num_mels)(waveform)[:, :-1]
+    spec = jnp.maximum(spec, spec.max(axis=(1, 2), keepdims=True) - 8.0)
+    return (spec + 4.0) / 4.0
+
+  @nn.compact
+  def __call__(self, inputs, *, train):
+    spec = inputs["spectrogram"] if "spectrogram" in inputs else self.spectrogram(
+        inputs["waveform"].astype(jnp.float32))
+    spec = self.augment(spec, train)
+    gelu = transformer.ACTIVATIONS["gelu"]
+    x = gelu(nn.Conv(self.width, (3,), padding=[(1, 1)], dtype=self.dtype, name="conv1")(
+        spec.astype(self.dtype)))
+    x = gelu(nn.Conv(self.width, (3,), (2,), padding=[(1, 1)], dtype=self.dtype,
+                     name="conv2")(x))
+    positions = self.param("pos_embedding", nn.initializers.normal(0.02),
+                           (self.max_positions, self.width))
+    if x.shape[1] > self.max_positions:
+      raise ValueError(f"{spec.shape[1]} spectrogram frames: this encoder takes at most "
+                       f"{2 * self.max_positions} (max_positions={self.max_positions})")
+    x = x + positions[:x.shape[1]].astype(x.dtype)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = self.encoder(norm="pre", final_norm=True)(x, None, train=train)
+    return transformer.tower_output(self.pool(x, None, train=train, num_prefix_tokens=0),
+                                    x, None)

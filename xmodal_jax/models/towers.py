@@ -26,6 +26,7 @@ TOWERS = {
     "vit": vision.PatchTransformer,
     "ast": audio.SpectrogramTransformer,
     "speech": speech.SpeechTransformer,
+    "whisper": speech.WhisperEncoder,
     "features": features.FeatureEncoder,
 }
 BUILT_TOWERS = ("pretrained", "frames")

@@ -20,7 +20,8 @@ import numpy as np
 from xmodal_jax.models import audio, speech, text, vision
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "vit", "clip", "clip_text_model",
-            "clip_vision_model", "audio-spectrogram-transformer", "wav2vec2", "hubert")
+            "clip_vision_model", "audio-spectrogram-transformer", "wav2vec2", "hubert",
+            "whisper")
 SPEECH_FAMILIES = ("wav2vec2", "hubert")
 CLIP_PARTS = ("text", "vision")
 
@@ -384,6 +385,31 @@ def speech_params(w, tower):
   return params
 
 
+def whisper_tower(config, overrides):
+  if config.activation_function not in text.transformer.ACTIVATIONS:
+    raise ValueError(f"activation_function={config.activation_function!r} is not supported")
+  kwargs = dict(
+      width=config.d_model, num_layers=config.encoder_layers,
+      num_heads=config.encoder_attention_heads, mlp_dim=config.encoder_ffn_dim,
+      num_mels=config.num_mel_bins, max_positions=config.max_source_positions,
+      max_frames=2 * config.max_source_positions, activation=config.activation_function,
+      dropout=config.dropout, attention_dropout=config.attention_dropout)
+  return speech.WhisperEncoder(**(kwargs | overrides))
+
+
+def whisper_params(w, tower):
+  conv1d = lambda name: {"kernel": w[name + ".weight"].transpose(2, 1, 0),
+                         "bias": w[name + ".bias"]}
+  encoder = {f"block{i}": block(w, tower.num_heads, {
+      "attn": [f"encoder.layers.{i}.self_attn.{n}_proj" for n in ("q", "k", "v", "out")],
+      "ln_attn": f"encoder.layers.{i}.self_attn_layer_norm",
+      "fc1": f"encoder.layers.{i}.fc1", "fc2": f"encoder.layers.{i}.fc2",
+      "ln_mlp": f"encoder.layers.{i}.final_layer_norm"}) for i in range(tower.num_layers)}
+  encoder["ln_final"] = layer_norm(w, "encoder.layer_norm")
+  return {"conv1": conv1d("encoder.conv1"), "conv2": conv1d("encoder.conv2"),
+          "pos_embedding": w["encoder.embed_positions.weight"], "encoder": encoder}
+
+
 # --- Entry point -----------------------------------------------------------------------------
 
 
@@ -397,7 +423,7 @@ class HFModule(nn.Module):
     nn.share_scope(self, self.tower)
 
   def __call__(self, input_ids=None, attention_mask=None, token_type_ids=None,
-               pixel_values=None, input_values=None, *, train=False):
+               pixel_values=None, input_values=None, input_features=None, *, train=False):
     if input_ids is not None:
       inputs = {"input_ids": input_ids, "attention_mask": (
           np.ones(np.shape(input_ids), np.int32) if attention_mask is None else attention_mask)}
@@ -407,8 +433,10 @@ class HFModule(nn.Module):
       inputs = {"pixels": pixel_values}
     elif input_values is not None:
       inputs = {self.tower.INPUT_VALUES: input_values}
+    elif input_features is not None:  # Whisper's log-mel [B, mels, frames]
+      inputs = {"spectrogram": jnp.swapaxes(input_features, 1, 2)}
     else:
-      raise ValueError("expected input_ids, pixel_values or input_values")
+      raise ValueError("expected input_ids, pixel_values, input_values or input_features")
     out = self.tower(inputs, train=train)
     return {"last_hidden_state": out["tokens"], "pooler_output": out["pooled"]}
 
@@ -423,7 +451,9 @@ def load_hf(path, part=None, **overrides):
   Families: BERT, RoBERTa, XLM-R and MiniLM (BertModel layout), ViT, CLIP (a CLIPModel
   folder needs part="text" or "vision"; CLIPTextModel / CLIPVisionModel folders need none),
   the Audio Spectrogram Transformer, wav2vec 2.0 and HuBERT (their input_values are raw
-  waveforms, standardized on device when the folder's processor does so). `overrides` replace the tower's options (dtype,
+  waveforms, standardized on device when the folder's processor does so) and Whisper's
+  encoder (input_features as its feature extractor gives them, [B, mels, frames]; the
+  decoder's tensors are listed as not loaded). `overrides` replace the tower's options (dtype,
   remat, dropout, pooling, ...). Nothing is fetched from a hub.
   """
   check_folder(path)
@@ -458,6 +488,8 @@ def convert(path, read_tensors, part, overrides):
     prefixes = (f"{part}_model.",)
   elif part is not None:
     raise ValueError(f"{path}: part={part!r} only applies to CLIP model folders")
+  elif model_type == "whisper":  # WhisperForConditionalGeneration nests the model in "model."
+    prefixes = ("model.",)
   else:
     prefixes = ("bert.", "roberta.", "vit.", "audio_spectrogram_transformer.", "text_model.",
                 "vision_model.", "wav2vec2.", "hubert.")
@@ -481,6 +513,11 @@ def convert(path, read_tensors, part, overrides):
       params = clip_vision_params(w, tower)
     example = {"pixels": np.zeros((1,) + tower.input_size() + (tower.num_channels,),
                                   np.float32)}
+  elif model_type == "whisper":
+    tower = whisper_tower(config, overrides)
+    params = whisper_params(w, tower)
+    example = {"spectrogram": np.zeros((1, 2 * tower.max_positions, tower.num_mels),
+                                       np.float32)}
   elif model_type in SPEECH_FAMILIES:
     tower = speech_tower(config, overrides, path)
     params = speech_params(w, tower)
