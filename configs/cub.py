@@ -44,18 +44,14 @@ def get_config(variant=""):
   config.data = dict(name="cub200", data_dir=placeholder(str), train_split="train",
                      eval_split="test", shuffle_buffer=6_000, cache=False)
   config.modalities = dict(
-      image=dict(kind="image", feature="image", image_size=224, crop_scale=(0.8, 1.0),
-                 flip=True),
-      text=dict(kind="text", feature="text", tokenizer="", max_length=77, captions="sample"),
+      **recipes.clip_modalities(),
       attributes=dict(kind="features", feature="attributes"),
   )
-  clip = lambda part: dict(name="pretrained", path=placeholder(str), part=part,
-                           projection=True, lr_multiplier=0.1, dtype="bfloat16")
   config.model = dict(
       embed_dim=512,
       logit_scale_init=placeholder(float),  # unset: CLIP's, loaded with its projections
       logit_bias_init=placeholder(float),
-      towers=dict(image=clip("vision"), text=clip("text"),
+      towers=dict(image=recipes.clip_tower("vision"), text=recipes.clip_tower("text"),
                   attributes=sizes.features("B", width=512, mlp_dim=1024)),
   )
   config.loss = recipes.loss_defaults()
@@ -85,13 +81,5 @@ def get_config(variant=""):
     config.model.towers = dict(image=sizes.vit("tiny", image_size=32),
                                text=sizes.bert("tiny", vocab_size=64),
                                attributes=sizes.features("tiny"))
-    config.batch_size = 8
-    config.eval_batch_size = 8
-    config.data.shuffle_buffer = 64
-    config.total_steps = 4
-    config.optimizer.warmup_steps = 1
-    config.log_every = 2
-    for evaluator in config.evals.values():
-      evaluator.every = 4
-    config.checkpoint_every = 4
+    recipes.tiny_schedule(config)
   return config

@@ -61,3 +61,30 @@ def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
   config.alignment.distill_alpha = 0.4
   config.alignment.distill_ramp_steps = distill_ramp_steps
   config.evals.rerank = dict(type="rerank", every=config.evals.retrieval.every, k=rerank_k)
+
+
+def clip_modalities():
+  """Photos and captions as CLIP towers read them: 224 x 224 crops of 80-100% of the
+  photo with flips in training, 77 tokens of one caption (the tokenizer from the text
+  tower's folder)."""
+  return dict(
+      image=dict(kind="image", feature="image", image_size=224, crop_scale=(0.8, 1.0),
+                 flip=True),
+      text=dict(kind="text", feature="text", tokenizer="", max_length=77, captions="sample"))
+
+
+def clip_tower(part):
+  """A tower from a local CLIP folder (`path` left to set), its projection into the shared
+  space included, trained at a tenth of the learning rate, in bfloat16."""
+  return dict(name="pretrained", path=ml_collections.config_dict.placeholder(str), part=part,
+              projection=True, lr_multiplier=0.1, dtype="bfloat16")
+
+
+def tiny_schedule(config, batch_size=8):
+  """A few steps at `batch_size`, evaluated and checkpointed at the end: for tests."""
+  config.update(batch_size=batch_size, eval_batch_size=batch_size, total_steps=4, log_every=2,
+                checkpoint_every=4)
+  config.data.shuffle_buffer = 64
+  config.optimizer.warmup_steps = 1
+  for evaluator in config.evals.values():
+    evaluator.every = 4

@@ -151,7 +151,7 @@ def test_lora_adapters_start_as_the_block_without_them():
   np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-@pytest.mark.slow  # trains the tiny config twice in this process (about 40 s)
+@pytest.mark.slow  # trains the tiny config twice in this process (about 30 s)
 def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_dir, tmp_path,
                                                                     capsys):
   """ImageBind's recipe: the frozen video tower's embeddings of the training split, computed
@@ -165,6 +165,7 @@ def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_
     config = audio_video_text.get_config("tiny")
     config.data.data_dir = digit_data_dir
     config.log_every = 1
+    config.data.eval_split = "test[:100]"
     config.modalities.video.augment = False
     config.model.towers.video.trainable = "none"
     config.model.towers.video.cache_embeddings = cached
