@@ -16,8 +16,8 @@ class_attribute_labels_continuous.txt, 0-1), through a 2-layer MLP. It describes
 not a photo, so retrieval matches it by species (`class_level`): photo -> attributes ranks
 the 200 species (R@1 is the classification accuracy by class embedding), attributes -> photo
 queries once per species and any photo of it counts. With CLIP ViT-B/32: 87.5M (image) +
-63.2M (text) + 1.9M (attributes MLP) parameters plus the heads; the run prints the total
-when it starts.
+63.2M (text) + 1.9M (attributes MLP) parameters plus the heads: 153,435,905 in all (a test
+counts them from CLIP's config.json; the run prints it).
 
 The paper reports R@1/5/10 per pair and for fused queries; its numbers are in the paper,
 not in this repository: compare the final table of `launch/evaluate.py` against it.
@@ -45,7 +45,7 @@ def get_config(variant=""):
                      eval_split="test", shuffle_buffer=6_000, cache=False)
   config.modalities = dict(
       **recipes.clip_modalities(),
-      attributes=dict(kind="features", feature="attributes"),
+      attributes=dict(kind="features", feature="attributes", shape=(312,)),
   )
   config.model = dict(
       embed_dim=512,

@@ -18,8 +18,8 @@ ls960, ...):
 One example per spoken caption (30,000 in training); at test, the 1,000 Karpathy test images
 each count once, with their 5,000 spoken and written captions. With CLIP ViT-B/32 and a
 base speech model the towers hold 87.5M (image) + 63.2M (text) + 94.4M (speech)
-parameters, plus the three heads into the 512-wide space (CLIP's own for image and text);
-the run prints the total when it starts.
+parameters, plus the three heads into the 512-wide space (CLIP's own for image and text):
+246,043,649 in all (a test counts them from the folders' config.json; the run prints it).
 
 The paper reports R@1/5/10 for each pair and for fused queries (e.g. image + speech ->
 text); its numbers are in the paper, not in this repository: compare the final table of

@@ -7,7 +7,9 @@
 for its chips on this host, which needs libtpu (pip install -e '.[tpu]'), not a TPU. Prints
 per-chip state, temporaries and total memory against the chip's HBM, XLA's flops per step
 and the compile time; exits 1 when the step does not fit, naming what XLA reported.
-Nothing is read from the dataset (features modalities excepted).
+Nothing is read from the dataset (a features modality states its `shape`), and pretrained
+towers need only their folders' config.json (and a text tower's tokenizer files), not their
+weights.
 """
 
 import json

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -404,3 +405,33 @@ def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   for row in rows:
     np.testing.assert_allclose(found[row][0], tokens["text"]["tokens"][row], atol=1e-5)
     np.testing.assert_array_equal(found[row][1], tokens["text"]["valid"][row])
+
+
+def test_seed_000_full_configs_count_the_published_parameters(tmp_path):
+  """The full configs' models from folders holding only the published architectures'
+  config.json (CLIP ViT-B/32, wav2vec 2.0 base), no weights: CLIP's 151,277,313 parameters
+  (towers, both projections, logit scale; ours adds the heads' zero biases, 2 x 512), the
+  wav2vec 2.0 base model's 94,371,712 less the 128 gains of its weight-normed positional
+  convolution (folded into the kernel here) and its 768 x 512 head; CUB's attributes MLP
+  312 -> 1024 -> 1024 -> 512 and its 512 x 512 head."""
+  transformers = pytest.importorskip("transformers")
+  from configs import cub, flickr8k  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import aot, experiment  # pylint: disable=g-import-not-at-top
+  transformers.CLIPConfig().save_pretrained(tmp_path / "clip")
+  transformers.Wav2Vec2Config().save_pretrained(tmp_path / "wav2vec2")
+  clip_params = 151_277_313 + 2 * 512
+  expected = {
+      "flickr8k": clip_params + 94_371_712 - 128 + 768 * 512 + 512,
+      "cub": clip_params + (312 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 512 + 512)
+             + (512 * 512 + 512)}
+  for name, module in (("flickr8k", flickr8k), ("cub", cub)):
+    config = module.get_config("")
+    experiment.validate_config(config)
+    for modality, tower in config.model.towers.items():
+      if tower.name == "pretrained":
+        tower.path = str(tmp_path / ("wav2vec2" if modality == "audio" else "clip"))
+    config.modalities.text.tokenizer = "digit_words"  # pretrained towers keep their vocab
+    _, _, state = aot.abstract_state(config)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    print(f"configs/{name}.py: {count:,} parameters")
+    assert count == expected[name], name

@@ -76,6 +76,12 @@ def check_modalities(config, builder):
     if kind and kind != modality.kind:
       raise ValueError(f"config.modalities.{name}.kind={modality.kind!r}, but feature "
                        f"{modality.feature!r} of {config.data.name!r} holds {kind}")
+    shape = modality.get("shape")
+    if modality.kind == "features" and shape and tuple(shape) != tuple(
+        features[modality.feature].shape):
+      raise ValueError(f"config.modalities.{name}.shape={tuple(shape)}, but feature "
+                       f"{modality.feature!r} of {config.data.name!r} has shape "
+                       f"{tuple(features[modality.feature].shape)}")
     rate = config.model.towers[name].get("sample_rate") if "model" in config else None
     built_rate = built.get("options", {}).get("sample_rate")
     if kind == "audio" and rate and rate != built_rate:
@@ -271,10 +277,11 @@ def abstract_batch(config, batch_size, builder=None):
   batch, masks = {}, {}
   for name, m in config.modalities.items():
     if m.kind == "features":
-      if builder is None:
+      if builder is None and not m.get("shape"):
         raise ValueError(f"config.modalities.{name}: a features modality takes its shape "
-                         "from the dataset, which is not available")
-      raw = records.empty_value("features", builder.info.features[m.feature].shape)
+                         "from its `shape` or the dataset, and neither is available")
+      shape = m.get("shape") or builder.info.features[m.feature].shape
+      raw = records.empty_value("features", tuple(shape))
     else:
       raw = missing[m.kind]
     one = preprocess.preprocess_one(name, m, raw)

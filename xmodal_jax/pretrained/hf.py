@@ -467,9 +467,10 @@ def check_folder(path):
     raise FileNotFoundError(f"{path}: no config.json, so not a Hugging Face model folder")
 
 
-def convert(path, read_tensors, part, overrides):
+def convert(path, read_tensors, part, overrides, shapes_only=False):
   """load_hf with the folder's tensors from `read_tensors()`, called once the config has
-  been checked."""
+  been checked. With `shapes_only`, the tower as the folder's config.json describes it and
+  no params (nothing else is read; a ViT's optional pooler is taken as absent)."""
   import transformers  # pylint: disable=g-import-not-at-top
   overrides = dict(overrides)
   config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
@@ -494,45 +495,51 @@ def convert(path, read_tensors, part, overrides):
     prefixes = ("bert.", "roberta.", "vit.", "audio_spectrogram_transformer.", "text_model.",
                 "vision_model.", "wav2vec2.", "hubert.")
   renames = LEGACY_VIT_NAMES if model_type in ("vit", "audio-spectrogram-transformer") else ()
-  w = Weights(canonical_names(read_tensors(), prefixes, renames), path)
+  w = Weights({} if shapes_only else canonical_names(read_tensors(), prefixes, renames), path)
 
-  token_inputs = {"input_ids": np.zeros((1, 4), np.int32),
-                  "attention_mask": np.ones((1, 4), np.int32)}
-  if model_type in ("bert", "roberta", "xlm-roberta"):
-    tower = bert_tower(config, model_type, overrides)
-    params, example = bert_params(w, tower), token_inputs
-  elif model_type == "clip_text_model":
-    tower = clip_text_tower(config, overrides)
-    params, example = clip_text_params(w, tower), token_inputs
-  elif model_type in ("clip_vision_model", "vit"):
-    if model_type == "vit":
-      tower = vit_tower(config, overrides, w)
-      params = vit_params(w, tower)
-    else:
-      tower = clip_vision_tower(config, overrides)
-      params = clip_vision_params(w, tower)
-    example = {"pixels": np.zeros((1,) + tower.input_size() + (tower.num_channels,),
-                                  np.float32)}
-  elif model_type == "whisper":
-    tower = whisper_tower(config, overrides)
-    params = whisper_params(w, tower)
-    example = {"spectrogram": np.zeros((1, 2 * tower.max_positions, tower.num_mels),
-                                       np.float32)}
-  elif model_type in SPEECH_FAMILIES:
-    tower = speech_tower(config, overrides, path)
-    params = speech_params(w, tower)
-    example = {"waveform": np.zeros((1, tower.sample_rate), np.float32)}
-  else:
-    tower = ast_tower(config, overrides, path)
-    params = ast_params(w, tower)
-    example = {"spectrogram": np.zeros((1, tower.max_frames, tower.num_mels), np.float32)}
-  check_fits(tower, params, example, path)
+  tower_fn, params_fn, example_fn = CONVERTERS[model_type]
+  tower = tower_fn(config, overrides, path, w)
+  if shapes_only:
+    return HFModule(tower), None
+  params = params_fn(w, tower)
+  check_fits(tower, params, example_fn(tower), path)
   unused = w.unused()
   if unused:
     logging.warning("%s: %d tensors have no place in the %s tower and were not loaded: %s",
                     path, len(unused), type(tower).__name__, ", ".join(unused[:20])
                     + (" ..." if len(unused) > 20 else ""))
   return HFModule(tower), jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+
+
+def token_example(tower):
+  del tower
+  return {"input_ids": np.zeros((1, 4), np.int32), "attention_mask": np.ones((1, 4), np.int32)}
+
+
+def pixel_example(tower):
+  return {"pixels": np.zeros((1,) + tower.input_size() + (tower.num_channels,), np.float32)}
+
+
+# model_type -> (tower(config, overrides, path, weights), params(weights, tower), an example
+# input for the tower's init).
+CONVERTERS = {
+    **{family: (lambda c, o, p, w, family=family: bert_tower(c, family, o), bert_params,
+                token_example) for family in ("bert", "roberta", "xlm-roberta")},
+    "clip_text_model": (lambda c, o, p, w: clip_text_tower(c, o), clip_text_params,
+                        token_example),
+    "clip_vision_model": (lambda c, o, p, w: clip_vision_tower(c, o), clip_vision_params,
+                          pixel_example),
+    "vit": (lambda c, o, p, w: vit_tower(c, o, w), vit_params, pixel_example),
+    "audio-spectrogram-transformer": (
+        lambda c, o, p, w: ast_tower(c, o, p), ast_params,
+        lambda t: {"spectrogram": np.zeros((1, t.max_frames, t.num_mels), np.float32)}),
+    **{family: (lambda c, o, p, w: speech_tower(c, o, p), speech_params,
+                lambda t: {"waveform": np.zeros((1, t.sample_rate), np.float32)})
+       for family in SPEECH_FAMILIES},
+    "whisper": (lambda c, o, p, w: whisper_tower(c, o), whisper_params,
+                lambda t: {"spectrogram": np.zeros((1, 2 * t.max_positions, t.num_mels),
+                                                   np.float32)}),
+}
 
 
 def projection(path, tensors, part, embed_dim):
@@ -558,8 +565,11 @@ class Loader:
   `loader`), reading each folder's weights once however many towers and projections come
   from it (a CLIP folder gives both towers and both projections)."""
 
-  def __init__(self):
+  def __init__(self, shapes_only=False):
+    """`shapes_only`: build the towers from the folders' config.json alone, with no params
+    (what compiling for a topology or counting parameters needs; no weights are read)."""
     self._tensors = {}
+    self.shapes_only = shapes_only
 
   def tensors(self, path):
     if path not in self._tensors:
@@ -574,14 +584,25 @@ class Loader:
     if not path:
       raise ValueError(f"{where}: name='pretrained' needs path=<a Hugging Face model folder>")
     part = options.pop("part", None)
-    module, params = convert(path, lambda: self.tensors(path), part, options)
+    if self.shapes_only:
+      check_folder(path)
+    module, params = convert(path, lambda: self.tensors(path), part, options,
+                             shapes_only=self.shapes_only)
     return module.tower, params
 
   def projection(self, options, where, embed_dim):
-    """(head params, logit scale) of CLIP's projection for the config entry `where`."""
+    """(head params, logit scale) of CLIP's projection for the config entry `where`; with
+    shapes_only, (None, None) once config.json's projection_dim is checked."""
     path = options.get("path")
     if not path:
       raise ValueError(f"{where}: projection=True needs path=<a CLIPModel folder>")
+    if self.shapes_only:
+      import transformers  # pylint: disable=g-import-not-at-top
+      config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+      if getattr(config, "projection_dim", embed_dim) != embed_dim:
+        raise ValueError(f"{path}: CLIP projects to {config.projection_dim} dims but "
+                         f"config.model.embed_dim={embed_dim}")
+      return None, None
     return projection(path, self.tensors(path), options.get("part"), embed_dim)
 
 

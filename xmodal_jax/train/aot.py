@@ -58,6 +58,16 @@ def shard_bytes(tree):
              for x in jax.tree.leaves(tree))
 
 
+def abstract_state(config):
+  """(model, optimizer, the train state's jax.ShapeDtypeStructs) of a config whose
+  tokenizers are resolved; pretrained towers come from their folders' config.json (no
+  weights read)."""
+  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  model, _, tx = experiment.build_model_and_optimizer(config, shapes_only=True)
+  return model, tx, jax.eval_shape(experiment.state_creator(config, model, tx),
+                                   pipeline.abstract_batch(config, 1))
+
+
 def compile_train_step(config, devices):
   """Compiles `config`'s train step for `devices` at `config.batch_size`; returns the
   compiled executable and a Report. An executable that does not fit the chips' memory is
@@ -65,10 +75,8 @@ def compile_train_step(config, devices):
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   experiment.validate_config(config, device_count=len(devices))
   config = experiment.resolve_tokenizers(config)
-  model, _, tx = experiment.build_model_and_optimizer(config)
+  model, tx, abstract = abstract_state(config)
   mesh = parallel.make_mesh(devices, shape=config.get("mesh"))
-  abstract = jax.eval_shape(experiment.state_creator(config, model, tx),
-                            pipeline.abstract_batch(config, 1))
   shardings = experiment.state_shardings(abstract, mesh, config)
   state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                        abstract, shardings)

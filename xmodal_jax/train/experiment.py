@@ -92,14 +92,15 @@ class Experiment:
   embedder: embed.Embedder
 
 
-def build_model_and_optimizer(config):
+def build_model_and_optimizer(config, shapes_only=False):
   """(model, pretrained params by path, optax optimizer) of a config whose tokenizers are
-  resolved; text towers take their vocabulary size from their tokenizers."""
+  resolved; text towers take their vocabulary size from their tokenizers. `shapes_only`:
+  pretrained towers from their folders' config.json, no weights read (no params)."""
   from xmodal_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   vocab_sizes = {name: len(preprocess.load_tokenizer(m.tokenizer))
                  for name, m in config.modalities.items() if m.kind == "text"}
-  model, pretrained = towers.build_model(config.model, vocab_sizes,
-                                         loader=pretrained_lib.Loader())
+  model, pretrained = towers.build_model(
+      config.model, vocab_sizes, loader=pretrained_lib.Loader(shapes_only=shapes_only))
   return model, pretrained, optimizer.make_optimizer(config)
 
 
