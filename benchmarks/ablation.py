@@ -48,6 +48,7 @@ NO_EMA = ["--config.alignment.momentum=0.0", "--config.alignment.queue_size=256"
 DISTILL, NO_DISTILL = ("--config.alignment.distill_alpha=0.4",
                        "--config.alignment.distill_alpha=0.0")
 INFONCE = "--config.loss.weights.contrastive=1.0"
+AV_WEIGHT2 = "--config.loss.pair_weights['audio-video']=2.0"
 NO_INFONCE = "--config.loss.weights.contrastive=0.0"
 
 # name -> (config variant, overrides, what it tests)
@@ -65,6 +66,11 @@ VARIANTS = {
         "--config.model.fusion.pairs=('text:audio', 'text:video', 'audio:video')"],
         "align_fuse with a third fusion encoder, audio:video, so that matching and "
         "re-ranking act on audio<->video too"),
+    "align_fuse_av_weight2": ("align_fuse", [AV_WEIGHT2],
+                              "align_fuse with audio-video's InfoNCE weighted 2: the text "
+                              "pairs gain matching terms, audio-video has only InfoNCE and "
+                              "ITC"),
+    "gpo_av_weight2": ("", [AV_WEIGHT2], "InfoNCE, GPO, audio-video weighted 2 (the control)"),
     "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA] + ALBEF_EMA,
                       "seed 001 alone: ITC + IMS + LMIM + ITM on every modality (GPO)"),
     "align_fuse+infonce": ("align_fuse", [INFONCE, ALL_INTRA] + ALBEF_EMA,

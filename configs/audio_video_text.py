@@ -80,6 +80,9 @@ def get_config(variant=""):
       ),
   )
   config.loss = recipes.loss_defaults()
+  # Written out (all 1, the default) so that a flag can set one:
+  # --config.loss.pair_weights['audio-video']=2.0
+  config.loss.pair_weights = {"audio-text": 1.0, "audio-video": 1.0, "text-video": 1.0}
 
   config.batch_size = 256
   config.eval_batch_size = 512  # divides over 1, 2, 4, 8, ... devices
