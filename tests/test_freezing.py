@@ -151,34 +151,31 @@ def test_lora_adapters_start_as_the_block_without_them():
   np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-@pytest.mark.slow  # trains the tiny config twice in this process (about 30 s)
+@pytest.mark.slow  # trains the tiny config twice in this process (about 20 s)
 def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_dir, tmp_path,
                                                                     capsys):
   """ImageBind's recipe: the frozen video tower's embeddings of the training split, computed
   once, stand in for the tower; with no augmentation the other towers see the same
-  embeddings, so every step's loss and the final evaluation equal those of running the
-  frozen tower each step."""
+  embeddings, so every step's loss equals that of running the frozen tower each step."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
-  losses, finals = {}, {}
+  losses = {}
   for cached in (False, True):
     config = audio_video_text.get_config("tiny")
     config.data.data_dir = digit_data_dir
     config.log_every = 1
-    config.data.eval_split = "test[:100]"
+    config.evals = {}  # the steps are what differs
     config.modalities.video.augment = False
     config.model.towers.video.trainable = "none"
     config.model.towers.video.cache_embeddings = cached
     workdir = tmp_path / f"cached_{cached}"
-    finals[cached] = loop.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
     with open(workdir / "metrics.jsonl") as f:
       losses[cached] = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
   assert "Cached the frozen video tower's embeddings of" in capsys.readouterr().out
   assert len(losses[True]) == config.total_steps
   np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
-  for key, value in finals[False].items():
-    if key.endswith("R@1"):
-      assert finals[True][key] == pytest.approx(value, abs=1e-6), key
+  assert len(set(losses[True])) == len(losses[True])  # the other towers do train
 
 
 @pytest.mark.parametrize("change,message", [
