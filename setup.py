@@ -34,6 +34,7 @@ setuptools.setup(
         ],
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",  # the suite runs in 2 worker processes (README.md)
             # References for the pretrained-checkpoint tests: transformers' PyTorch models
             # (2.13.0 is the CPU build this project's machines carry) and a real MiniLM.
             "torch==2.13.0",

@@ -25,6 +25,11 @@ def xla_flags(devices, fast_compile=True):
 
 # Tests in this process see 8 CPU devices (set before anything imports jax).
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
+# JAX on the CPU only, also where libtpu is installed (the TPU compile tests describe TPU
+# topologies without one), and libtpu loadable by several processes at once: the suite runs
+# in two pytest-xdist workers.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # One persistent compilation cache for this process and every launcher it starts: the suite
 # compiles the same tiny configs many times. Under the (ignored) .cache/ of the checkout, so a
 # fresh clone starts cold and a developer's second run starts warm.

@@ -34,10 +34,7 @@ def test_tiny_step_compiles_for_a_v5e_slice_with_a_quarter_of_the_state_per_chip
   assert report.device_kind == "TPU v5 lite" and report.hbm_bytes == 16 << 30
   assert report.mesh == {"data": 1, "fsdp": 4}
   # The whole state's bytes, from its shapes alone: each chip holds about a quarter.
-  model, _, tx = experiment.build_model_and_optimizer(experiment.resolve_tokenizers(config))
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  state = jax.eval_shape(experiment.state_creator(config, model, tx),
-                         pipeline.abstract_batch(config, 1))
+  _, _, state = aot.abstract_state(experiment.resolve_tokenizers(config))
   total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
               for x in jax.tree.leaves(state))
   assert 0.24 * total <= report.state_bytes <= 0.26 * total, (report.state_bytes, total)
