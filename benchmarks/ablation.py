@@ -33,7 +33,7 @@ def only(*terms, ema=None):
   and LMIM on every modality, and the momentum settings `ema` (default ALBEF_EMA)."""
   weights = dict(itc=1 / 3, ims=1 / 3, lmim=1 / 3, itm=1.0)
   return [f"--config.loss.weights.{t}={w if t in terms else 0.0}" for t, w in weights.items()
-          ] + [NO_INFONCE, ALL_INTRA] + (ema or ALBEF_EMA)
+          ] + [NO_INFONCE, ALL_INTRA, TEXT_FUSION] + (ema or ALBEF_EMA)
 
 
 NO_AUDIO_INTRA = "--config.loss.intra_modalities=('text', 'video')"
@@ -47,6 +47,8 @@ NO_EMA = ["--config.alignment.momentum=0.0", "--config.alignment.queue_size=256"
           "--config.alignment.distill_alpha=0.0"]
 DISTILL, NO_DISTILL = ("--config.alignment.distill_alpha=0.4",
                        "--config.alignment.distill_alpha=0.0")
+# The fusion pairs :align_fuse had before the audio:video pair joined them.
+TEXT_FUSION = "--config.model.fusion.pairs=('text:audio', 'text:video')"
 INFONCE = "--config.loss.weights.contrastive=1.0"
 AV_WEIGHT2 = "--config.loss.pair_weights['audio-video']=2.0"
 NO_INFONCE = "--config.loss.weights.contrastive=0.0"
@@ -61,19 +63,20 @@ VARIANTS = {
     "regression_gpo": ("regression", [], "similarity regression, GPO"),
     "sigmoid_gpo": ("sigmoid", [], "SigLIP's sigmoid loss, GPO"),
     "align_fuse": ("align_fuse", [], "as shipped: seed 001's terms + InfoNCE, IMS and LMIM "
-                   "on text and video, momentum 0.9, queue 1,024, no distillation"),
+                   "on text and video, momentum 0.9, queue 1,024, no distillation, fusion "
+                   "pairs text:audio, text:video and audio:video"),
     "align_fuse_av_fusion": ("align_fuse", [
         "--config.model.fusion.pairs=('text:audio', 'text:video', 'audio:video')"],
         "align_fuse with a third fusion encoder, audio:video, so that matching and "
-        "re-ranking act on audio<->video too"),
-    "align_fuse_av_weight2": ("align_fuse", [AV_WEIGHT2],
-                              "align_fuse with audio-video's InfoNCE weighted 2: the text "
-                              "pairs gain matching terms, audio-video has only InfoNCE and "
-                              "ITC"),
+        "re-ranking act on audio<->video too (= align_fuse since)"),
+    "align_fuse_av_weight2": ("align_fuse", [AV_WEIGHT2, TEXT_FUSION],
+                              "align_fuse (text fusion pairs) with audio-video's InfoNCE "
+                              "weighted 2: the text pairs gain matching terms, audio-video "
+                              "has only InfoNCE and ITC"),
     "gpo_av_weight2": ("", [AV_WEIGHT2], "InfoNCE, GPO, audio-video weighted 2 (the control)"),
-    "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA] + ALBEF_EMA,
+    "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA, TEXT_FUSION] + ALBEF_EMA,
                       "seed 001 alone: ITC + IMS + LMIM + ITM on every modality (GPO)"),
-    "align_fuse+infonce": ("align_fuse", [INFONCE, ALL_INTRA] + ALBEF_EMA,
+    "align_fuse+infonce": ("align_fuse", [INFONCE, ALL_INTRA, TEXT_FUSION] + ALBEF_EMA,
                            "seed 001's terms on every modality + InfoNCE"),
     "itc": ("align_fuse", only("itc"), "ITC alone (queues, EMA, distillation)"),
     "itc_no_distill": ("align_fuse", only("itc", ema=ALBEF_EMA[:2] + [NO_DISTILL]),
@@ -90,17 +93,19 @@ VARIANTS = {
                           "ITC + LMIM over 4 locals per sample (a digit's span of audio)"),
     "align_fuse_no_lmim": ("align_fuse", only("itc", "ims", "itm"),
                            "seed 001 without LMIM: ITC + IMS + ITM"),
-    "align_fuse_no_audio_intra": ("align_fuse", [NO_INFONCE, NO_AUDIO_INTRA] + ALBEF_EMA,
+    "align_fuse_no_audio_intra": ("align_fuse", [NO_INFONCE, NO_AUDIO_INTRA, TEXT_FUSION]
+                                  + ALBEF_EMA,
                                   "seed 001 with IMS and LMIM on text and video only"),
     "align_fuse+infonce_no_audio_intra": (
-        "align_fuse", [INFONCE, NO_AUDIO_INTRA] + ALBEF_EMA,
+        "align_fuse", [INFONCE, NO_AUDIO_INTRA, TEXT_FUSION] + ALBEF_EMA,
         "seed 001's terms + InfoNCE, IMS and LMIM on text and video only, ALBEF's EMA"),
-    "align_fuse_fresh": ("align_fuse", FRESH + [DISTILL],
+    "align_fuse_fresh": ("align_fuse", FRESH + [DISTILL, TEXT_FUSION],
                          "the same, momentum 0.9, queue 1,024, distillation 0.4"),
-    "align_fuse_fresh_no_distill": ("align_fuse", FRESH + [NO_DISTILL],
-                                    "the same without distillation (= align_fuse)"),
-    "align_fuse_no_ema": ("align_fuse", NO_EMA, "the same, no EMA lag (momentum 0), the "
-                          "queue one batch, no distillation"),
+    "align_fuse_fresh_no_distill": ("align_fuse", FRESH + [NO_DISTILL, TEXT_FUSION],
+                                    "the same without distillation (align_fuse before the "
+                                    "audio:video fusion pair)"),
+    "align_fuse_no_ema": ("align_fuse", NO_EMA + [TEXT_FUSION], "the same, no EMA lag "
+                          "(momentum 0), the queue one batch, no distillation"),
 }
 
 

@@ -357,7 +357,7 @@ def test_rerank_with_an_oracle_and_with_the_embedding_scores():
 @pytest.fixture(scope="module")
 def aligned_run(digit_data_dir, tmp_path_factory):
   """configs/audio_video_text.py:tiny,align_fuse trained 4 steps through train_and_evaluate
-  (a checkpoint after every step; queue of 64 = 4 batches)."""
+  (a checkpoint after every step; queue of 64 = 4 batches; the text pairs' fusion encoders)."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny,align_fuse")
@@ -368,6 +368,7 @@ def aligned_run(digit_data_dir, tmp_path_factory):
   config.data.eval_split = "test[:100]"  # re-ranking 4 directions x 100 queries x 4
   config.evals.retrieval.update(every=4, fused="none")
   config.evals.rerank.update(every=4, k=4)
+  config.model.fusion.pairs = ("text:audio", "text:video")  # two fusion encoders are enough
   # IMS on video takes the momentum keys of a second view (frames shifted by other draws).
   config.modalities.video.update(max_shift=2, second_view=True)
   workdir = str(tmp_path_factory.mktemp("aligned"))
