@@ -1,5 +1,6 @@
 """xmodal_jax: one embedding space shared by any number of modalities."""
 
+import logging
 import os
 
 __version__ = "0.1.0"
@@ -17,3 +18,22 @@ def _order_cpu_collectives():
 
 
 _order_cpu_collectives()
+
+
+class _DropMessage(logging.Filter):
+  """Drops a library's log records that contain `text`."""
+
+  def __init__(self, text):
+    super().__init__()
+    self.text = text
+
+  def filter(self, record):
+    return self.text not in record.getMessage()
+
+
+# Two messages about the libraries' own code, nothing a user can act on: TFDS's decoder of
+# bytes-encoded tensors (our audio and features) reads its own deprecated property, and
+# transformers announces at import that it has no PyTorch, which only its models need (we
+# use its tokenizers and configs).
+logging.getLogger("absl").addFilter(_DropMessage("FeatureConnector.dtype` is deprecated"))
+logging.getLogger("transformers").addFilter(_DropMessage("PyTorch was not found"))
