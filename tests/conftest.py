@@ -67,7 +67,8 @@ def run_train(args, **kwargs):
 def trained_run(digit_data_dir, tmp_path_factory):
   """The default config with cls pooling, cut to 300 steps on 1 device through
   launch/train.py (51 s; 94 s on 2 simulated devices, which share the same 2 cores): enough
-  to retrieve (text->video R@1 about 46%), so search results mean something. The tests that read it run on 2 devices.
+  to retrieve (text->video R@1 about 46%), so search results mean something. The tests that
+  read it run on 2 devices.
   Returns (the run's launcher args, config and workdir, workdir, train.py's stdout); shared
   by the launcher tests, which only read it (or resume it when it is finished)."""
   workdir = str(tmp_path_factory.mktemp("trained_run"))

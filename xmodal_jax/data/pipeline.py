@@ -288,8 +288,9 @@ def abstract_batch(config, batch_size, builder=None):
     batch[name] = {k: (batch_size,) + v.shape[1:] + (v.dtype,) for k, v in one.items()}
     masks[name] = (batch_size, np.bool_)
   batch |= {"_mask": masks, "_id": (batch_size, np.int64)}
-  if second_view_modalities(config):
-    batch["_views"] = {name: batch[name] for name in second_view_modalities(config)}
+  views = second_view_modalities(config)
+  if views:
+    batch["_views"] = {name: batch[name] for name in views}
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[:-1], jax.dtypes.canonicalize_dtype(
       s[-1])), batch, is_leaf=lambda x: isinstance(x, tuple))
 

@@ -8,6 +8,7 @@ the same split share one embedding pass. Adding an evaluator is one function and
 """
 
 import dataclasses
+import functools
 from typing import Callable
 
 import numpy as np
@@ -126,8 +127,11 @@ def zeroshot_text_modality(options, modalities):
       (n for n, m in modalities.items() if m.kind == "text"), None)
 
 
+@functools.lru_cache(maxsize=None)
 def item_labels(builder, split, feature):
-  """{item id: class name} of a split's `feature` ("" where an item has none)."""
+  """{item id: class name} of a split's `feature` ("" where an item has none). Read once per
+  builder and split: every evaluation that needs them (retrieval's class_level, zero-shot)
+  would otherwise read the whole split again."""
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   if feature not in builder.info.features:
     raise ValueError(f"{builder.data_dir}: no {feature!r} feature to classify by (manifests "

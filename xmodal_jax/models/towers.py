@@ -43,14 +43,15 @@ class MultiModalModel(nn.Module):
   """{modality: inputs} -> {modality: float32[B, embed_dim] L2-normalized embeddings}.
 
   Modalities absent from the batch are skipped; a modality given as {"cached_embedding":
-  float32[B, embed_dim]} (a frozen tower's, computed once) skips its tower. Also owns `logit_scale`, stored as its log
-  (initialized to log(1/0.07) as in CLIP; the one place that default is written) and, if
-  `logit_bias_init` is set, the sigmoid loss's `logit_bias` (SigLIP: -10); callers read
-  them from the params. With `scale_pairs` (pair names "m-n"), both are one scalar per pair
-  of modalities instead, {pair: scalar} (per-pair temperatures). With `local_features` > 0, a local head per modality projects up to
-  that many pooled runs of tokens (a grid of cells for patch towers) into the embedding
-  space (LMIM); `fusion` holds a FusionEncoder per pair "a:b" (a's tokens attend to b's) for
-  matching and re-ranking (seed 001).
+  float32[B, embed_dim]} (a frozen tower's, computed once) skips its tower. Also owns
+  `logit_scale`, stored as its log (initialized to log(1/0.07) as in CLIP; the one place that
+  default is written) and, if `logit_bias_init` is set, the sigmoid loss's `logit_bias`
+  (SigLIP: -10); callers read them from the params. With `scale_pairs` (pair names "m-n"),
+  both are one scalar per pair of modalities instead, {pair: scalar} (per-pair temperatures).
+  With `local_features` > 0, a local head per modality projects up to that many pooled runs of
+  tokens (a grid of cells for patch towers) into the embedding space (LMIM); `fusion` holds a
+  FusionEncoder per pair "a:b" (a's tokens attend to b's) for matching and re-ranking (seed
+  001).
   """
   towers: Mapping[str, nn.Module]
   embed_dim: int

@@ -143,12 +143,27 @@ def conv(w, name, bias):
   return kernel | ({"bias": w[name + ".bias"]} if bias else {})
 
 
-def activation(config):
-  act = config.hidden_act
+def activation(config, field="hidden_act"):
+  """The config's activation (its `field`), checked against the ones the blocks have."""
+  act = getattr(config, field)
   if not isinstance(act, str) or act not in text.transformer.ACTIVATIONS:
-    raise ValueError(f"hidden_act={act!r} is not supported (expected one of "
+    raise ValueError(f"{field}={act!r} is not supported (expected one of "
                      f"{sorted(text.transformer.ACTIVATIONS)})")
   return act
+
+def feature_extractor_options(path):
+  """preprocessor_config.json's fields (the processor's), or {} when the folder has none."""
+  name = os.path.join(path, "preprocessor_config.json")
+  if not os.path.exists(name):
+    return {}
+  with open(name) as f:
+    return json.load(f)
+
+
+def conv1d(w, name, bias=True):
+  """A torch Conv1d's weight [out, in, K] (and bias) as Flax nn.Conv params [K, in, out]."""
+  kernel = {"kernel": w[name + ".weight"].transpose(2, 1, 0)}
+  return kernel | ({"bias": w[name + ".bias"]} if bias else {})
 
 
 # --- BERT / RoBERTa / MiniLM -----------------------------------------------------------------
@@ -290,12 +305,9 @@ def ast_tower(config, overrides, path):
   kwargs = vit_common(config) | dict(
       num_mels=config.num_mel_bins, max_frames=config.max_length,
       patch_stride=(config.frequency_stride, config.time_stride))
-  extractor = os.path.join(path, "preprocessor_config.json")
-  if os.path.exists(extractor):
-    with open(extractor) as f:
-      features = json.load(f)
-    kwargs.update(sample_rate=features.get("sampling_rate", 16000),
-                  mean=features.get("mean", -4.2677393), std=features.get("std", 4.5689974))
+  features = feature_extractor_options(path)
+  kwargs.update(sample_rate=features.get("sampling_rate", 16000),
+                mean=features.get("mean", -4.2677393), std=features.get("std", 4.5689974))
   return audio.SpectrogramTransformer(**(kwargs | overrides))
 
 
@@ -305,14 +317,6 @@ def ast_params(w, tower):
 
 # --- wav2vec 2.0 and HuBERT ------------------------------------------------------------------
 
-
-def feature_extractor_options(path):
-  """preprocessor_config.json's fields (the processor's), or {} when the folder has none."""
-  name = os.path.join(path, "preprocessor_config.json")
-  if not os.path.exists(name):
-    return {}
-  with open(name) as f:
-    return json.load(f)
 
 
 def speech_tower(config, overrides, path):
@@ -360,8 +364,7 @@ def speech_params(w, tower):
   convs = {}
   for i in range(len(tower.conv_channels)):
     name = f"feature_extractor.conv_layers.{i}."
-    convs[f"conv{i}"] = {"kernel": w[name + "conv.weight"].transpose(2, 1, 0)} | (
-        {"bias": w[name + "conv.bias"]} if tower.conv_bias else {})
+    convs[f"conv{i}"] = conv1d(w, name + "conv", tower.conv_bias)
     if tower.feature_norm == "layer" or i == 0:
       convs[f"norm{i}"] = layer_norm(w, name + "layer_norm")
   encoder = {f"block{i}": block(w, tower.num_heads, {
@@ -386,27 +389,24 @@ def speech_params(w, tower):
 
 
 def whisper_tower(config, overrides):
-  if config.activation_function not in text.transformer.ACTIVATIONS:
-    raise ValueError(f"activation_function={config.activation_function!r} is not supported")
   kwargs = dict(
       width=config.d_model, num_layers=config.encoder_layers,
       num_heads=config.encoder_attention_heads, mlp_dim=config.encoder_ffn_dim,
       num_mels=config.num_mel_bins, max_positions=config.max_source_positions,
-      max_frames=2 * config.max_source_positions, activation=config.activation_function,
+      max_frames=2 * config.max_source_positions,
+      activation=activation(config, "activation_function"),
       dropout=config.dropout, attention_dropout=config.attention_dropout)
   return speech.WhisperEncoder(**(kwargs | overrides))
 
 
 def whisper_params(w, tower):
-  conv1d = lambda name: {"kernel": w[name + ".weight"].transpose(2, 1, 0),
-                         "bias": w[name + ".bias"]}
   encoder = {f"block{i}": block(w, tower.num_heads, {
       "attn": [f"encoder.layers.{i}.self_attn.{n}_proj" for n in ("q", "k", "v", "out")],
       "ln_attn": f"encoder.layers.{i}.self_attn_layer_norm",
       "fc1": f"encoder.layers.{i}.fc1", "fc2": f"encoder.layers.{i}.fc2",
       "ln_mlp": f"encoder.layers.{i}.final_layer_norm"}) for i in range(tower.num_layers)}
   encoder["ln_final"] = layer_norm(w, "encoder.layer_norm")
-  return {"conv1": conv1d("encoder.conv1"), "conv2": conv1d("encoder.conv2"),
+  return {"conv1": conv1d(w, "encoder.conv1"), "conv2": conv1d(w, "encoder.conv2"),
           "pos_embedding": w["encoder.embed_positions.weight"], "encoder": encoder}
 
 

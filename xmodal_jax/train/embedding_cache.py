@@ -12,6 +12,8 @@ matching) cannot use a cached modality.
 
 import numpy as np
 
+from xmodal_jax.losses import objectives
+
 
 def cached_modalities(config):
   return [m for m, tower in config.model.towers.items() if tower.get("cache_embeddings")]
@@ -20,7 +22,7 @@ def cached_modalities(config):
 def validate(config):
   """Raises on a cached tower that is not frozen, augments, or feeds a token objective."""
   weights = config.loss.weights
-  intra = tuple(config.loss.get("intra_modalities") or config.modalities)
+  intra = objectives.intra_modal(config.loss, config.modalities)
   fusion = config.model.get("fusion") or {}
   fused = {m for pair in fusion.get("pairs", ()) for m in pair.split(":")}
   for modality in cached_modalities(config):
@@ -34,7 +36,6 @@ def validate(config):
                        "augment=False; text modalities pick captions, so they cannot be "
                        "cached)")
     token_terms = [t for t in ("ims", "lmim") if weights.get(t, 0.0) and modality in intra]
-    token_terms += ["itm"] if weights.get("itm", 0.0) and modality in fused else []
     if token_terms or modality in fused:
       raise ValueError(f"{where}: {token_terms or 'the fusion encoders'} read this tower's "
                        "token features, which a cache does not keep")
@@ -50,9 +51,8 @@ class Cache:
   def compute(cls, experiment, params):
     """Embeds the training split's cached modalities with the frozen towers (evaluation
     preprocessing, which equals training's for them)."""
-    tables = {}
-    for modality in cached_modalities(experiment.config):
-      config = experiment.config
+    tables, config = {}, experiment.config
+    for modality in cached_modalities(config):
       embedder = experiment.embedder.for_dataset(
           {"name": config.data.name, "data_dir": config.data.data_dir}, modality)
       embedded = embedder.split(params, config.data.train_split)
