@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
 import jax
+from xmodal_jax.data import files
 from xmodal_jax.eval import evaluators, retrieval
 from xmodal_jax.train import experiment as experiment_lib
 
@@ -44,8 +45,8 @@ def main(argv):
   print(retrieval.format_tables(metrics), flush=True)
   out = _OUT.value or os.path.join(WORKDIR.value, f"eval_{split}_step{experiment.step}.json")
   if jax.process_index() == 0:
-    with open(out, "w") as f:
-      json.dump({"step": experiment.step, "split": split, **metrics}, f, indent=1)
+    files.write_atomically(out, json.dumps({"step": experiment.step, "split": split, **metrics},
+                                           indent=1))
     print(f"wrote {out}")
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
+from xmodal_jax.data import files
 from xmodal_jax.eval import export
 from xmodal_jax.parallel import distributed
 from xmodal_jax.train import experiment as experiment_lib
@@ -35,7 +36,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   join_runtime()
-  experiment_lib.check_local(_OUT.value, "--out")
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
                                     require_checkpoint=True)
   config = experiment.config
@@ -44,7 +44,7 @@ def main(argv):
   total = experiment.builder.info.splits[split].num_examples
   num_batches = -(-total // config.eval_batch_size)
   # What the parts were written with: a resume with any other value is refused.
-  signature = {"workdir": os.path.abspath(WORKDIR.value), "step": experiment.step,
+  signature = {"workdir": files.absolute(WORKDIR.value), "step": experiment.step,
                "split": split, "dataset": config.data.name,
                "eval_batch_size": config.eval_batch_size,
                "model": json.loads(config.model.to_json_best_effort(sort_keys=True))}

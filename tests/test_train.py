@@ -136,8 +136,8 @@ def test_unknown_config_key_stops_the_launcher_naming_it(tmp_path):
 @pytest.mark.parametrize("change, error, message", [
     (dict(data_dir="/no/such/folder"), FileNotFoundError, "/no/such/folder"),
     (dict(feature="speech"), ValueError, "config.modalities.audio.feature='speech'"),
-    (dict(workdir="gs://bucket/run"), ValueError,
-     "--workdir=gs://bucket/run: remote paths are not supported yet"),
+    (dict(workdir="gs://bucket/run"), ImportError,
+     "--workdir=gs://bucket/run: checkpoints in Cloud Storage need google-cloud-storage"),
 ])
 def test_bad_data_config_stops_before_building_the_model(digit_data_dir, tmp_path,
                                                          monkeypatch, change, error, message):
@@ -145,6 +145,7 @@ def test_bad_data_config_stops_before_building_the_model(digit_data_dir, tmp_pat
   if "feature" in change:
     config.modalities.audio.feature = change["feature"]
   monkeypatch.setattr("xmodal_jax.models.towers.build_model", None)  # Never reached.
+  monkeypatch.setitem(sys.modules, "google.cloud.storage", None)  # the gcs extra missing
   with pytest.raises(error, match=message):
     experiment_lib.setup(config, change.get("workdir", str(tmp_path)))
 

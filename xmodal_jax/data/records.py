@@ -37,6 +37,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from xmodal_jax.data import media, random_access, webdataset
+from xmodal_jax.data.files import is_remote
 
 KINDS = ("image", "audio", "video", "text", "features")
 FILE_FORMATS = ("tfrecord", "array_record")
@@ -134,11 +135,6 @@ def resolve_path(value, base_dir, item_id, name):
     raise BadRecord(item_id, name, f"expected a file path (string), got "
                     f"{type(value).__name__} {value!r}"[:200])
   return absolute(value, base_dir)
-
-
-def is_remote(path):
-  """Whether `path` names a file through a filesystem scheme (gs://, s3://, ram://, ...)."""
-  return "://" in path
 
 
 def absolute(path, base_dir):

@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 
+from xmodal_jax.data import files
 from xmodal_jax.eval import search
 
 
@@ -19,9 +20,9 @@ def export_mismatches(meta, workdir, model_config):
   """What differs between an export's meta.json and the run asked to search it (workdir,
   model config): searching another run's embeddings with this model lists unrelated hits."""
   problems = []
-  if meta.get("workdir") != os.path.abspath(workdir):
+  if meta.get("workdir") != files.absolute(workdir):
     problems.append(f"it was exported from run {meta.get('workdir')!r}, not "
-                    f"{os.path.abspath(workdir)!r}")
+                    f"{files.absolute(workdir)!r}")
   if meta.get("model") != json.loads(model_config.to_json_best_effort(sort_keys=True)):
     problems.append("it was exported with another config.model")
   return problems

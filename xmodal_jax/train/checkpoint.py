@@ -5,6 +5,19 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from xmodal_jax.data import files
+
+
+def check_workdir(workdir):
+  """Orbax lists the checkpoints of a gs:// workdir through google-cloud-storage: say which
+  extra installs it before anything is built."""
+  if str(workdir).startswith("gs://"):
+    try:
+      from google.cloud import storage  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      raise ImportError(f"--workdir={workdir}: checkpoints in Cloud Storage need "
+                        "google-cloud-storage: pip install -e \".[gcs]\"") from e
+
 
 def make_manager(workdir, config):
   """Saves every `checkpoint_every` steps, keeps the newest `keep_checkpoints`.
@@ -15,7 +28,7 @@ def make_manager(workdir, config):
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every,
       create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+  return ocp.CheckpointManager(os.path.join(files.absolute(workdir), "checkpoints"),
                                options=options)
 
 

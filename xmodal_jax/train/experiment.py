@@ -113,18 +113,10 @@ def state_creator(config, model, tx):
                            queue_size=queue_size)
 
 
-def check_local(path, what):
-  """Remote paths (gs://, s3://, ...) are not supported yet: say so instead of making a local
-  folder named after the scheme."""
-  if "://" in str(path):
-    raise ValueError(f"{what}={path}: remote paths are not supported yet; use a local folder "
-                     "(a mounted bucket works)")
-
-
 def setup(config, workdir, *, step=None, require_checkpoint=False):
   """Validates `config`, builds the dataset builder, model, optimizer and mesh, initializes
   the state (pretrained towers in place) and restores checkpoint `step` (default: newest)."""
-  check_local(workdir, "--workdir")
+  checkpoint.check_workdir(workdir)
   validate_config(config)
   config = resolve_tokenizers(config)
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top

@@ -1,11 +1,14 @@
 """Metric writers: {workdir}/metrics.jsonl, TensorBoard event files, and progress on stdout."""
 
+import io
 import json
 import os
 import time
 
 import jax
 import numpy as np
+
+from xmodal_jax.data import files
 
 
 def _scalar(value):
@@ -16,8 +19,9 @@ def _scalar(value):
 def read_records(path):
   """The JSON objects of a metrics.jsonl. A torn last line (the writer was killed mid-line)
   is dropped with a notice; any other unreadable line is an error naming it."""
-  with open(path) as f:
-    lines = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
+  text = files.read_text(path)
+  lines = [(number, line) for number, line in enumerate(text.splitlines(keepends=True), start=1)
+           if line.strip()]
   records = []
   for number, line in lines:
     try:
@@ -43,20 +47,20 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(self.path):
+    files.makedirs(workdir)
+    if files.exists(self.path):
       kept = [record for record in read_records(self.path) if record["step"] <= start_step]
-      with open(self.path + ".tmp", "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in kept)
-      os.replace(self.path + ".tmp", self.path)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      files.write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+    from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
+    if files.is_remote(workdir):
+      record_writer.register_writer_factory(workdir.split("://")[0], _EventFiles())
     self.tensorboard = SummaryWriter(logdir=workdir)
 
   def write(self, step, metrics):
     if not self.enabled:
       return
     record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
-    with open(self.path, "a") as f:
+    with files.open_file(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for key, value in record.items():
       if key != "step" and isinstance(value, (int, float)):
@@ -66,6 +70,35 @@ class MetricWriter:
   def close(self):
     if self.enabled:
       self.tensorboard.close()
+
+
+class _EventFile:
+  """A TensorBoard event file on a filesystem scheme, for tensorboardX: objects in a bucket
+  cannot be appended to, so each flush rewrites the file with every record so far."""
+
+  def __init__(self, path):
+    self.path, self.buffer = path, io.BytesIO()
+
+  def write(self, data):
+    self.buffer.write(data)
+
+  def flush(self):
+    with files.open_file(self.path, "wb") as f:
+      f.write(self.buffer.getvalue())
+
+  def close(self):
+    self.flush()
+
+
+class _EventFiles:
+  """tensorboardX's writer factory for a workdir on a scheme: through data/files.py, like the
+  rest of the run's files (its own gs:// writer needs google-cloud-storage)."""
+
+  def open(self, path):
+    return _EventFile(path)
+
+  def directory_check(self, path):
+    files.makedirs(path)
 
 
 class Progress:

@@ -6,6 +6,8 @@ import os
 
 import jax
 
+from xmodal_jax.data import files
+
 # Fields a resumed run must keep: each changes the model, the data it sees, or the
 # optimization it continues. Where data lives, periods and evaluators may change freely.
 SHAPING = ("seed", "batch_size", "total_steps", "data.name", "data.train_split", "modalities",
@@ -40,15 +42,12 @@ def check_and_save(workdir, config, *, resuming, allow_changes=False):
   """On resume, stops when the config differs from the saved one in SHAPING fields (unless
   `allow_changes`); then saves `config` as the run's (process 0, atomically)."""
   path = os.path.join(workdir, FILE)
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      different = changes(json.load(f), config)
+  if resuming and files.exists(path):
+    different = changes(json.loads(files.read_text(path)), config)
     if different and not allow_changes:
       raise ValueError(f"{path}: this run was trained with another config; resuming would "
                        "change:\n  " + "\n  ".join(different) + "\nuse the run's config, a new "
                        "--workdir, or --allow_config_change to continue with these changes")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
-    os.replace(path + ".tmp", path)
+    files.makedirs(workdir)
+    files.write_atomically(path, config.to_json_best_effort(indent=1, sort_keys=True))
