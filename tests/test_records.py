@@ -550,9 +550,13 @@ def test_shard_names_expand_and_members_split_at_the_first_dot():
   assert webdataset.split_name("k.txt") == ("k", "txt")
 
 
-def test_random_access_on_a_bucket_path_says_to_mount_it():
+def test_random_access_to_an_array_record_build_in_a_bucket_says_to_mount_it():
+  """ArrayRecord's reader opens local files only; a TFRecord build in a bucket is read by
+  position through an offset index (test_remote_storage.py)."""
   from xmodal_jax.data import random_access  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
-  builder = types.SimpleNamespace(data_dir="gs://bucket/tfds/mydata/1.0.0")
+  builder = types.SimpleNamespace(
+      data_dir="gs://bucket/tfds/mydata/1.0.0",
+      info=types.SimpleNamespace(file_format=types.SimpleNamespace(value="array_record")))
   with pytest.raises(ValueError, match=r"gs://bucket/tfds/mydata/1.0.0: .*mount the bucket"):
     random_access.has_copy(builder, "train")
