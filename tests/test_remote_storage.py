@@ -1,0 +1,174 @@
+"""Runs whose files live behind a filesystem scheme: the run's own files and the offset index
+on TensorFlow's in-memory ram://, and the tiny config built, trained, preempted, resumed,
+evaluated and exported entirely under gs:// on a local Cloud Storage emulator."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import gcs_emulator
+from conftest import CONFIG, REPO, run_launcher, xla_flags
+from test_launch_eval import numpy_ranks
+from xmodal_jax.data import files
+from xmodal_jax.data import pipeline, random_access
+from xmodal_jax.eval import export
+from xmodal_jax.train import metrics as metrics_lib
+
+
+def write_tfrecords(path, records):
+  with tf.io.TFRecordWriter(path) as writer:
+    for record in records:
+      writer.write(record)
+
+
+def test_offset_index_reads_what_tfrecord_dataset_reads(monkeypatch):
+  """Records by index from TFRecord shards on ram:// through their offset indexes, against
+  tf.data's own reader: shuffled, repeated, runs across shards, and a record longer than
+  the index's read block."""
+  monkeypatch.setattr(random_access, "_BLOCK", 4096)
+  rng = np.random.default_rng(0)
+  shards = []
+  for shard in range(3):
+    path = f"ram://offsets/shard-{shard}.tfrecord"
+    sizes = rng.integers(0, 3000, 40 + shard).tolist() + ([20_000] if shard == 1 else [])
+    write_tfrecords(path, [rng.bytes(n) for n in sizes])
+    files.save_array(f"{path}.offsets.npy", random_access.record_offsets(path))
+    shards.append(path)
+  reference = [r.numpy() for r in tf.data.TFRecordDataset(shards)]
+  source = random_access._IndexedTFRecords(  # pylint: disable=protected-access
+      shards, [f"{p}.offsets.npy" for p in shards])
+  for indices in (rng.permutation(len(reference)), np.arange(len(reference)),
+                  rng.integers(0, len(reference), 50), [39, 39, 40, 41, 81, 82, 0]):
+    assert source.__getitems__(list(indices)) == [reference[i] for i in indices]
+
+
+def test_offset_index_refuses_a_truncated_shard():
+  write_tfrecords("ram://offsets/whole.tfrecord", [b"a" * 100, b"b" * 100])
+  data = tf.io.gfile.GFile("ram://offsets/whole.tfrecord", "rb").read()
+  tf.io.gfile.GFile("ram://offsets/cut.tfrecord", "wb").write(data[:-30])
+  with pytest.raises(ValueError, match=r"ram://offsets/cut.tfrecord: truncated record"):
+    random_access.record_offsets("ram://offsets/cut.tfrecord")
+
+
+def test_metrics_events_and_export_on_a_scheme():
+  """metrics.jsonl (resume drops later steps), TensorBoard events (read back by
+  TensorFlow's own reader) and an export, on ram://."""
+  workdir = "ram://run/work"
+  writer = metrics_lib.MetricWriter(workdir)
+  for step in (1, 2, 3):
+    writer.write(step, {"train/loss": 1.0 / step})
+  writer.close()
+  writer = metrics_lib.MetricWriter(workdir, start_step=2)  # resumed from step 2
+  writer.write(3, {"train/loss": 0.25})
+  writer.close()
+  records = metrics_lib.read_records(f"{workdir}/metrics.jsonl")
+  assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+  events = tf.io.gfile.glob(f"{workdir}/events.out.tfevents.*")
+  assert events
+  scalars = [(e.step, v.tag) for path in events
+             for e in tf.compat.v1.train.summary_iterator(path) for v in e.summary.value]
+  assert (3, "train/loss") in scalars
+
+  out = "ram://run/export"
+  batch = {"_id": np.array([7, 8]), "emb": {"text": np.eye(2, dtype=np.float32)},
+           "_mask": {"text": np.array([True, False])}}
+  export.write_export(out, [batch], 1, {"step": 3}, {"step": 3})
+  ids, embeddings, masks, meta = export.read_export(out)
+  assert ids.tolist() == [7, 8] and meta["count"] == 2 and masks["text"].tolist() == [1, 0]
+  np.testing.assert_array_equal(embeddings["text"], [[1, 0], [0, 0]])
+  with pytest.raises(ValueError, match="holds parts of another export"):
+    export.write_export(out, [batch], 1, {"step": 4}, {"step": 4})
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  """A fresh emulated bucket, gs://xmodal; this process and the launchers reach it."""
+  with gcs_emulator.Emulator() as emulator:
+    emulator.create_bucket("xmodal")
+    saved = {k: os.environ.get(k) for k in emulator.env}
+    os.environ.update(emulator.env)
+    try:
+      yield emulator
+    finally:
+      for key, value in saved.items():
+        if value is None:
+          os.environ.pop(key, None)
+        else:
+          os.environ[key] = value
+
+
+def read_metrics(workdir):
+  return metrics_lib.read_records(f"{workdir}/metrics.jsonl")
+
+
+@pytest.mark.slow
+def test_tiny_config_builds_trains_resumes_and_exports_under_gs(bucket):
+  """The digit dataset is built into the bucket, trained from it with the workdir there,
+  preempted (SIGTERM) mid-run, resumed from the bucket's checkpoint, and exported there;
+  the export's embeddings give the run's own retrieval metrics. Nothing is written
+  locally but the compilation cache."""
+  root = "gs://xmodal"
+  tf.io.gfile.makedirs(f"{root}/tfds")
+  workdir = f"{root}/run"
+  args = [f"--config={CONFIG}:tiny", f"--config.data.data_dir={root}/tfds",
+          f"--workdir={workdir}", "--config.total_steps=12", "--config.checkpoint_every=3",
+          "--config.log_every=1", "--config.evals.retrieval.every=12"]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *args],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 300
+  while not (tf.io.gfile.exists(f"{workdir}/metrics.jsonl")
+             and max(r["step"] for r in read_metrics(workdir)) >= 4):
+    assert proc.poll() is None, f"training ended before it could be stopped:\n{proc.stdout.read()}"
+    assert time.time() < deadline, "no step 4 within 300 s"
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  printed = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 128 + signal.SIGTERM, printed
+  assert "Building the embedded dataset 'digit_sequences' in gs://xmodal/tfds" in printed
+  stopped = max(r["step"] for r in read_metrics(workdir))
+  assert 4 <= stopped < 12
+
+  resumed = run_launcher("train.py", args).stdout
+  step = int(resumed.split("Resuming from the checkpoint of step ")[1].split(".")[0])
+  assert 4 <= step < 12
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 13))
+  final = records[-1]
+  assert final["step"] == 12 and "test/audio->text/R@1" in final
+
+  out = f"{root}/export"
+  run_launcher("export.py", [f"--config={CONFIG}:tiny", f"--config.data.data_dir={root}/tfds",
+                             f"--workdir={workdir}", f"--out={out}"])
+  ids, emb, masks, meta = export.read_export(out)
+  assert meta["step"] == 12 and meta["workdir"] == workdir and len(ids) == meta["count"]
+  for q, g in [("audio", "text"), ("text", "video"), ("video", "audio")]:
+    ranks = numpy_ranks(emb[q], emb[g], ids, ids)
+    assert final[f"test/{q}->{g}/R@1"] == pytest.approx(100 * np.mean(ranks <= 1))
+    assert final[f"test/{q}->{g}/MnR"] == pytest.approx(np.mean(ranks), rel=1e-5)
+
+  # Training read the split by position through the offset index: TFDS's order.
+  builder = pipeline.get_builder(ml_collections.ConfigDict(
+      dict(name="digit_sequences", data_dir=f"{root}/tfds")))
+  reader = random_access.Reader(builder, "train[100:160]")
+  reference = [ex["id"] for ex in builder.as_dataset(
+      split="train[100:160]", shuffle_files=False).as_numpy_iterator()]
+  positions = np.random.default_rng(0).permutation(reader.size)
+  assert [builder.info.features.deserialize_example(r)["id"].numpy()
+          for r in reader.read(positions)] == [reference[p] for p in positions]
+
+  objects = bucket.objects("xmodal")
+  for name in ("run/config.json", "run/checkpoints/12/commit_success.txt",
+               "export/meta.json", "tfds/digit_sequences/1.0.0/dataset_info.json"):
+    assert name in objects, sorted(objects)
+  assert any(n.startswith("run/events.out.tfevents") for n in objects)
+  assert any(n.startswith("tfds/digit_sequences/1.0.0/random_access/") and
+             n.endswith(".offsets.npy") for n in objects)
