@@ -1,5 +1,6 @@
 """Orbax checkpoints of the train state under {workdir}/checkpoints/."""
 
+import importlib
 import os
 
 import jax
@@ -13,7 +14,7 @@ def check_workdir(workdir):
   extra installs it before anything is built."""
   if str(workdir).startswith("gs://"):
     try:
-      from google.cloud import storage  # pylint: disable=g-import-not-at-top,unused-import
+      importlib.import_module("google.cloud.storage")
     except ImportError as e:
       raise ImportError(f"--workdir={workdir}: checkpoints in Cloud Storage need "
                         "google-cloud-storage: pip install -e \".[gcs]\"") from e
