@@ -33,13 +33,18 @@ def is_array_record(builder):
   return builder.info.file_format.value == "array_record"
 
 
+def _offset_indexed(builder):
+  """Whether positions are read through offset indexes: a TFRecord build in a bucket."""
+  return not is_array_record(builder) and files.is_remote(builder.data_dir)
+
+
 def _copy_path(builder, shard_path):
   """The file that gives random access to `shard_path`: itself (ArrayRecord), its ArrayRecord
   copy (local TFRecord) or its offset index (remote TFRecord)."""
   if is_array_record(builder):
     return shard_path
   folder, name = os.path.split(shard_path)
-  suffix = ".offsets.npy" if files.is_remote(shard_path) else ".array_record"
+  suffix = ".offsets.npy" if _offset_indexed(builder) else ".array_record"
   return os.path.join(folder, FOLDER, name + suffix)
 
 
@@ -89,12 +94,12 @@ def write_copy(builder, split):
   todo = [i.filename for i in _instructions(builder, split)
           if not tf.io.gfile.exists(_copy_path(builder, i.filename))]
   if todo:
-    what = "an offset index" if files.is_remote(builder.data_dir) else "a random-access copy"
+    what = "an offset index" if _offset_indexed(builder) else "a random-access copy"
     print(f"Writing {what} of {builder.name} {split!r} ({len(todo)} shards, once) in "
           f"{os.path.join(builder.data_dir, FOLDER)}...", file=sys.stderr, flush=True)
   for tfrecord_path in dict.fromkeys(todo):
     path = _copy_path(builder, tfrecord_path)
-    if files.is_remote(path):
+    if _offset_indexed(builder):
       files.save_array(path, record_offsets(tfrecord_path))
       continue
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -121,7 +126,7 @@ class Reader:
     shard_sizes = {i.filename: i.examples_in_shard for i in instructions}
     file_starts = dict(zip(shards, np.cumsum([0] + [shard_sizes[f] for f in shards])))
     copies = [_copy_path(builder, f) for f in shards]
-    if files.is_remote(builder.data_dir) and not is_array_record(builder):
+    if _offset_indexed(builder):
       self._source = _IndexedTFRecords(shards, copies)
     else:
       self._source = array_record_data_source.ArrayRecordDataSource(copies)
