@@ -153,13 +153,13 @@ def neighbour_probe(workdir):
   of digit positions they share (the content: 0.4 by chance). {modality: [voice, digits]}."""
   # pylint: disable=g-import-not-at-top
   import ml_collections
-  from xmodal_jax.train import experiment as experiment_lib
+  from xmodal_jax import experiment as experiment_lib
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     config = ml_collections.ConfigDict(json.load(f))
   experiment = experiment_lib.setup(config, workdir, require_checkpoint=True)
   split = experiment.embedder.split(experiment.state.params, config.data.eval_split)
   meta = {int(ex["id"]): (ex["voice"], ex["digits"]) for ex in
-          experiment.builder.as_dataset(split=config.data.eval_split).as_numpy_iterator()}
+          experiment.source.builder.as_dataset(split=config.data.eval_split).as_numpy_iterator()}
   voices = np.array([meta[int(i)][0] for i in split.ids])
   digits = np.stack([meta[int(i)][1] for i in split.ids])
   probe = {}

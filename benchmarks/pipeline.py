@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 import fixtures  # tests/fixtures.py: media files in real formats
-from xmodal_jax.data import media, preprocess, records
+from xmodal_jax.data import encoding, media, preprocess, records
 
 
 def rate(fn, n, warmup=1):
@@ -88,9 +88,9 @@ def build_time_rates(tmp, n):
                      for t in range(250)])  # 10 s at 25 fps
   video = os.path.join(tmp, "v.mp4")
   fixtures.write_mp4(video, frames, fps=25)
-  options = records.BuildOptions(video_frames=8, frame_size=256)
+  options = encoding.BuildOptions(video_frames=8, frame_size=256)
   rows.append({"stage": "build", "modality": "video .mp4 10 s 320x240 -> 8 JPEG",
-               "items_per_s": rate(lambda: records.encode_video(video, video, "v", options),
+               "items_per_s": rate(lambda: encoding.encode_video(video, video, "v", options),
                                    max(2, n // 4))})
   return rows
 
@@ -134,7 +134,7 @@ def step_ratio(steps, data_dir):
   from configs import audio_video_text
   from xmodal_jax import parallel
   from xmodal_jax.data import pipeline
-  from xmodal_jax.train import experiment as experiment_lib, step as step_lib
+  from xmodal_jax import experiment as experiment_lib, step as step_lib
   config = audio_video_text.get_config()
   config.data.data_dir = data_dir
   with tempfile.TemporaryDirectory() as workdir:
@@ -142,7 +142,7 @@ def step_ratio(steps, data_dir):
   train_fn = jax.jit(functools.partial(
       step_lib.train_step, model=experiment.model, tx=experiment.tx, loss_config=config.loss,
       mesh=experiment.mesh, seed=config.seed))
-  batches = pipeline.train_iterator(config, experiment.builder)
+  batches = experiment.source.train_batches()
   state = experiment.state
   fixed = parallel.shard_batch(next(batches), experiment.mesh)
 
@@ -241,7 +241,7 @@ def pod_rates(batch_size, batches, items):
       with open(manifest, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(item) + "\n" for item in manifest_items)
       video = [m for m in config.modalities.values() if m.kind == "video"]
-      options = records.BuildOptions(
+      options = encoding.BuildOptions(
           sample_rate=16_000, video_frames=video[0].num_frames if video else 8,
           frame_size=256)
       builder = records.manifest_builder(f"pod_{module}", manifest, kinds, options=options,

@@ -45,6 +45,7 @@ Variants combine with commas: `:tiny,regression`.
 import ml_collections
 
 from configs import recipes, sizes, variants
+from xmodal_jax import schema
 
 VARIANTS = ("tiny", "regression", "sigmoid", "align_fuse", "pod")
 
@@ -58,12 +59,11 @@ def tower(name, **kwargs):
 
 def get_config(variant=""):
   v = variants.parse(variant, VARIANTS, "configs/audio_video_text.py")
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = schema.defaults()
 
   placeholder = ml_collections.config_dict.placeholder
   # cache: keep the training split's records in memory; shuffle_buffer: captions="expand" only.
-  config.data = dict(name="digit_sequences", data_dir=placeholder(str), train_split="train",
+  config.data.update(name="digit_sequences", data_dir=placeholder(str), train_split="train",
                      eval_split="test", shuffle_buffer=10_000, cache=True)
   config.modalities = dict(
       audio=dict(kind="audio", feature="audio", num_samples=25_600),
@@ -71,7 +71,7 @@ def get_config(variant=""):
                  sampling="uniform", max_shift=0),
       text=dict(kind="text", feature="text", tokenizer="digit_words", max_length=8),
   )
-  config.model = dict(
+  config.model.update(
       embed_dim=64,
       logit_scale_init=placeholder(float),  # unset: the model's log(1 / 0.07), as CLIP
       logit_bias_init=placeholder(float),  # sigmoid loss only
@@ -82,7 +82,6 @@ def get_config(variant=""):
           text=tower("text_transformer"),
       ),
   )
-  config.loss = recipes.loss_defaults()
   # Written out (all 1, the default) so that a flag can set one:
   # --config.loss.pair_weights['audio-video']=2.0
   config.loss.pair_weights = {"audio-text": 1.0, "audio-video": 1.0, "text-video": 1.0}
@@ -90,16 +89,13 @@ def get_config(variant=""):
   config.batch_size = 256
   config.eval_batch_size = 512  # divides over 1, 2, 4, 8, ... devices
   config.total_steps = 1500
-  config.optimizer = dict(learning_rate=2e-3, warmup_steps=100, end_learning_rate_ratio=0.01,
+  config.optimizer.update(learning_rate=2e-3, warmup_steps=100, end_learning_rate_ratio=0.01,
                           weight_decay=0.05, b1=0.9, b2=0.98, grad_clip_norm=1.0)
 
   # Evaluators by name (xmodal_jax/eval/evaluators.py). Retrieval's fused queries: "all"
   # subsets of 2..M-1 modalities, "none", or a list such as ["audio+video"]; each queries
   # every modality outside it.
   config.evals = dict(retrieval=recipes.retrieval_eval(every=500))
-  config.alignment = recipes.alignment_defaults()
-  config.nonfinite = recipes.nonfinite_defaults()
-  recipes.parallelism_defaults(config)
 
   config.log_every = 50
   config.checkpoint_every = 250

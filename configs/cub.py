@@ -32,6 +32,7 @@ Variants (`--config=configs/cub.py:VARIANT`):
 import ml_collections
 
 from configs import recipes, sizes, variants
+from xmodal_jax import schema
 
 VARIANTS = ("regression", "tiny")
 
@@ -39,37 +40,33 @@ VARIANTS = ("regression", "tiny")
 def get_config(variant=""):
   v = variants.parse(variant, VARIANTS, "configs/cub.py")
   placeholder = ml_collections.config_dict.placeholder
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.data = dict(name="cub200", data_dir=placeholder(str), train_split="train",
+  config = schema.defaults()
+  config.data.update(name="cub200", data_dir=placeholder(str), train_split="train",
                      eval_split="test", shuffle_buffer=6_000, cache=False)
   config.modalities = dict(
       **recipes.clip_modalities(),
       attributes=dict(kind="features", feature="attributes", shape=(312,)),
   )
-  config.model = dict(
+  config.model.update(
       embed_dim=512,
       logit_scale_init=placeholder(float),  # unset: CLIP's, loaded with its projections
       logit_bias_init=placeholder(float),
       towers=dict(image=recipes.clip_tower("vision"), text=recipes.clip_tower("text"),
                   attributes=sizes.features("B", width=512, mlp_dim=1024)),
   )
-  config.loss = recipes.loss_defaults()
+  config.train_policy = recipes.clip_policy()
   if v.regression:
     config.loss.weights = dict(contrastive=0.0, regression=1.0)
   config.batch_size = 128
   config.eval_batch_size = 512
   config.total_steps = 4_700  # about 100 epochs of 5,994 photos
-  config.optimizer = dict(learning_rate=1e-4, warmup_steps=300, end_learning_rate_ratio=0.0,
+  config.optimizer.update(learning_rate=1e-4, warmup_steps=300, end_learning_rate_ratio=0.0,
                           weight_decay=0.05, b1=0.9, b2=0.98, grad_clip_norm=1.0)
   config.evals = dict(
       retrieval=recipes.retrieval_eval(every=1_000),
       zeroshot=dict(type="zeroshot", every=1_000, modality="image",
                     templates=("a photo of a {}, a type of bird.", "a photo of the {}.")))
   config.evals.retrieval.class_level = ("attributes",)
-  config.alignment = recipes.alignment_defaults()
-  config.nonfinite = recipes.nonfinite_defaults()
-  recipes.parallelism_defaults(config)
   config.log_every = 50
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 2
@@ -81,5 +78,6 @@ def get_config(variant=""):
     config.model.towers = dict(image=sizes.vit("tiny", image_size=32),
                                text=sizes.bert("tiny", vocab_size=64),
                                attributes=sizes.features("tiny"))
+    config.train_policy = {}
     recipes.tiny_schedule(config)
   return config

@@ -35,6 +35,7 @@ Variants (`--config=configs/flickr8k.py:VARIANT`):
 import ml_collections
 
 from configs import recipes, sizes, variants
+from xmodal_jax import schema
 
 VARIANTS = ("regression", "tiny")
 
@@ -42,9 +43,8 @@ VARIANTS = ("regression", "tiny")
 def get_config(variant=""):
   v = variants.parse(variant, VARIANTS, "configs/flickr8k.py")
   placeholder = ml_collections.config_dict.placeholder
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.data = dict(name="flickr8k_audio", data_dir=placeholder(str), train_split="train",
+  config = schema.defaults()
+  config.data.update(name="flickr8k_audio", data_dir=placeholder(str), train_split="train",
                      eval_split="test", shuffle_buffer=30_000, cache=False)
   config.modalities = dict(
       **recipes.clip_modalities(),
@@ -52,26 +52,24 @@ def get_config(variant=""):
       audio=dict(kind="audio", feature="audio", num_samples=128_000),
   )
   # The speech tower trains but for its convolutional frontend (as their fine-tuning does).
-  config.model = dict(
+  config.model.update(
       embed_dim=512,
       logit_scale_init=placeholder(float),  # unset: CLIP's, loaded with its projections
       logit_bias_init=placeholder(float),
       towers=dict(image=recipes.clip_tower("vision"), text=recipes.clip_tower("text"),
                   audio=dict(name="pretrained", path=placeholder(str), pooling="mean",
-                             trainable=("(?!feature_encoder/).*",), dtype="bfloat16")),
+                             dtype="bfloat16")),
   )
-  config.loss = recipes.loss_defaults()
+  config.train_policy = dict(**recipes.clip_policy(),
+                             audio=dict(trainable=("(?!feature_encoder/).*",)))
   if v.regression:
     config.loss.weights = dict(contrastive=0.0, regression=1.0)
   config.batch_size = 256
   config.eval_batch_size = 512
   config.total_steps = 6_000  # about 50 epochs of 30,000 spoken captions
-  config.optimizer = dict(learning_rate=1e-4, warmup_steps=500, end_learning_rate_ratio=0.0,
+  config.optimizer.update(learning_rate=1e-4, warmup_steps=500, end_learning_rate_ratio=0.0,
                           weight_decay=0.05, b1=0.9, b2=0.98, grad_clip_norm=1.0)
   config.evals = dict(retrieval=recipes.retrieval_eval(every=1_000))
-  config.alignment = recipes.alignment_defaults()
-  config.nonfinite = recipes.nonfinite_defaults()
-  recipes.parallelism_defaults(config)
   config.log_every = 50
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 2
@@ -84,5 +82,6 @@ def get_config(variant=""):
     config.model.towers = dict(image=sizes.vit("tiny", image_size=32),
                                text=sizes.bert("tiny", vocab_size=64),
                                audio=sizes.speech("tiny"))
+    config.train_policy = {}
     recipes.tiny_schedule(config)
   return config

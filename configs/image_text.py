@@ -26,6 +26,7 @@ Variants (`--config=configs/image_text.py:VARIANT`):
 import ml_collections
 
 from configs import recipes, sizes, variants
+from xmodal_jax import schema
 
 VARIANTS = ("clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g")
 # Seed 001's fusion encoder over the text tokens, by tower size.
@@ -37,10 +38,9 @@ def get_config(variant=""):
   v = variants.parse(variant, VARIANTS, "configs/image_text.py")
   size = "tiny" if v.tiny else "B"
   placeholder = ml_collections.config_dict.placeholder
-  config = ml_collections.ConfigDict()
-  config.seed = 0
+  config = schema.defaults()
   # cache: keep the training split's records in memory; shuffle_buffer: captions="expand" only.
-  config.data = dict(name="flickr30k_karpathy" if v.flickr30k else "coco_karpathy",
+  config.data.update(name="flickr30k_karpathy" if v.flickr30k else "coco_karpathy",
                      data_dir=placeholder(str), train_split="train", eval_split="test",
                      shuffle_buffer=30_000 if v.flickr30k else 50_000, cache=False)
   config.modalities = dict(
@@ -58,23 +58,19 @@ def get_config(variant=""):
   else:
     towers = dict(image=sizes.vit("B", dtype="bfloat16"),
                   text=sizes.clip_text("B", dtype="bfloat16"))
-  config.model = dict(
+  config.model.update(
       embed_dim=32 if v.tiny else 512,
       logit_scale_init=placeholder(float),  # unset: the model's log(1 / 0.07), as CLIP
       logit_bias_init=placeholder(float),
       towers=towers,
   )
-  config.loss = recipes.loss_defaults()
   config.batch_size = 1024
   config.eval_batch_size = 1000
   config.total_steps = 30_000
-  config.optimizer = dict(learning_rate=5e-4, warmup_steps=2_000, end_learning_rate_ratio=0.0,
+  config.optimizer.update(learning_rate=5e-4, warmup_steps=2_000, end_learning_rate_ratio=0.0,
                           weight_decay=0.2, b1=0.9, b2=0.98, grad_clip_norm=1.0)
   config.evals = dict(retrieval=recipes.retrieval_eval(every=2_000))
   config.evals.retrieval.fused = "none"
-  config.alignment = recipes.alignment_defaults()
-  config.nonfinite = recipes.nonfinite_defaults()
-  recipes.parallelism_defaults(config)
   config.log_every = 100
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3

@@ -3,48 +3,10 @@
 import ml_collections
 
 
-def loss_defaults():
-  """`config.loss`: seed 000's in-batch InfoNCE on every pair, the other terms off."""
-  return ml_collections.ConfigDict(dict(
-      weights=dict(contrastive=1.0, regression=0.0),  # objectives and their weights
-      kind="softmax",  # or "sigmoid" (set model.logit_bias_init, SigLIP: -10)
-      pair_weights={},  # {"audio-text": 2.0, ...}; unnamed pairs weigh 1
-      impl="dense",  # dense (all-gathered columns) | blockwise | ring
-      block_size=0,  # columns per tile for blockwise/ring; 0: a whole shard
-      regression=dict(target="intra", margin=0.2, loss="mse", balance=False),
-      intra_modalities=(),  # ims and lmim run on these modalities; empty: all
-  ))
-
-
-def alignment_defaults():
-  """`config.alignment`: the momentum encoders and queues seed 001's itc/ims use (the one
-  place their defaults are written)."""
-  return ml_collections.ConfigDict(dict(momentum=0.995, queue_size=65_536, distill_alpha=0.0,
-                                        distill_ramp_steps=0))
-
-
-def nonfinite_defaults():
-  """`config.nonfinite`: a step whose loss, gradients or update are not finite never applies
-  its update; "skip" goes on and stops training after `max_in_a_row` such steps in a row,
-  "stop" stops at the first (train/nonfinite.py: Guard)."""
-  return ml_collections.ConfigDict(dict(policy="skip", max_in_a_row=10))
-
-
-def parallelism_defaults(config):
-  """`config.mesh` (axis sizes; -1: the devices left) and `config.sharding` ((regex, rule)
-  on state paths: "fsdp", "replicate" or a PartitionSpec tuple; xmodal_jax/parallel/
-  sharding.py). The default is data parallelism; data=D, fsdp=F keeps 1/F of the state per
-  device. `config.grad_accum_steps` = k runs the towers on k micro-batches of the global
-  batch in turn (gradient caching: the same loss and gradients, 1/k of the activations)."""
-  config.mesh = dict(data=-1, fsdp=1)
-  config.sharding = [(".*", "fsdp")]
-  config.grad_accum_steps = 1
-
-
 def retrieval_eval(every):
   """`config.evals.retrieval`: every ordered pair and every fused query (docs/methods.md)
   on config.data.eval_split, every `every` steps and at the end."""
-  return ml_collections.ConfigDict(dict(type="retrieval", every=every, fused="all"))
+  return ml_collections.ConfigDict(dict(type="retrieval", every=every))
 
 
 def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
@@ -75,9 +37,14 @@ def clip_modalities():
 
 def clip_tower(part):
   """A tower from a local CLIP folder (`path` left to set), its projection into the shared
-  space included, trained at a tenth of the learning rate, in bfloat16."""
+  space included, in bfloat16 (train it with clip_policy)."""
   return dict(name="pretrained", path=ml_collections.config_dict.placeholder(str), part=part,
-              projection=True, lr_multiplier=0.1, dtype="bfloat16")
+              projection=True, dtype="bfloat16")
+
+
+def clip_policy():
+  """`config.train_policy` of the CLIP towers: a tenth of the learning rate."""
+  return dict(image=dict(lr_multiplier=0.1), text=dict(lr_multiplier=0.1))
 
 
 def tiny_schedule(config, batch_size=8):

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import dataclasses
 import jax
+from xmodal_jax import experiment
 from xmodal_jax.train import aot
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:variant].",
@@ -57,7 +58,7 @@ def main(argv):
   print(f"Compiling the train step for {len(devices)} x {devices[0].device_kind}...",
         flush=True)
   try:
-    _, report = aot.compile_train_step(_CONFIG.value, devices)
+    _, report = experiment.compile_train_step(_CONFIG.value, devices)
   except ValueError as e:
     sys.exit(f"error: {e}")
   except jax.errors.JaxRuntimeError as e:

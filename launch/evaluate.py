@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
 import jax
-from xmodal_jax.data import files
+from xmodal_jax import files
 from xmodal_jax.eval import evaluators, retrieval
-from xmodal_jax.train import experiment as experiment_lib
+from xmodal_jax import experiment as experiment_lib
 
 _SPLIT = flags.DEFINE_string("split", None, "Split to evaluate (default: each evaluator's).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")

@@ -20,10 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
-from xmodal_jax.data import files
+from xmodal_jax import files
 from xmodal_jax.eval import export
 from xmodal_jax.parallel import distributed
-from xmodal_jax.train import experiment as experiment_lib
+from xmodal_jax import experiment as experiment_lib
 
 _SPLIT = flags.DEFINE_string("split", None, "Split to export (default: config's eval split).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -41,7 +41,7 @@ def main(argv):
   config = experiment.config
   split = _SPLIT.value or config.data.eval_split
   batches = experiment.embedder.batches(experiment.state.params, split)
-  total = experiment.builder.info.splits[split].num_examples
+  total = experiment.source.builder.info.splits[split].num_examples
   num_batches = -(-total // config.eval_batch_size)
   # What the parts were written with: a resume with any other value is refused.
   signature = {"workdir": files.absolute(WORKDIR.value), "step": experiment.step,

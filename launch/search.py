@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax.eval import export, query
 from xmodal_jax.models import towers
-from xmodal_jax.train import experiment as experiment_lib
+from xmodal_jax import experiment as experiment_lib
 
 _EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
 _QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
@@ -77,10 +77,10 @@ def main(argv):
     raise app.UsageError(f"--export={_EXPORT.value}: " + "; ".join(problems)
                          + " (--allow_other_export to search it anyway)")
   try:
-    modality, raw = query.read_query(config, experiment.builder, kind, value)
+    modality, raw = experiment.source.read_query(kind, value)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--query-{kind}: {e}") from e
-  query_emb, query_tokens = query.encode_query(experiment.model, params, config, modality, raw)
+  query_emb, query_tokens = query.encode_query(embedder, params, modality, raw)
   results = {}
   for gallery in _GALLERY.value or [m for m in embeddings if m != modality]:
     depth = max(_K.value, _RERANK.value)
@@ -94,7 +94,7 @@ def main(argv):
       results[title] = (gallery, query.rerank_hits(
           embedder, params, pair, modality, query_tokens, gallery, hits, meta["split"], ids,
           masks[gallery])[:_K.value])
-  texts = query.item_texts(config, experiment.builder, meta["split"],
+  texts = experiment.source.item_texts(meta["split"],
                            [item for _, hits in results.values() for _, item, _ in hits])
   for title, (gallery, hits) in results.items():
     print(f"{modality} query -> {title} ({meta['split']}, step {meta['step']}):")

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import common  # launch/common.py
-from xmodal_jax.train import loop, nonfinite, preemption
+from xmodal_jax import experiment
+from xmodal_jax.train import nonfinite, preemption
 
 NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
 
@@ -38,8 +39,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax and TensorBoard are chatty at INFO.
   common.join_runtime()
   try:
-    loop.train_and_evaluate(common.CONFIG.value, common.WORKDIR.value,
-                            allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    experiment.train(common.CONFIG.value, common.WORKDIR.value,
+                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except nonfinite.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(NONFINITE_EXIT_STATUS)

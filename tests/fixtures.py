@@ -73,7 +73,7 @@ def write_mp4(path, frames, fps=8, options=(("crf", "10"),)):
 def random_batch(config, size, seed):
   """A batch of the config's shapes with random contents, ids in pairs (two rows of one item)
   and about a fifth of each modality's rows missing."""
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import source  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
 
   def fill(path, x):
@@ -84,20 +84,23 @@ def random_batch(config, size, seed):
     if np.issubdtype(x.dtype, np.integer):
       return rng.integers(1, 12, x.shape).astype(x.dtype)
     return rng.normal(size=x.shape).astype(x.dtype)
-  return jax.tree_util.tree_map_with_path(fill, pipeline.abstract_batch(config, size))
+  from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
+  return jax.tree_util.tree_map_with_path(
+      fill, source.abstract_batch(schema.fill_defaults(config), size))
 
 
 def sharded_state(config, mesh_shape):
   """(config with tokenizers resolved, model, optimizer, mesh of `mesh_shape`, a random
   batch of config.batch_size, the state's shardings, a fresh state placed in them)."""
-  from xmodal_jax import parallel  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import experiment  # pylint: disable=g-import-not-at-top
-  config = experiment.resolve_tokenizers(config)
+  from xmodal_jax import parallel, schema  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = schema.resolve(config, jax.device_count())
   model, _, tx = experiment.build_model_and_optimizer(config)
   mesh = parallel.make_mesh(shape=mesh_shape)
   batch = random_batch(config, config.batch_size, seed=0)
   create = experiment.state_creator(config, model, tx)
   example = jax.tree.map(lambda x: x[:1], batch)
-  shardings = experiment.state_shardings(jax.eval_shape(create, example), mesh, config)
+  shardings = sharding.state_shardings(jax.eval_shape(create, example), mesh, config.sharding)
   state = jax.jit(create, out_shardings=shardings)(example)
   return config, model, tx, mesh, batch, shardings, state

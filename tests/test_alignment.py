@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xmodal_jax import parallel
+from xmodal_jax import parallel, schema
 from xmodal_jax.eval import rerank
 from xmodal_jax.losses import alignment
 from xmodal_jax.models import pooling
@@ -143,8 +143,9 @@ def test_intra_modalities_choose_what_ims_and_lmim_run_on():
   inputs = objectives.Inputs(
       emb, masks, 3.0, ids=np.arange(batch),
       locals={m: (normalized(rng, batch, 3, dim), np.ones((batch, 3), bool)) for m in modalities},
-      momentum_emb={m: normalized(rng, batch, dim) for m in modalities},
-      queues={m: {"emb": normalized(rng, 12, dim), "ids": np.full(12, -1)} for m in modalities})
+      momentum=objectives.Momentum(
+          {m: normalized(rng, batch, dim) for m in modalities},
+          {m: {"emb": normalized(rng, 12, dim), "ids": np.full(12, -1)} for m in modalities}))
   chosen = ml_collections.ConfigDict(dict(intra_modalities=("text", "video")))
   everyone = ml_collections.ConfigDict(dict(intra_modalities=()))
   for term in (objectives.ims_term, objectives.lmim_term):
@@ -156,11 +157,11 @@ def test_intra_modalities_choose_what_ims_and_lmim_run_on():
   config = audio_video_text.get_config("align_fuse")
   config.loss.intra_modalities = ("text", "speech")
   with pytest.raises(ValueError, match=r"config.loss.intra_modalities: \['speech'\]"):
-    objectives.validate(config)
+    schema.resolve(config, jax.device_count())
 
 
 def test_ims_with_a_second_view_takes_that_views_keys():
-  """With momentum_view_emb for video, video's IMS is the NumPy formula with the second
+  """With the momentum model's view embeddings for video, video's IMS is the NumPy formula with the second
   view's momentum embeddings as the batch keys (the queue unchanged); audio, without one,
   keeps its own momentum keys."""
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -174,7 +175,7 @@ def test_ims_with_a_second_view_takes_that_views_keys():
   queues = {m: {"emb": normalized(rng, 8, dim), "ids": queue_ids} for m in modalities}
   ids, ones = np.arange(batch), np.ones(batch, bool)
   inputs = objectives.Inputs(emb, {m: ones for m in modalities}, 3.0, ids=ids,
-                             momentum_emb=momentum, momentum_view_emb=views, queues=queues)
+                             momentum=objectives.Momentum(momentum, queues, view_emb=views))
   _, metrics = objectives.ims_term(inputs, ml_collections.ConfigDict(dict(intra_modalities=())))
   for m, keys in (("video", views["video"]), ("audio", momentum["audio"])):
     want = np_queue_contrastive(emb[m], momentum[m], keys, queues[m]["emb"], 3.0, ids, ones,
@@ -187,22 +188,22 @@ def test_second_view_is_another_draw_of_the_same_example(digit_data_dir):
   a second view that IMS does not read, or that cannot differ, is a config error."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny,align_fuse")
   config.data.data_dir = digit_data_dir
   config.modalities.video.update(max_shift=2, second_view=True)
-  experiment.validate_config(config)
-  batch = next(pipeline.train_iterator(config, pipeline.get_builder(config.data)))
+  resolved = schema.resolve(config, jax.device_count())
+  batch = next(pipeline.train_iterator(resolved, pipeline.get_builder(config.data)))
   assert list(batch["_views"]) == ["video"]
   first, second = batch["video"]["frames"], batch["_views"]["video"]["frames"]
   assert first.shape == second.shape and not np.array_equal(first, second)
   config.loss.intra_modalities = ("text",)
   with pytest.raises(ValueError, match="video.second_view: only IMS reads"):
-    experiment.validate_config(config)
+    schema.resolve(config, jax.device_count())
   config.loss.intra_modalities = ("video",)
   config.modalities.video.augment = False
   with pytest.raises(ValueError, match="both views are the same"):
-    experiment.validate_config(config)
+    schema.resolve(config, jax.device_count())
 
 
 @pytest.mark.slow  # compiles towers and their gradients; the full suite runs it
@@ -212,7 +213,8 @@ def test_lmim_gradients_are_finite_when_a_local_run_is_all_padding():
   norm's is 0/0 there). l2_normalize equals x / max(|x|, eps) in NumPy."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import experiment, step as step_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment, schema  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   x = np.array([[3.0, 4.0], [0.0, 0.0], [1e-8, 0.0]], np.float32)
   np.testing.assert_allclose(towers.l2_normalize(x), x / np.maximum(
       np.linalg.norm(x, axis=1, keepdims=True), 1e-6), rtol=1e-6)
@@ -222,7 +224,7 @@ def test_lmim_gradients_are_finite_when_a_local_run_is_all_padding():
   config.loss.weights = dict(lmim=1.0)
   del config.modalities["audio"], config.model.towers["audio"]
   config.model.fusion.pairs = ["text:video"]
-  config = experiment.resolve_tokenizers(config)
+  config = schema.resolve(config, jax.device_count())
   model, _, _ = experiment.build_model_and_optimizer(config)
   rng = np.random.default_rng(0)
   batch = {"video": {"frames": rng.random((4, 4, 8, 8, 1)).astype(np.float32)},
@@ -359,7 +361,7 @@ def aligned_run(digit_data_dir, tmp_path_factory):
   """configs/audio_video_text.py:tiny,align_fuse trained 4 steps through train_and_evaluate
   (a checkpoint after every step; queue of 64 = 4 batches; the text pairs' fusion encoders)."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny,align_fuse")
   config.data.data_dir = digit_data_dir
   config.alignment.queue_size = 64
@@ -372,7 +374,7 @@ def aligned_run(digit_data_dir, tmp_path_factory):
   # IMS on video takes the momentum keys of a second view (frames shifted by other draws).
   config.modalities.video.update(max_shift=2, second_view=True)
   workdir = str(tmp_path_factory.mktemp("aligned"))
-  metrics = loop.train_and_evaluate(config, workdir)
+  metrics = experiment_lib.train(config, workdir)
   return config, workdir, metrics
 
 
@@ -399,12 +401,12 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
   ema_n = m ema_(n-1) + (1 - m) params_(n-1)."""
   import flax  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config, workdir, _ = aligned_run
   states = {n: experiment_lib.setup(config, workdir, step=n) for n in range(1, 5)}
   first = states[1]
   embed = jax.jit(functools.partial(first.model.apply, train=False))
-  batches = pipeline.train_iterator(config, first.builder)
+  batches = first.source.train_batches()
   m, flat = config.alignment.momentum, flax.traverse_util.flatten_dict
   for n in range(1, 5):
     queues = states[n].state.queues
@@ -433,12 +435,13 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
 @pytest.mark.slow
 def test_eight_devices_give_the_single_device_losses(aligned_run):
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.losses import objectives  # pylint: disable=g-import-not-at-top
   config, workdir, _ = aligned_run
   experiment = experiment_lib.setup(config, workdir)
   state = experiment.state
-  batch = next(pipeline.train_iterator(config, experiment.builder, start_step=7))
+  batch = next(experiment.source.train_batches(7))
   results = []
   for mesh in (parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh()):
     assert mesh.size in (1, 8)
@@ -450,7 +453,7 @@ def test_eight_devices_give_the_single_device_losses(aligned_run):
     fn = jax.jit(functools.partial(step_lib.compute_loss, model=experiment.model,
                                    loss_config=config.loss, mesh=mesh))
     loss, metrics = fn(put(state.params), sharded, jax.random.key(3),
-                       momentum_emb=momentum_emb, queues=put(state.queues), alpha=0.4)
+                       objectives.Momentum(momentum_emb, put(state.queues), 0.4))
     results.append(jax.tree.map(np.asarray, (loss, metrics)))
   (loss1, metrics1), (loss8, metrics8) = results
   np.testing.assert_allclose(loss8, loss1, rtol=2e-5)

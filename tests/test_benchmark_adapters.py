@@ -15,12 +15,13 @@ from conftest import run_launcher, run_train
 
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
-from xmodal_jax.data import records  # pylint: disable=g-import-not-at-top,wrong-import-position
+from xmodal_jax import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
+from xmodal_jax.data import encoding, records  # pylint: disable=g-import-not-at-top,wrong-import-position
 from xmodal_jax.data.builders import benchmarks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def build(name, manual_dir, data_dir, **options):
-  builder = benchmarks.ADAPTERS[name](options=records.BuildOptions(**options),
+  builder = benchmarks.ADAPTERS[name](options=encoding.BuildOptions(**options),
                                       data_dir=str(data_dir))
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)))
@@ -187,10 +188,10 @@ def test_seed_000_configs_train_on_files_in_the_real_layouts(tmp_path):
   fused query (CUB's attributes by species, and zero-shot species from the photos) on
   builds of small files in the Flickr8k Audio and CUB layouts; the full configs validate."""
   from configs import cub, flickr8k  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import experiment  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
   for config in (flickr8k.get_config(""), flickr8k.get_config("regression"),
                  cub.get_config(""), cub.get_config("regression")):
-    experiment.validate_config(config)
+    schema.resolve(config, jax.device_count())
 
   write_flickr8k_audio(tmp_path / "flickr8k")
   build("flickr8k_audio", tmp_path / "flickr8k", tmp_path / "tfds")
@@ -393,7 +394,7 @@ def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   # caption row of an item maps to its n-th caption).
   from configs import image_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax.eval import query  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config = image_text.get_config("tiny,flickr30k,align_fuse")
   config.data.data_dir = str(data_dir)
   config.modalities.text.tokenizer = "digit_words"
@@ -419,7 +420,7 @@ def test_seed_000_full_configs_count_the_published_parameters(tmp_path):
   312 -> 1024 -> 1024 -> 512 and its 512 x 512 head."""
   transformers = pytest.importorskip("transformers")
   from configs import cub, flickr8k  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import aot, experiment  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
   transformers.CLIPConfig().save_pretrained(tmp_path / "clip")
   transformers.Wav2Vec2Config().save_pretrained(tmp_path / "wav2vec2")
   clip_params = 151_277_313 + 2 * 512
@@ -429,12 +430,12 @@ def test_seed_000_full_configs_count_the_published_parameters(tmp_path):
              + (512 * 512 + 512)}
   for name, module in (("flickr8k", flickr8k), ("cub", cub)):
     config = module.get_config("")
-    experiment.validate_config(config)
+    schema.resolve(config, jax.device_count())
     for modality, tower in config.model.towers.items():
       if tower.name == "pretrained":
         tower.path = str(tmp_path / ("wav2vec2" if modality == "audio" else "clip"))
     config.modalities.text.tokenizer = "digit_words"  # pretrained towers keep their vocab
-    _, _, state = aot.abstract_state(config)
+    state = experiment.assemble(config, read_data=False).abstract_state
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     print(f"configs/{name}.py: {count:,} parameters")
     assert count == expected[name], name

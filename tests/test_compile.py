@@ -16,7 +16,8 @@ from conftest import CONFIG, REPO
 pytest.importorskip("libtpu", reason="libtpu (pip install -e '.[tpu]') compiles for TPUs")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import audio_video_text
-from xmodal_jax.train import aot, experiment
+from xmodal_jax import experiment
+from xmodal_jax.train import aot
 
 
 def test_tiny_step_compiles_for_a_v5e_slice_with_a_quarter_of_the_state_per_chip():
@@ -24,7 +25,7 @@ def test_tiny_step_compiles_for_a_v5e_slice_with_a_quarter_of_the_state_per_chip
   assert len(devices) == 4 and devices[0].platform == "tpu"
   config = audio_video_text.get_config("tiny")
   config.mesh = dict(data=1, fsdp=4)
-  compiled, report = aot.compile_train_step(config, devices)
+  compiled, report = experiment.compile_train_step(config, devices)
   # attention_impl="auto" chose the Pallas flash-attention kernel (Mosaic custom calls) in
   # each of the 3 towers: forward, and the backward's dq and dkv kernels.
   kernels = re.findall(r"%([\w.]+) = [^\n]*custom_call_target=\"tpu_custom_call\"",
@@ -34,7 +35,7 @@ def test_tiny_step_compiles_for_a_v5e_slice_with_a_quarter_of_the_state_per_chip
   assert report.device_kind == "TPU v5 lite" and report.hbm_bytes == 16 << 30
   assert report.mesh == {"data": 1, "fsdp": 4}
   # The whole state's bytes, from its shapes alone: each chip holds about a quarter.
-  _, _, state = aot.abstract_state(experiment.resolve_tokenizers(config))
+  state = experiment.assemble(config, devices, read_data=False).abstract_state
   total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
               for x in jax.tree.leaves(state))
   assert 0.24 * total <= report.state_bytes <= 0.26 * total, (report.state_bytes, total)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal_jax import losses
+from xmodal_jax import losses, schema
 
 
 def normalized(rng, b, d):
@@ -126,7 +126,7 @@ def test_per_pair_temperatures_refuse_objectives_with_one_temperature():
   config.model.per_pair_temperature = True
   with pytest.raises(ValueError, match=r"per_pair_temperature=True: objectives \['ims', "
                      r"'itc', 'itm', 'lmim'\] take one temperature"):
-    objectives.validate(config)
+    schema.resolve(config, jax.device_count())
 
 
 def test_a_loaded_clip_scale_goes_to_every_pair():

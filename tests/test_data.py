@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
+from xmodal_jax import schema
 from xmodal_jax.data import pipeline
 from xmodal_jax.data.builders import digit_sequences
 
@@ -71,6 +72,7 @@ def test_eval_iterator_visits_every_item_once_with_padding(digit_data_dir):
   config = avt_config.get_config("tiny")
   config.data.data_dir = digit_data_dir
   config.eval_batch_size = 300  # 1000 items: the last batch has 100 real rows.
+  config = schema.fill_defaults(config)
   builder = pipeline.get_builder(config.data)
   batches = list(pipeline.eval_iterator(config, builder, "test"))
   assert [len(b["_id"]) for b in batches] == [300] * 4
@@ -86,6 +88,7 @@ def test_eval_iterator_visits_every_item_once_with_padding(digit_data_dir):
 def test_train_iterator_resumes_where_it_left_off(digit_data_dir):
   config = avt_config.get_config("tiny")
   config.data.data_dir = digit_data_dir
+  config = schema.fill_defaults(config)
   builder = pipeline.get_builder(config.data)
   first = pipeline.train_iterator(config, builder)
   batches = [next(first) for _ in range(3)]

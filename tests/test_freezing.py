@@ -11,7 +11,8 @@ import pytest
 import fixtures
 from fixtures import random_batch
 from xmodal_jax import parallel
-from xmodal_jax.train import experiment, optimizer, step as step_lib
+from xmodal_jax import experiment, experiment as experiment_lib, schema
+from xmodal_jax.train import optimizer, step as step_lib
 
 
 def nbytes(tree):
@@ -30,16 +31,17 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
   per pair of modalities. Two steps on 8 devices (data=2 x fsdp=4)."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
-  config.model.towers.text.update(trainable="none", lora_rank=2)
-  config.model.towers.video.trainable = (".*/ln_[a-z]+/.*",)
-  config.model.towers.audio.lr_multiplier = 0.1
+  config.model.towers.text.lora_rank = 2
+  config.train_policy = dict(text=dict(trainable="none"),
+                             video=dict(trainable=(".*/ln_[a-z]+/.*",)),
+                             audio=dict(lr_multiplier=0.1))
   config.model.per_pair_temperature = True
   config.optimizer.update(warmup_steps=0, weight_decay=0.0, grad_clip_norm=1e9)
   config.batch_size = 16
   config, model, tx, mesh, batch, shardings, state = fixtures.sharded_state(
       config, dict(data=2, fsdp=4))
   before = by_path(state.params)
-  frozen = by_path(optimizer.frozen(config, state.params))
+  frozen = by_path(optimizer.frozen(optimizer.tower_rules(config.train_policy), state.params))
   train_step = step_lib.jit_train_step(config, model, tx, mesh, shardings)
 
   # No optimizer state for frozen parameters: AdamW's mu and nu cover the others only.
@@ -89,8 +91,8 @@ def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():
   sizes = {}
   for trainable in ("all", "none"):
     config = audio_video_text.get_config()
-    config.model.towers.text.trainable = trainable
-    config = experiment.resolve_tokenizers(config)
+    config.train_policy.text = dict(trainable=trainable)
+    config = schema.resolve(config, jax.device_count())
     model, _, tx = experiment.build_model_and_optimizer(config)
     example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
     state = jax.eval_shape(experiment.state_creator(config, model, tx), example)
@@ -101,23 +103,23 @@ def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("trainable", "some", r"towers.text.trainable='some': expected \"all\", \"none\""),
-    ("trainable", ("blocks_(",), r"towers.text.trainable: 'blocks_\(' is not a regex"),
-    ("lr_multiplier", 0.0, r"towers.text.lr_multiplier=0.0: expected a number > 0"),
+    ("trainable", "some", r"train_policy.text.trainable='some': expected \"all\", \"none\""),
+    ("trainable", ("blocks_(",), r"train_policy.text.trainable: 'blocks_\(' is not a regex"),
+    ("lr_multiplier", 0.0, r"train_policy.text.lr_multiplier=0.0: expected a number > 0"),
 ])
 def test_bad_tower_training_options_name_the_field(field, value, message):
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
-  config.model.towers.text[field] = value
+  config.train_policy.text = {field: value}
   with pytest.raises(ValueError, match=message):
-    optimizer.validate(config)
+    schema.resolve(config, jax.device_count())
 
 
 def test_a_pattern_matching_no_parameter_is_an_error_showing_a_path():
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
-  config.model.towers.text.trainable = ("trunk/encoder/block99/.*",)
-  config = experiment.resolve_tokenizers(config)
+  config.train_policy.text = dict(trainable=("trunk/encoder/block99/.*",))
+  config = schema.resolve(config, jax.device_count())
   model, _, tx = experiment.build_model_and_optimizer(config)
   example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
   with pytest.raises(ValueError, match=r"matches no parameter of the tower \(its paths look "
@@ -158,7 +160,6 @@ def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_
   once, stand in for the tower; with no augmentation the other towers see the same
   embeddings, so every step's loss equals that of running the frozen tower each step."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
   losses = {}
   for cached in (False, True):
     config = audio_video_text.get_config("tiny")
@@ -166,10 +167,9 @@ def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_
     config.log_every = 1
     config.evals = {}  # the steps are what differs
     config.modalities.video.augment = False
-    config.model.towers.video.trainable = "none"
-    config.model.towers.video.cache_embeddings = cached
+    config.train_policy.video = dict(trainable="none", cache_embeddings=cached)
     workdir = tmp_path / f"cached_{cached}"
-    loop.train_and_evaluate(config, str(workdir))
+    experiment_lib.train(config, str(workdir))
     with open(workdir / "metrics.jsonl") as f:
       losses[cached] = [r["train/loss"] for r in map(json.loads, f) if "train/loss" in r]
   assert "Cached the frozen video tower's embeddings of" in capsys.readouterr().out
@@ -179,19 +179,19 @@ def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"towers.video.trainable": "all"}, "only a frozen tower"),
+    ({"train_policy.video.trainable": "all"}, "only a frozen tower"),
     ({"augment": True}, "must not augment"),
     ({"loss.weights.ims": 1.0}, "token features"),
 ])
 def test_a_cache_needs_a_frozen_unaugmented_tower_without_token_objectives(change, message):
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
-  config.model.towers.video.update(trainable="none", cache_embeddings=True)
+  config.train_policy.video = dict(trainable="none", cache_embeddings=True)
   config.modalities.video.augment = change.pop("augment", False)
   for key, value in change.items():
-    node, leaf = config.model if key.startswith("towers") else config, key.rsplit(".", 1)
+    node, leaf = config, key.rsplit(".", 1)
     for name in leaf[0].split("."):
       node = node[name]
     node[leaf[1]] = value
   with pytest.raises(ValueError, match=f"cache_embeddings.*{message}"):
-    experiment.validate_config(config)
+    schema.resolve(config, jax.device_count())

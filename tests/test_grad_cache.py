@@ -12,7 +12,8 @@ import fixtures
 from fixtures import random_batch
 
 from xmodal_jax import parallel
-from xmodal_jax.train import aot, experiment, step as step_lib
+from xmodal_jax import experiment, schema
+from xmodal_jax.train import step as step_lib
 
 
 def test_micro_batches_take_rows_of_every_device_and_merge_back():
@@ -100,7 +101,7 @@ def test_accumulation_cuts_compiled_temporaries(every_objective):
   for k in (1, 4):
     config = audio_video_text.get_config("tiny")
     config.batch_size, config.grad_accum_steps = 1024, k
-    _, report = aot.compile_train_step(config, jax.devices()[:1])
+    _, report = experiment.compile_train_step(config, jax.devices()[:1])
     temps[k] = report.temp_bytes
   assert temps[4] <= temps[1] / 2, temps
 
@@ -111,4 +112,4 @@ def test_batch_must_divide_into_micro_batches_on_every_device():
   config.grad_accum_steps = 3
   with pytest.raises(ValueError,
                      match=r"config.grad_accum_steps=3: .*config.batch_size=16 a multiple"):
-    experiment.validate_config(config, device_count=2)
+    schema.resolve(config, 2)

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 from transformers import audio_utils
 
+from xmodal_jax import schema
 from xmodal_jax.data.builders import digit_sequences
 from xmodal_jax.models import audio, towers
 
@@ -31,10 +32,11 @@ def test_log_mel_matches_transformers_on_a_real_recording():
 def tiny_model():
   tower = lambda name, **kw: dict(name=name, width=16, num_layers=1, num_heads=2, mlp_dim=32,
                                   **kw)
-  config = ml_collections.ConfigDict(dict(embed_dim=8, towers=dict(
+  config = schema.defaults().model
+  config.update(embed_dim=8, towers=dict(
       audio=tower("audio_transformer", sample_rate=8000, patch_frames=4),
       video=tower("video_transformer", patch_size=4),
-      text=tower("text_transformer"))))
+      text=tower("text_transformer")))
   model, pretrained = towers.build_model(config, vocab_sizes={"text": 20})
   assert not pretrained
   return model

@@ -15,7 +15,7 @@ import pytest
 from conftest import CONFIG, REPO, run_train, xla_flags
 from configs import audio_video_text
 from xmodal_jax import losses
-from xmodal_jax.train import loop
+from xmodal_jax import experiment as experiment_lib
 
 import distributed_worker  # pylint: disable=g-bad-import-order
 
@@ -122,7 +122,7 @@ def test_preempted_runs_resume_on_either_layout_with_one_loss_curve(digit_data_d
   config.update_from_flattened_dict({
       "data.data_dir": digit_data_dir, "total_steps": 16, "checkpoint_every": 1000,
       "log_every": 2, "evals.retrieval.every": 16, "evals.retrieval.fused": "none"})
-  loop.train_and_evaluate(config, reference)
+  experiment_lib.train(config, reference)
 
   workdir = str(tmp_path / "layouts")
   args += [f"--workdir={workdir}"]

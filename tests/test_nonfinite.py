@@ -58,7 +58,7 @@ def test_guard_stops_as_the_policy_says_naming_the_newest_checkpoint(tmp_path, p
                                           keep_checkpoints=2, checkpoint_every=1))
   manager = checkpoint.make_manager(str(tmp_path), config)
   checkpoint.save(manager, 1, {"w": np.ones(2, np.float32)})
-  guard = nonfinite.Guard(config, manager)
+  guard = nonfinite.Guard(config.nonfinite, manager)
   with pytest.raises(nonfinite.NonFiniteError, match=rf"stopped at step {stopped_at}: .*"
                      r"newest checkpoint, step 1, holds finite params"):
     for step, flag in enumerate(flags, start=1):

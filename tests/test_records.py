@@ -18,7 +18,8 @@ from conftest import REPO
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from xmodal_jax.data import media, pipeline, preprocess, records
+from xmodal_jax import schema
+from xmodal_jax.data import manifest, media, pipeline, preprocess, records
 from xmodal_jax.data.builders import digit_sequences
 
 
@@ -154,7 +155,7 @@ def test_a_manifest_and_its_media_on_another_filesystem_build_the_same(mixed, mi
     f.write("".join(json.dumps(item) + "\n" for item in lines))
   builder = records.manifest_builder(
       "mixed", f"{remote}/items.jsonl",
-      records.parse_modalities("photo:image,speech:audio,caption:text"),
+      manifest.parse_modalities("photo:image,speech:audio,caption:text"),
       data_dir=str(tmp_path))
   builder.download_and_prepare()
   data_dir, _ = mixed_build
@@ -204,12 +205,12 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
   path = tmp_path / "items.jsonl"
   path.write_text('{"id": "a", "split": "train", "caption": "x"}\n\n{"id": "b", "split":\n')
   with pytest.raises(ValueError, match=r"items.jsonl:3: not valid JSON"):
-    records.read_manifest(str(path))
+    manifest.read_manifest(str(path))
   path.write_text('{"id": "a", "split": "train", "caption": "x"}\n["not", "an object"]\n')
   with pytest.raises(ValueError, match=r"items.jsonl:2: expected a JSON object"):
-    records.read_manifest(str(path))
+    manifest.read_manifest(str(path))
   with pytest.raises(ValueError, match="--modalities: modality 'x' has kind 'photo'"):
-    records.parse_modalities("x:photo")
+    manifest.parse_modalities("x:photo")
   np.save(tmp_path / "a.npy", np.arange(6, dtype=np.float64).reshape(2, 3))
   np.save(tmp_path / "f.npy", np.zeros((3, 2)))
   write_manifest(path, [
@@ -223,7 +224,7 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
       # A file that exists but fails to read (EIO): an OSError, not a crashed build.
       {"id": "h", "split": "train", "caption": "x", "photo": "/proc/self/mem"}])
   builder = records.manifest_builder(
-      "errors", str(path), records.parse_modalities("caption:text,photo:image,feat:features"),
+      "errors", str(path), manifest.parse_modalities("caption:text,photo:image,feat:features"),
       data_dir=str(tmp_path / "tfds"))
   builder.download_and_prepare()
   reasons = {b["id"]: b["reason"] for b in builder.bad_records}
@@ -272,7 +273,7 @@ def test_audio_formats_decode_to_the_same_signal(tmp_path):
 
 
 def _modality(**kw):
-  return ml_collections.ConfigDict(kw)
+  return schema.modality(dict(feature="x", **kw))
 
 
 def test_image_preprocessing_known_answers():
@@ -284,7 +285,8 @@ def test_image_preprocessing_known_answers():
   png = tf.io.encode_png(pixels).numpy()
   config = _modality(kind="image", image_size=16)
   out = preprocess.get_op("image", config, train=False)(tf.constant(png), None)["pixels"]
-  mean, std = np.array(preprocess.CLIP_MEAN), np.array(preprocess.CLIP_STD)
+  mean = np.array([0.48145466, 0.4578275, 0.40821073])  # CLIP's
+  std = np.array([0.26862954, 0.26130258, 0.27577711])
   red, blue = (np.array([1, 0, 0]) - mean) / std, (np.array([0, 0, 1]) - mean) / std
   np.testing.assert_allclose(out[:, :7], np.broadcast_to(red, (16, 7, 3)), atol=1e-5)
   np.testing.assert_allclose(out[:, 9:], np.broadcast_to(blue, (16, 7, 3)), atol=1e-5)
@@ -350,7 +352,7 @@ def digit_config(data_dir):
   config = audio_video_text.get_config("tiny")
   config.data.name = "digit_records"
   config.data.data_dir = data_dir
-  return config
+  return schema.fill_defaults(config)
 
 
 def _all_frames(path):
@@ -460,15 +462,17 @@ def test_caption_lists_are_expanded_at_evaluation(mixed, tmp_path):
   """Every caption is one query; each photo and recording enters the gallery once."""
   builder = records.manifest_builder(
       "mixed_eval", str(mixed / "items.jsonl"),
-      records.parse_modalities("photo:image,speech:audio,caption:text"),
+      manifest.parse_modalities("photo:image,speech:audio,caption:text"),
       data_dir=str(tmp_path))
   builder.download_and_prepare()
   config = ml_collections.ConfigDict(dict(
-      seed=0, eval_batch_size=8, data=dict(name="mixed_eval", data_dir=str(tmp_path)),
-      modalities=dict(photo=dict(kind="image", feature="photo", image_size=16),
-                      speech=dict(kind="audio", feature="speech", num_samples=4000),
-                      caption=dict(kind="text", feature="caption", tokenizer="digit_words",
-                                   max_length=8))))
+      seed=0, eval_batch_size=8,
+      data=schema.defaults().data.to_dict() | dict(name="mixed_eval", data_dir=str(tmp_path)),
+      modalities={name: schema.modality(options) for name, options in dict(
+          photo=dict(kind="image", feature="photo", image_size=16),
+          speech=dict(kind="audio", feature="speech", num_samples=4000),
+          caption=dict(kind="text", feature="caption", tokenizer="digit_words",
+                       max_length=8)).items()}))
   batches = list(pipeline.eval_iterator(config, builder, "test"))
   masks = {m: np.concatenate([b["_mask"][m] for b in batches]) for m in config.modalities}
   ids = np.concatenate([b["_id"] for b in batches])
@@ -490,7 +494,7 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   for the tiny default to train and evaluate on the build (40 train, 10 test items), zero-shot
   classification of audio by each item's first digit (its "label") included."""
   from xmodal_jax.data import webdataset  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   data_dir, items = digit_records
   root = os.path.dirname(data_dir)
   samples = {"train": [], "test": []}
@@ -525,7 +529,7 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
   # The same items from the other build, as another dataset (ESC-50 after training on pairs).
   config.evals.zeroshot_elsewhere = zeroshot | dict(
       data=dict(name="digit_records", data_dir=data_dir, split="test"), prefix="loose")
-  metrics = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  metrics = experiment_lib.train(config, str(tmp_path / "run"))
   assert metrics["test/audio->text/chance_R@1"] == pytest.approx(10.0)
   assert "test/audio->text/R@1" in open(tmp_path / "run" / "metrics.jsonl").read()
   # Zero-shot through the train loop's evaluators: the test items' first digits as classes.

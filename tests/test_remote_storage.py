@@ -17,7 +17,7 @@ import tensorflow as tf
 import gcs_emulator
 from conftest import CONFIG, REPO, run_launcher, xla_flags
 from test_launch_eval import numpy_ranks
-from xmodal_jax.data import files
+from xmodal_jax import files
 from xmodal_jax.data import pipeline, random_access
 from xmodal_jax.eval import export
 from xmodal_jax.train import metrics as metrics_lib

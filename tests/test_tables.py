@@ -14,7 +14,7 @@ from test_models import example_batch, tiny_model
 from xmodal_jax import parallel
 from xmodal_jax.eval import evaluators
 from xmodal_jax.losses import objectives
-from xmodal_jax.train import experiment as experiment_lib
+from xmodal_jax import experiment as experiment_lib, schema
 from xmodal_jax.train import step as step_lib
 
 
@@ -81,7 +81,7 @@ def checked(variant="tiny", **changes):
     for name in parents:
       node = node[name]
     node[leaf] = value
-  experiment_lib.validate_config(config)
+  schema.resolve(config, jax.device_count())
 
 
 @pytest.mark.parametrize("variant, changes, message", [

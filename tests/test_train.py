@@ -18,7 +18,9 @@ from configs import audio_video_text
 from xmodal_jax import parallel
 from xmodal_jax.parallel import sharding
 from xmodal_jax.data import pipeline
-from xmodal_jax.train import experiment as experiment_lib, loop, metrics as metrics_lib
+from xmodal_jax import experiment as experiment_lib
+from xmodal_jax.parallel import sharding
+from xmodal_jax.train import metrics as metrics_lib
 from xmodal_jax.train import step as step_lib
 
 
@@ -99,14 +101,14 @@ def test_eight_devices_and_fsdp_give_the_one_device_loss_curve(digit_data_dir, t
   state per device."""
   config = tiny_config(digit_data_dir)
   experiment = experiment_lib.setup(config, str(tmp_path))
-  batches = pipeline.train_iterator(config, experiment.builder)
+  batches = experiment.source.train_batches()
   batches = [next(batches) for _ in range(6)]
   total = sum(x.nbytes for x in jax.tree.leaves(experiment.state))
   meshes = {"one": parallel.make_mesh(jax.devices()[:1]), "data": parallel.make_mesh(),
             "fsdp": parallel.make_mesh(shape=dict(data=2, fsdp=4))}
   curves = {}
   for name, mesh in meshes.items():
-    shardings = experiment_lib.state_shardings(experiment.state, mesh, config)
+    shardings = sharding.state_shardings(experiment.state, mesh, config.sharding)
     state = jax.device_put(experiment.state, shardings)
     held = sharding.bytes_per_device(state)
     assert held == total if name != "fsdp" else held <= 0.26 * total, (name, held, total)
@@ -158,7 +160,7 @@ def test_objective_variants_train_sharded(digit_data_dir, tmp_path, variant, imp
   config = tiny_config(digit_data_dir, variant)
   config.loss.impl, config.loss.block_size = impl, 1
   config.evals.retrieval.fused = "none"
-  loop.train_and_evaluate(config, str(tmp_path))
+  experiment_lib.train(config, str(tmp_path))
   records = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
   assert len(records) == 3 and all(np.isfinite(r["train/loss"]) for r in records)
   if "regression" in variant:

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from xmodal_jax import schema
 from xmodal_jax.eval import evaluators, zeroshot
 
 
@@ -52,5 +53,6 @@ def test_accuracies_match_a_brute_force_ranking_with_ties_and_templates():
 def test_bad_zeroshot_options_name_the_field(options, message):
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
+  config.evals.zs = dict(type="zeroshot", every=6, **options)
   with pytest.raises(ValueError, match=message):
-    evaluators.zeroshot_validate(options, config, "zs")
+    schema.resolve(config, 8)

@@ -3,7 +3,7 @@
 Each split's plan (one line per record: position, source, record, int id, home split) is
 written to a temporary folder beside the dataset and read by the pipeline, so the launching
 process hands the workers a file, not millions of records. Workers run the same
-`records.Encoder` as the single-process build; bad records go to a side output, written as
+`encoding.Encoder` as the single-process build; bad records go to a side output, written as
 JSON lines and gathered into the report in plan order after the pipeline. The first_m flags
 need every good record of the split: the smallest position of each (id, modality, value)
 marker is found with a combine and joined back to its example.
@@ -15,7 +15,7 @@ import os
 import apache_beam as beam
 import tensorflow as tf
 
-from xmodal_jax.data import records
+from xmodal_jax.data import encoding
 
 BAD_FILE = "bad_records"
 
@@ -31,10 +31,10 @@ class _Encode(beam.DoFn):
     position, where, record, number, home_split = json.loads(line)
     try:
       example, markers = self.encoder(where, record, number, home_split, self.split)
-    except records.BadRecord as e:
+    except encoding.BadRecord as e:
       if self.encoder.options.strict:
         raise
-      entry = records.bad_record_entry(e, where, self.split)
+      entry = encoding.bad_record_entry(e, where, self.split)
       yield beam.pvalue.TaggedOutput("bad", json.dumps([position, entry]))
       return
     yield position, (where, example, markers)

@@ -55,9 +55,9 @@ FLAGS = flags.FLAGS
 
 def make_builder(argv_flags):
   """The builder the flags describe."""
-  from xmodal_jax.data import records  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import encoding, manifest, records  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data.builders import benchmarks  # pylint: disable=g-import-not-at-top
-  options = records.BuildOptions(
+  options = encoding.BuildOptions(
       sample_rate=argv_flags.sample_rate, video_frames=argv_flags.video_frames,
       frame_size=argv_flags.frame_size, strict=argv_flags.strict)
   if bool(argv_flags.manifest) == bool(argv_flags.dataset):
@@ -66,7 +66,7 @@ def make_builder(argv_flags):
     if not argv_flags.modalities or not argv_flags.name:
       raise app.UsageError("--manifest needs --modalities and --name")
     return records.manifest_builder(
-        argv_flags.name, argv_flags.manifest, records.parse_modalities(argv_flags.modalities),
+        argv_flags.name, argv_flags.manifest, manifest.parse_modalities(argv_flags.modalities),
         options=options, data_dir=argv_flags.data_dir, beam=argv_flags.beam,
         file_format=argv_flags.file_format)
   if argv_flags.dataset not in benchmarks.ADAPTERS:
@@ -112,7 +112,7 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS logs each step at INFO.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.data import records  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import encoding, manifest, records  # pylint: disable=g-import-not-at-top
   os.makedirs(FLAGS.data_dir, exist_ok=True)
   if FLAGS.random_access_copy:
     write_random_access_copy(FLAGS.name, FLAGS.data_dir)
@@ -132,7 +132,7 @@ def main(argv):
       beam_options=beam_options(FLAGS.beam_options) if FLAGS.beam else None)
   try:
     builder.download_and_prepare(download_config=config)
-  except records.BadRecord as e:
+  except encoding.BadRecord as e:
     sys.exit(f"error: --strict build stopped at a bad record: {e}")
   except Exception as e:  # pylint: disable=broad-except
     # A Beam worker's BadRecord reaches here wrapped in the runner's own error.

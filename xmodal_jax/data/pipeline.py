@@ -60,9 +60,9 @@ def read_in_order(builder, split):
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def check_modalities(config, builder):
+def check_modalities(config, builder, sample_rates=None):
   """Every configured modality must name a feature the dataset has, of a matching kind and
-  (audio) sample rate."""
+  (audio) the sample rate its tower takes (`sample_rates`: {modality: Hz or None})."""
   features = builder.info.features
   built = records.read_sidecar(builder.data_dir)
   built_kinds = built.get("modalities", {})
@@ -76,13 +76,13 @@ def check_modalities(config, builder):
     if kind and kind != modality.kind:
       raise ValueError(f"config.modalities.{name}.kind={modality.kind!r}, but feature "
                        f"{modality.feature!r} of {config.data.name!r} holds {kind}")
-    shape = modality.get("shape")
-    if modality.kind == "features" and shape and tuple(shape) != tuple(
+    shape = modality.shape if modality.kind == "features" else None
+    if shape and tuple(shape) != tuple(
         features[modality.feature].shape):
       raise ValueError(f"config.modalities.{name}.shape={tuple(shape)}, but feature "
                        f"{modality.feature!r} of {config.data.name!r} has shape "
                        f"{tuple(features[modality.feature].shape)}")
-    rate = config.model.towers[name].get("sample_rate") if "model" in config else None
+    rate = (sample_rates or {}).get(name)
     built_rate = built.get("options", {}).get("sample_rate")
     if kind == "audio" and rate and rate != built_rate:
       raise ValueError(f"config.model.towers.{name}.sample_rate={rate}, but "
@@ -149,18 +149,18 @@ SECOND_VIEW_SEED = 104_729  # offsets the second view's draws from the first's
 def second_view_modalities(config):
   """The modalities whose training examples come with a second augmented view (a modality's
   `second_view`), batch["_views"][m]: IMS's positive (losses/objectives.py)."""
-  return [name for name, m in config.modalities.items() if m.get("second_view")]
+  return [name for name, m in config.modalities.items() if m.second_view]
 
 
 def tf_data_options(data_config):
-  """The tf.data settings config.data may give: `threads`, a private thread pool of that
-  many threads for this input (0 or unset: tf.data's pool shared with the process), and
-  `ram_budget_gb`, autotune's RAM budget (0 or unset: its default, half the host's RAM).
+  """The tf.data settings of config.data: `threads`, a private thread pool of that many
+  threads for this input (0: tf.data's pool shared with the process), and `ram_budget_gb`,
+  autotune's RAM budget (0: its default, half the host's RAM).
   Measured effect per pod variant: benchmarks/README.md, "Input throughput per host"."""
   options = tf.data.Options()
-  if data_config.get("threads"):
+  if data_config.threads:
     options.threading.private_threadpool_size = int(data_config.threads)
-  if data_config.get("ram_budget_gb"):
+  if data_config.ram_budget_gb:
     options.autotune.ram_budget = int(data_config.ram_budget_gb * 2**30)
   return options
 
@@ -205,7 +205,7 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
   index, count = _host(process_index, process_count)
   batch_size = per_host_batch_size(config.batch_size, count)
   expanded = [n for n in caption_lists(config, builder)
-              if config.modalities[n].get("captions", "sample") == "expand"]
+              if config.modalities[n].captions == "expand"]
   if expanded:
     return _sequential_train_iterator(config, builder, expanded[0], start_step, index, count)
   split = config.data.train_split
@@ -265,34 +265,6 @@ def _sequential_train_iterator(config, builder, expanded, start_step, index, cou
   ds = ds.map(_example_fn(config, True, expanded), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return _numpy_batches(config, ds)
-
-
-def abstract_batch(config, batch_size, builder=None):
-  """jax.ShapeDtypeStructs of a batch of `batch_size` as the pipeline makes it, from each
-  modality's preprocessing of a missing value: nothing is read, so a train step can be
-  compiled for a dataset that is not on this machine. Features modalities take their shape
-  from `builder`'s dataset."""
-  missing = {"image": b"", "audio": np.zeros([0], np.int16), "text": "",
-             "video": np.zeros([0], np.bytes_)}
-  batch, masks = {}, {}
-  for name, m in config.modalities.items():
-    if m.kind == "features":
-      if builder is None and not m.get("shape"):
-        raise ValueError(f"config.modalities.{name}: a features modality takes its shape "
-                         "from its `shape` or the dataset, and neither is available")
-      shape = m.get("shape") or builder.info.features[m.feature].shape
-      raw = records.empty_value("features", tuple(shape))
-    else:
-      raw = missing[m.kind]
-    one = preprocess.preprocess_one(name, m, raw)
-    batch[name] = {k: (batch_size,) + v.shape[1:] + (v.dtype,) for k, v in one.items()}
-    masks[name] = (batch_size, np.bool_)
-  batch |= {"_mask": masks, "_id": (batch_size, np.int64)}
-  views = second_view_modalities(config)
-  if views:
-    batch["_views"] = {name: batch[name] for name in views}
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[:-1], jax.dtypes.canonicalize_dtype(
-      s[-1])), batch, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def pad_batch(batch, size):

@@ -6,31 +6,10 @@ to the tower's inputs, a dict of fixed-shape tensors. Random choices depend only
 so a resumed run sees the same augmentations.
 """
 
-import functools
-import os
-
 import numpy as np
 import tensorflow as tf
 
-from xmodal_jax.data.builders import digit_sequences
-
-# Tokenizers shipped with the package, by name; any other value is a Hugging Face folder.
-SHIPPED_TOKENIZERS = {"digit_words": digit_sequences.TOKENIZER_DIR}
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@functools.lru_cache(maxsize=None)
-def load_tokenizer(name_or_path):
-  """A `transformers` tokenizer from a shipped name or a local Hugging Face folder."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  path = SHIPPED_TOKENIZERS.get(name_or_path, name_or_path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(
-        f"tokenizer {name_or_path!r}: no such folder (expected a Hugging Face tokenizer folder "
-        f"or one of {sorted(SHIPPED_TOKENIZERS)})")
-  return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-
+from xmodal_jax import tokenizers
 
 def _seed(seed, salt):
   return None if seed is None else seed + tf.constant([0, salt * 1_000_003], tf.int64)
@@ -59,7 +38,7 @@ def text_op(modality_config, train):
   """A caption string, or one of an item's captions ([n] strings): sampled per step in
   training when `captions="sample"`, else the first; "" when there is none. `text_batch_op`
   tokenizes whole batches outside tf.data."""
-  sample = train and modality_config.get("captions", "sample") == "sample"
+  sample = train and modality_config.captions == "sample"
 
   def op(text, seed):
     if text.shape.rank == 0:
@@ -79,7 +58,7 @@ def text_batch_op(modality_config):
   One tokenizer call per batch (the fast tokenizer batches in Rust); done after tf.data so
   no Python runs inside its threads.
   """
-  tokenizer = load_tokenizer(modality_config.tokenizer)
+  tokenizer = tokenizers.load(modality_config.tokenizer)
 
   def op(inputs):
     texts = [t.decode("utf-8") for t in inputs["text"]]
@@ -94,7 +73,7 @@ def audio_op(modality_config, train):
   """int16 or float samples [N] -> {"waveform": float32[num_samples]}: a random window in
   training (`random_crop`, default True) or the start at evaluation, zero-padded."""
   num_samples = modality_config.num_samples
-  random_crop = train and modality_config.get("random_crop", True)
+  random_crop = train and modality_config.random_crop
 
   def op(samples, seed):
     x = tf.cast(samples, tf.float32)
@@ -116,10 +95,9 @@ def image_op(modality_config, train):
   side resize + centre crop at evaluation; normalized by `mean`/`std` (CLIP's by default).
   An absent image (empty bytes) gives zeros."""
   size = modality_config.image_size
-  mean = tuple(modality_config.get("mean", CLIP_MEAN))
-  std = tuple(modality_config.get("std", CLIP_STD))
-  crop_scale = tuple(modality_config.get("crop_scale", (0.5, 1.0)))
-  flip = modality_config.get("flip", True)
+  mean, std = tuple(modality_config.mean), tuple(modality_config.std)
+  crop_scale = tuple(modality_config.crop_scale)
+  flip = modality_config.flip
 
   def op(encoded, seed):
     image = tf.cond(
@@ -160,11 +138,10 @@ def video_op(modality_config, train):
   """
   num_frames = modality_config.num_frames
   size = modality_config.frame_size
-  channels = modality_config.get("channels", 3)
-  random_sampling = train and modality_config.get("sampling", "uniform") == "random"
-  max_shift = modality_config.get("max_shift", 0) if train else 0
-  mean = modality_config.get("mean", 0.5)
-  std = modality_config.get("std", 0.5)
+  channels = modality_config.channels
+  random_sampling = train and modality_config.sampling == "random"
+  max_shift = modality_config.max_shift if train else 0
+  mean, std = modality_config.mean, modality_config.std
 
   def pick(count, seed):
     return frame_indices(count, num_frames, _seed(seed, 5) if random_sampling else None)
@@ -226,7 +203,7 @@ def _kind(modality_name, modality_config):
 def get_op(modality_name, modality_config, train):
   """The modality's per-example op; in training it augments unless the modality sets
   augment=False (then training prepares an example exactly as evaluation does)."""
-  train = train and modality_config.get("augment", True)
+  train = train and modality_config.augment
   return OPS[_kind(modality_name, modality_config)][0](modality_config, train)
 
 

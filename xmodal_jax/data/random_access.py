@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import tensorflow as tf
 
-from xmodal_jax.data import files
+from xmodal_jax import files
 
 FOLDER = "random_access"
 # A TFRecord record: uint64 length, uint32 CRC of the length, the data, uint32 CRC of the data.

@@ -43,36 +43,27 @@ class EmbeddedSplit:
 
 
 class Embedder:
-  """A model's jitted embedding and matching steps over `mesh`, fed by the config's eval
-  pipeline; compiled once per set of token modalities."""
+  """A model's jitted embedding and matching steps over `mesh`, fed by a data source's eval
+  batches (data/source.py: Source); compiled once per set of token modalities."""
 
-  def __init__(self, config, builder, model, mesh, prompt_modalities=None):
-    self.config, self.builder, self.model, self.mesh = config, builder, model, mesh
+  def __init__(self, source, model, mesh, prompt_modalities=None):
+    self.source, self.model, self.mesh = source, model, mesh
+    self.config = source.config  # the input slice: data, modalities, batch sizes
     # The model's modalities, for embed_texts even when this one reads a dataset with fewer.
-    self.prompt_modalities = prompt_modalities or config.modalities
+    self.prompt_modalities = prompt_modalities or self.config.modalities
     self._embed_fns = {}
     self._text_fn = None
     self._match_fn = jax.jit(functools.partial(match_step, model=model), static_argnums=(1,))
     self._others = {}
 
-  def for_dataset(self, data_config, modality, feature=None):
+  def for_dataset(self, data_config, modality, feature=""):
     """An Embedder of the same model reading `modality` only (from `feature`, default its
     own) of another dataset: `data_config` {name, data_dir} as config.data takes them. Kept,
     so that evaluating it again compiles nothing."""
-    from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     key = (data_config.get("name"), data_config.get("data_dir"), modality, feature)
-    if key in self._others:
-      return self._others[key]
-    config = self.config.copy_and_resolve_references()
-    config.data.update({k: v for k, v in data_config.items() if k in ("name", "data_dir")})
-    options = config.modalities[modality]
-    if feature:
-      options.feature = feature
-    config.modalities = {modality: options}
-    builder = pipeline.get_builder(config.data)
-    pipeline.check_modalities(config, builder)
-    self._others[key] = Embedder(config, builder, self.model, self.mesh,
-                                 self.config.modalities)
+    if key not in self._others:
+      self._others[key] = Embedder(self.source.for_dataset(data_config, modality, feature),
+                                   self.model, self.mesh, self.config.modalities)
     return self._others[key]
 
   def embed_fn(self, tokens=()):
@@ -86,9 +77,8 @@ class Embedder:
   def batches(self, params, split, *, tokens=(), ids=None):
     """Yields, per eval batch of `split` (only items `ids` when given), {"emb", "tokens",
     "_mask", "_id"} as NumPy on every host, padding rows removed."""
-    from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
     embed = self.embed_fn(tokens)
-    for batch in pipeline.eval_iterator(self.config, self.builder, split, ids=ids):
+    for batch in self.source.eval_batches(split, ids=ids):
       batch = parallel.shard_batch(batch, self.mesh)
       with jax.set_mesh(self.mesh):  # kernels such as Pallas attention run per device
         out = dict(embed(params, batch), _mask=batch["_mask"], _id=batch["_id"])
@@ -106,9 +96,8 @@ class Embedder:
   def embed_texts(self, params, modality, texts):
     """float32[len(texts), D] embeddings of `texts` through text modality `modality`'s
     preprocessing and tower (the same on every host)."""
-    from xmodal_jax.data import preprocess  # pylint: disable=g-import-not-at-top
     options = self.prompt_modalities[modality]
-    inputs = [preprocess.preprocess_one(modality, options, text) for text in texts]
+    inputs = [self.source.prepare(modality, options, text) for text in texts]
     batch = {key: np.concatenate([x[key] for x in inputs]) for key in inputs[0]}
     if self._text_fn is None:
       self._text_fn = jax.jit(lambda p, b: self.model.apply({"params": p}, b, train=False))

@@ -8,7 +8,6 @@ the same split share one embedding pass. Adding an evaluator is one function and
 """
 
 import dataclasses
-import functools
 from typing import Callable
 
 import numpy as np
@@ -32,10 +31,13 @@ class Evaluator:
 
   tokens(options, model): modalities whose token features `run` needs in the split.
   validate(options, config, where): raises ValueError naming `where` + the bad field.
+  options: {name: (default, meaning)} of the options this type takes beside every entry's
+    (type, every, split, prefix); default `...`: required. xmodal_jax/schema.py fills them.
   """
   run: Callable
   tokens: Callable = no_tokens
   validate: Callable = no_options
+  options: dict = dataclasses.field(default_factory=dict)
 
 
 # --- Retrieval between every ordered pair, and fused queries ---------------------------------
@@ -45,9 +47,9 @@ def retrieval_run(embedder, params, embedded, options, prefix):
   """Every pair and fused query (retrieval.evaluate_pairs); modalities in
   options.class_level match by the items' "label" (their class) instead of their id."""
   del params
-  class_level, class_ids = tuple(options.get("class_level") or ()), None
+  class_level, class_ids = tuple(options.class_level), None
   if class_level:
-    labels = item_labels(embedder.builder, embedded.split, "label")
+    labels = embedder.source.item_labels(embedded.split, "label")
     names = [labels[int(i)] for i in embedded.ids]
     unlabelled = [embedded.ids[i] for i, name in enumerate(names) if not name
                   and any(embedded.masks[m][i] for m in class_level)]
@@ -57,16 +59,16 @@ def retrieval_run(embedder, params, embedded, options, prefix):
     index = {name: i for i, name in enumerate(sorted(set(names)))}
     class_ids = np.array([index[name] for name in names], np.int64)
   return retrieval.evaluate_pairs(embedded.emb, embedded.masks, embedded.ids, prefix,
-                                  fused=options.get("fused", "all"), class_ids=class_ids,
+                                  fused=options.fused, class_ids=class_ids,
                                   class_level=class_level)
 
 
 def retrieval_validate(options, config, where):
   try:
-    retrieval.fused_query_sets(list(config.modalities), options.get("fused", "all"))
+    retrieval.fused_query_sets(list(config.modalities), options.fused)
   except ValueError as e:
     raise ValueError(f"{where}.fused: {e}") from e
-  for modality in options.get("class_level") or ():
+  for modality in options.class_level:
     if modality not in config.modalities:
       raise ValueError(f"{where}.class_level: {modality!r} is not one of "
                        f"{list(config.modalities)}")
@@ -77,7 +79,7 @@ def retrieval_validate(options, config, where):
 
 def rerank_pairs(options, model):
   """The fusion pairs "a:b" to re-rank with: options.pairs, or every pair of the model."""
-  return list(options.get("pairs") or towers.fusion_pairs(model))
+  return list(options.pairs or towers.fusion_pairs(model))
 
 
 def rerank_tokens(options, model):
@@ -107,13 +109,13 @@ def rerank_run(embedder, params, embedded, options, prefix):
 
 
 def rerank_validate(options, config, where):
-  if options.get("k", 0) <= 0:
-    raise ValueError(f"{where}.k={options.get('k')}: expected the number of candidates to "
+  if not isinstance(options.k, int) or options.k <= 0:
+    raise ValueError(f"{where}.k={options.k!r}: expected the number of candidates to "
                      "re-rank (> 0)")
-  model_pairs = list((config.model.get("fusion") or {}).get("pairs") or [])
+  model_pairs = list(config.model.fusion.pairs)
   if not model_pairs:
     raise ValueError(f"{where}: re-ranking needs config.model.fusion.pairs (a matching head)")
-  for pair in options.get("pairs") or []:
+  for pair in options.pairs:
     if pair not in model_pairs:
       raise ValueError(f"{where}.pairs: {pair!r} is not one of config.model.fusion.pairs "
                        f"{model_pairs}")
@@ -123,23 +125,8 @@ def rerank_validate(options, config, where):
 
 
 def zeroshot_text_modality(options, modalities):
-  return options.get("text") or next(
+  return options.text or next(
       (n for n, m in modalities.items() if m.kind == "text"), None)
-
-
-@functools.lru_cache(maxsize=None)
-def item_labels(builder, split, feature):
-  """{item id: class name} of a split's `feature` ("" where an item has none). Read once per
-  builder and split: every evaluation that needs them (retrieval's class_level, zero-shot)
-  would otherwise read the whole split again."""
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  if feature not in builder.info.features:
-    raise ValueError(f"{builder.data_dir}: no {feature!r} feature to classify by (manifests "
-                     "give it as \"label\")")
-  labels = {}
-  for example in pipeline.read_in_order(builder, split).as_numpy_iterator():
-    labels.setdefault(int(example["id"]), example[feature].decode("utf-8"))
-  return labels
 
 
 def zeroshot_run(embedder, params, embedded, options, prefix):
@@ -150,17 +137,16 @@ def zeroshot_run(embedder, params, embedded, options, prefix):
   data_dir, split), the items come from that dataset (its `feature`, by default the
   modality's own), as ESC-50 or ImageNet after training on pairs; the prefix is its name."""
   config, modality = embedder.config, options.modality
-  labels_by_id = item_labels(embedder.builder, embedded.split,
-                             options.get("label_feature", "label"))
+  labels_by_id = embedder.source.item_labels(embedded.split, options.label_feature)
   rows = np.flatnonzero(embedded.masks[modality])
   names = np.array([labels_by_id[int(i)] for i in embedded.ids[rows]])
   rows, names = rows[names != ""], names[names != ""]
-  classes = list(options.get("classes") or sorted(set(names)))
+  classes = list(options.classes or sorted(set(names)))
   unknown = sorted(set(names) - set(classes))
   if unknown:
     raise ValueError(f"zero-shot on {embedded.split!r}: labels {unknown[:5]} are not among "
                      f"the evaluator's classes")
-  templates = list(options.get("templates") or
+  templates = list(options.templates or
                    zeroshot.DEFAULT_TEMPLATES[config.modalities[modality].kind])
   prompts = [template.format(name) for name in classes for template in templates]
   text = zeroshot_text_modality(options, embedder.prompt_modalities)
@@ -174,29 +160,46 @@ def zeroshot_run(embedder, params, embedded, options, prefix):
 
 
 def zeroshot_validate(options, config, where):
-  modality = options.get("modality")
+  modality = options.modality
   if modality not in config.modalities:
     raise ValueError(f"{where}.modality={modality!r}: expected one of "
                      f"{list(config.modalities)} (the modality to classify)")
   text = zeroshot_text_modality(options, config.modalities)
   if text not in config.modalities or config.modalities[text].kind != "text":
     raise ValueError(f"{where}.text={text!r}: expected a text modality to embed the prompts")
-  for template in options.get("templates") or ():
+  for template in options.templates:
     if not isinstance(template, str) or "{}" not in template:
       raise ValueError(f"{where}.templates: {template!r} has no {{}} for the class name")
-  classes = options.get("classes") or ()
+  classes = options.classes
   if any(not isinstance(c, str) or not c for c in classes):
     raise ValueError(f"{where}.classes: expected non-empty class names, got {classes!r}")
-  data = options.get("data")
+  data = options.data
   if data is not None and not data.get("name"):
     raise ValueError(f"{where}.data: expected the dataset to classify, {{name, data_dir, "
                      f"split}}, got {data!r}")
 
 
 EVALUATORS = {
-    "retrieval": Evaluator(retrieval_run, validate=retrieval_validate),
-    "rerank": Evaluator(rerank_run, tokens=rerank_tokens, validate=rerank_validate),
-    "zeroshot": Evaluator(zeroshot_run, validate=zeroshot_validate),
+    "retrieval": Evaluator(retrieval_run, validate=retrieval_validate, options={
+        "fused": ("all", "fused queries: \"all\" subsets of 2..M-1 modalities, \"none\", "
+                  "or a list such as [\"audio+video\"]"),
+        "class_level": ((), "modalities that describe an item's class: pairs with them "
+                        "match by the items' label"),
+    }),
+    "rerank": Evaluator(rerank_run, tokens=rerank_tokens, validate=rerank_validate, options={
+        "k": (..., "candidates re-scored by the matching head per query"),
+        "pairs": ((), "fusion pairs to re-rank with; empty: every pair of the model"),
+    }),
+    "zeroshot": Evaluator(zeroshot_run, validate=zeroshot_validate, options={
+        "modality": (..., "the modality whose items are classified"),
+        "text": ("", "the text modality that embeds the prompts; empty: the first"),
+        "templates": ((), "prompt templates with {} for the class name; empty: the "
+                      "kind's defaults"),
+        "classes": ((), "class names; empty: every label of the split"),
+        "label_feature": ("label", "the dataset feature holding each item's class"),
+        "data": (None, "another dataset to classify: {name, data_dir, split}"),
+        "feature": ("", "that dataset's feature for the modality; empty: the modality's"),
+    }),
 }
 
 
@@ -209,16 +212,14 @@ def register(name, evaluator):
 
 def validate(config):
   """Checks every entry of config.evals: a known type, a positive period, its options."""
-  for name, options in config.get("evals", {}).items():
+  for name, options in config.evals.items():
     where = f"config.evals.{name}"
-    kind = options.get("type")
+    kind = options.type
     if kind not in EVALUATORS:
       raise ValueError(f"{where}.type={kind!r}: expected one of {sorted(EVALUATORS)}")
-    every = options.get("every")
+    every = options.every
     if not isinstance(every, int) or every <= 0:
       raise ValueError(f"{where}.every={every!r}: expected a positive number of steps")
-    if options.get("data") is not None and kind != "zeroshot":
-      raise ValueError(f"{where}.data: only zero-shot classification reads another dataset")
     EVALUATORS[kind].validate(options, config, where)
 
 
@@ -226,24 +227,24 @@ def run(config, embedder, params, *, step=None, split=None):
   """Metrics of the config.evals entries due at `step` (every one when `step` is None, as at
   the end of training); `split` replaces every entry's split (an evaluate.py flag)."""
   groups, elsewhere = {}, []
-  for options in config.get("evals", {}).values():
+  for options in config.evals.values():
     if step is None or step % options.every == 0:
-      if options.get("data"):  # another dataset: embedded on its own
+      if options.type == "zeroshot" and options.data:  # another dataset: embedded on its own
         elsewhere.append(options)
         continue
-      name = split or options.get("split") or config.data.eval_split
+      name = split or options.split or config.data.eval_split
       groups.setdefault(name, []).append(options)
   metrics = {}
   for options in elsewhere:
-    other = embedder.for_dataset(options.data, options.modality, options.get("feature"))
+    other = embedder.for_dataset(options.data, options.modality, options.feature)
     embedded = other.split(params, options.data.get("split", "test"))
-    prefix = options.get("prefix") or options.data.name
+    prefix = options.prefix or options.data.name
     metrics.update(EVALUATORS[options.type].run(other, params, embedded, options, prefix))
   for name, group in groups.items():
     tokens = {m for options in group
               for m in EVALUATORS[options.type].tokens(options, embedder.model)}
     embedded = embedder.split(params, name, tokens=tokens)
     for options in group:
-      prefix = options.get("prefix") or name
+      prefix = options.prefix or name
       metrics.update(EVALUATORS[options.type].run(embedder, params, embedded, options, prefix))
   return metrics

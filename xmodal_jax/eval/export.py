@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from xmodal_jax.data import files
+from xmodal_jax import files
 
 
 def write_export(out, batches, num_batches, signature, meta):

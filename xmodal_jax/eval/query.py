@@ -7,12 +7,11 @@ their items of the export's split.
 """
 
 import json
-import os
 
 import jax
 import numpy as np
 
-from xmodal_jax.data import files
+from xmodal_jax import files
 from xmodal_jax.eval import search
 
 
@@ -28,38 +27,12 @@ def export_mismatches(meta, workdir, model_config):
   return problems
 
 
-def read_query(config, builder, kind, path_or_text):
-  """(modality name, raw value as the dataset feature holds it) of a query of `kind` (text,
-  audio, image or video: a text, or a file's path). Errors say what is missing."""
-  from xmodal_jax.data import media, records  # pylint: disable=g-import-not-at-top
-  names = [n for n, m in config.modalities.items() if m.kind == kind]
-  if not names:
-    raise ValueError(f"the config has no {kind} modality to encode the query with")
-  name = names[0]
-  modality = config.modalities[name]
-  if kind != "text" and not os.path.exists(path_or_text):
-    raise FileNotFoundError(f"{path_or_text}: no such file")
-  if kind == "audio":
-    built = records.read_sidecar(builder.data_dir).get("options", {})
-    rate = config.model.towers[name].get("sample_rate") or built.get("sample_rate")
-    if not rate:
-      raise ValueError(f"neither config.model.towers.{name}.sample_rate nor the dataset says "
-                       "which sample rate the model takes")
-    return name, media.decode_audio(path_or_text, rate)
-  if kind == "image":
-    with open(path_or_text, "rb") as f:
-      return name, f.read()
-  if kind == "video":
-    return name, media.read_video(path_or_text, (modality.num_frames, modality.frame_size,
-                                                 modality.frame_size,
-                                                 modality.get("channels", 3)))
-  return name, path_or_text
-
-
-def encode_query(model, params, config, modality, raw):
-  """(embedding float32[1, D], (tokens [1, L, W], valid [1, L])) of one raw query."""
-  from xmodal_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  inputs = {modality: preprocess.preprocess_one(modality, config.modalities[modality], raw)}
+def encode_query(embedder, params, modality, raw):
+  """(embedding float32[1, D], (tokens [1, L, W], valid [1, L])) of one raw query
+  (Source.read_query), prepared as evaluation prepares examples."""
+  model = embedder.model
+  inputs = {modality: embedder.source.prepare(modality, embedder.config.modalities[modality],
+                                              raw)}
   out = model.apply({"params": params}, inputs, train=False, local_features=False,
                     method="details")
   return np.asarray(out["emb"][modality]), jax.tree.map(np.asarray, out["tokens"][modality])
@@ -71,17 +44,6 @@ def top_hits(query_emb, gallery_emb, gallery_mask, ids, depth):
   depth = min(depth, len(rows))
   scores, index = search.topk(query_emb, gallery_emb[rows], depth)
   return [(int(rows[i]), int(ids[rows[i]]), float(s)) for s, i in zip(scores[0], index[0])]
-
-
-def item_texts(config, builder, split, ids):
-  """{id: [captions]} for `ids` when the dataset has a text feature, else {}."""
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  texts = [m.feature for m in config.modalities.values() if m.kind == "text"]
-  if not texts:
-    return {}
-  ds = pipeline.keep_items(pipeline.read_in_order(builder, split), sorted(set(ids)))
-  return {int(example["id"]): [c.decode("utf-8") for c in np.atleast_1d(example[texts[0]])]
-          for example in ds.as_numpy_iterator()}
 
 
 def row_ordinal(ids, mask, row):

@@ -21,6 +21,16 @@ import jax.numpy as jnp
 from xmodal_jax.losses import alignment, contrastive, pairs, regression
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Momentum:
+  """What the momentum (EMA) model gives the itc/ims terms in one step, as one value."""
+  emb: dict  # its embeddings of the batch {modality: [B, D]}
+  queues: dict  # {modality: {"emb", "ids"}}: earlier steps' keys
+  alpha: Any = None  # momentum distillation's alpha; None: off
+  view_emb: Optional[dict] = None  # its embeddings of the second views (batch["_views"])
+
+
 @dataclasses.dataclass
 class Inputs:
   """What a term reads. A per-device term (Objective.per_device) runs inside shard_map and
@@ -34,11 +44,7 @@ class Inputs:
   ids: Any = None  # int[B] item ids
   tokens: Optional[dict] = None  # details: {modality: (tokens [B, L, W], valid [B, L])}
   locals: Optional[dict] = None  # details: {modality: (local emb [B, K, D], valid [B, K])}
-  momentum_emb: Optional[dict] = None  # momentum: the EMA model's embeddings of the batch
-  # momentum: its embeddings of the second views (batch["_views"]) of some modalities
-  momentum_view_emb: Optional[dict] = None
-  queues: Optional[dict] = None  # momentum: {modality: {"emb", "ids"}}
-  alpha: Any = None  # momentum distillation's alpha; None: off
+  momentum: Optional[Momentum] = None  # for momentum objectives
   queue_columns: Any = None  # sharding that keeps [B, Q] scores on the queue's row shards
   rng: Any = None
   match: Optional[Callable] = None  # (pair, a tokens, a valid, b tokens, b valid, rng) -> [n, 2]
@@ -98,7 +104,7 @@ def validate_pairwise(config):
 def validate_contrastive(config):
   validate_pairwise(config)
   loss = config.loss
-  if loss.kind == "sigmoid" and config.model.get("logit_bias_init") is None:
+  if loss.kind == "sigmoid" and config.model.logit_bias_init is None:
     raise ValueError("config.loss.kind='sigmoid' needs config.model.logit_bias_init "
                      "(SigLIP uses -10)")
   contrastive.check_options(kind=loss.kind, impl=loss.impl, where="config.loss.")
@@ -117,12 +123,12 @@ def validate_regression(config):
 def queued(inputs, query, key, keys=None):
   """Cross-entropy of `query`'s embeddings against `key`'s momentum keys (or `keys`) and
   queue."""
+  momentum = inputs.momentum
   value, _ = alignment.queue_contrastive(
-      inputs.emb[query], inputs.momentum_emb[query],
-      inputs.momentum_emb[key] if keys is None else keys,
-      inputs.queues[key]["emb"], inputs.scale, ids=inputs.ids, key_mask=inputs.masks[key],
-      query_mask=inputs.masks[query], queue_ids=inputs.queues[key]["ids"], alpha=inputs.alpha,
-      queue_columns=inputs.queue_columns)
+      inputs.emb[query], momentum.emb[query], momentum.emb[key] if keys is None else keys,
+      momentum.queues[key]["emb"], inputs.scale, ids=inputs.ids, key_mask=inputs.masks[key],
+      query_mask=inputs.masks[query], queue_ids=momentum.queues[key]["ids"],
+      alpha=momentum.alpha, queue_columns=inputs.queue_columns)
   return value
 
 
@@ -142,7 +148,7 @@ def intra_modal(loss_config, modalities):
   intra_modalities, or all when it is empty. Without a second view that varies what
   retrieval should ignore, these terms reward it (docs/methods.md, "Seed 001 on this data":
   on the digit data, the speaker of each audio clip)."""
-  chosen = loss_config.get("intra_modalities") or list(modalities)
+  chosen = loss_config.intra_modalities or list(modalities)
   return [m for m in modalities if m in chosen]
 
 
@@ -150,7 +156,7 @@ def ims_term(inputs, loss_config):
   """Intra-modal separability: each modality against its own momentum keys and queue. A
   modality with a second view (pipeline `second_view`) takes the momentum keys of that view,
   so its positive is another augmentation of the same item rather than the same input."""
-  views = inputs.momentum_view_emb or {}
+  views = inputs.momentum.view_emb or {}
   metrics = {m: queued(inputs, m, m, views.get(m)) for m in intra_modal(loss_config, inputs.emb)}
   return mean_of(metrics), metrics
 
@@ -164,7 +170,7 @@ def lmim_term(inputs, loss_config):
 
 
 def validate_intra(config):
-  chosen = list(config.loss.get("intra_modalities") or [])
+  chosen = list(config.loss.intra_modalities)
   unknown = [m for m in chosen if m not in config.modalities]
   if unknown:
     raise ValueError(f"config.loss.intra_modalities: {unknown} are not modalities of "
@@ -197,18 +203,7 @@ def itm_term(inputs, loss_config):
 
 
 def validate_momentum(config):
-  """itc and ims keep EMA params and queues: config.alignment must say how."""
-  if "alignment" not in config:
-    raise ValueError("config.loss.weights uses itc/ims: set config.alignment (see "
-                     "configs/recipes.py: alignment_defaults)")
-  for key in ("momentum", "queue_size"):
-    if key not in config.alignment:
-      raise ValueError(f"config.alignment.{key} is unset; itc/ims need it")
-  size = config.alignment.queue_size
-  if size <= 0 or size % config.batch_size or size % jax.device_count():
-    raise ValueError(f"config.alignment.queue_size={size}: expected a positive multiple of "
-                     f"config.batch_size={config.batch_size} and of the "
-                     f"{jax.device_count()} devices")
+  """itc and ims keep EMA params and queues (config.alignment)."""
   if not 0.0 <= config.alignment.momentum < 1.0:
     raise ValueError(f"config.alignment.momentum={config.alignment.momentum}: expected "
                      "0 <= momentum < 1")
@@ -223,26 +218,26 @@ def validate_second_views(config):
   """A modality's second_view feeds IMS only, and only differs from the first if it
   augments."""
   for name, m in config.modalities.items():
-    if not m.get("second_view"):
+    if not m.second_view:
       continue
     where = f"config.modalities.{name}.second_view"
     if not config.loss.weights.get("ims", 0.0) or name not in intra_modal(config.loss,
                                                                            config.modalities):
       raise ValueError(f"{where}: only IMS reads a second view, and it does not run on "
                        f"{name!r} (config.loss.weights.ims, config.loss.intra_modalities)")
-    if not m.get("augment", True):
+    if not m.augment:
       raise ValueError(f"{where}: with augment=False both views are the same example")
 
 
 def validate_lmim(config):
   validate_intra(config)
-  if not config.model.get("local_features"):
+  if not config.model.local_features:
     raise ValueError("config.loss.weights.lmim needs config.model.local_features > 0 "
                      "(local features per sample)")
 
 
 def validate_itm(config):
-  if not (config.model.get("fusion") or {}).get("pairs"):
+  if not config.model.fusion.pairs:
     raise ValueError("config.loss.weights.itm needs config.model.fusion.pairs, e.g. "
                      "['text:video']")
 
@@ -276,8 +271,18 @@ def uses(loss_config, flag):
   return any(getattr(OBJECTIVES[name], flag) for name in active(loss_config))
 
 
-def validate(config):
-  """Checks config.loss.weights' names and each weighted objective's options."""
+def check_queue(config, device_count):
+  """The momentum queues' rows are sharded over the devices and filled a batch at a time."""
+  size = config.alignment.queue_size
+  if size <= 0 or size % config.batch_size or size % device_count:
+    raise ValueError(f"config.alignment.queue_size={size}: expected a positive multiple of "
+                     f"config.batch_size={config.batch_size} and of the "
+                     f"{device_count} devices")
+
+
+def validate(config, device_count):
+  """Checks config.loss.weights' names and each weighted objective's options, for a mesh of
+  `device_count` devices."""
   for name in config.loss.weights:
     if name not in OBJECTIVES:
       raise ValueError(f"config.loss.weights.{name}: no such objective; expected names among "
@@ -287,7 +292,9 @@ def validate(config):
   for name in active(config.loss):
     OBJECTIVES[name].validate(config)
   validate_second_views(config)
-  if config.model.get("per_pair_temperature"):
+  if uses(config.loss, "momentum"):
+    check_queue(config, device_count)
+  if config.model.per_pair_temperature:
     scalar_scale = sorted(n for n in active(config.loss) if not OBJECTIVES[n].pair_scales)
     if scalar_scale:
       raise ValueError(f"config.model.per_pair_temperature=True: objectives {scalar_scale} "

@@ -167,9 +167,6 @@ def build_model(model_config, vocab_sizes=None, loader=None):
   towers, pretrained = {}, {}
   for modality, tower_config in model_config.towers.items():
     tower_config = dict(tower_config)
-    # The optimizer's (train/optimizer.py) and the embedding cache's.
-    for key in ("trainable", "lr_multiplier", "cache_embeddings"):
-      tower_config.pop(key, None)
     where = f"config.model.towers.{modality}"
     if tower_config.pop("projection", False):
       if loader is None:
@@ -184,11 +181,11 @@ def build_model(model_config, vocab_sizes=None, loader=None):
       pretrained[(f"towers_{modality}",) + path] = params
   options = {key: model_config[key] for key in ("logit_scale_init", "logit_bias_init",
                                                "local_features")
-             if model_config.get(key) is not None}
-  if model_config.get("per_pair_temperature"):  # named as losses/pairs.py names pairs
+             if model_config[key] is not None}
+  if model_config.per_pair_temperature:  # named as losses/pairs.py names pairs
     options["scale_pairs"] = tuple(f"{m}-{n}" for m, n in itertools.combinations(towers, 2))
   model = MultiModalModel(towers=towers, embed_dim=model_config.embed_dim,
-                          fusion=build_fusion(model_config.get("fusion"), list(towers)),
+                          fusion=build_fusion(model_config.fusion, list(towers)),
                           **options)
   return model, pretrained
 
@@ -211,7 +208,7 @@ def fusion_pair(model, m, n):
 def build_fusion(fusion_config, modalities):
   """{pair "a:b": FusionEncoder} from `config.model.fusion` = {pairs: ["a:b", ...],
   width, num_layers, num_heads, mlp_dim, dropout, dtype}."""
-  if not fusion_config or not fusion_config.get("pairs"):
+  if not fusion_config.pairs:
     return flax.core.FrozenDict()
   options = {k: v for k, v in dict(fusion_config).items() if k != "pairs"}
   if "dtype" in options:

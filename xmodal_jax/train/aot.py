@@ -1,18 +1,16 @@
 """Ahead-of-time compilation of the real train step for any devices, including TPU
 topologies that are not here (`jax.experimental.topologies`, with libtpu installed: a CPU
 host compiles for a v5e-256), and what it needs per chip (docs/architecture.md,
-"Compiling ahead of time")."""
+"Compiling ahead of time"). The step itself is assembled as for training
+(xmodal_jax/experiment.py: compile_train_step)."""
 
 import dataclasses
-import time
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from xmodal_jax import parallel
 from xmodal_jax.models import transformer
-from xmodal_jax.train import embedding_cache, experiment, state as state_lib, step as step_lib
+from xmodal_jax.train import state as state_lib
 
 GIB = 1 << 30
 # HBM per chip by device_kind; XLA keeps a little for itself (v5e: 15.75 of 16 GiB usable).
@@ -58,54 +56,31 @@ def shard_bytes(tree):
              for x in jax.tree.leaves(tree))
 
 
-def abstract_state(config):
-  """(model, optimizer, the train state's jax.ShapeDtypeStructs) of a config whose
-  tokenizers are resolved; pretrained towers come from their folders' config.json (no
-  weights read)."""
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  model, _, tx = experiment.build_model_and_optimizer(config, shapes_only=True)
-  return model, tx, jax.eval_shape(experiment.state_creator(config, model, tx),
-                                   pipeline.abstract_batch(config, 1))
-
-
-def compile_train_step(config, devices):
-  """Compiles `config`'s train step for `devices` at `config.batch_size`; returns the
-  compiled executable and a Report. An executable that does not fit the chips' memory is
-  an XLA error (RESOURCE_EXHAUSTED), raised as is."""
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  experiment.validate_config(config, device_count=len(devices))
-  config = experiment.resolve_tokenizers(config)
-  model, tx, abstract = abstract_state(config)
-  mesh = parallel.make_mesh(devices, shape=config.get("mesh"))
-  shardings = experiment.state_shardings(abstract, mesh, config)
-  state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                       abstract, shardings)
-  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
-  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
-                       embedding_cache.abstract(
-                           config, pipeline.abstract_batch(config, config.batch_size)))
-  train_fn = step_lib.jit_train_step(config, model, tx, mesh, shardings)
-  start = time.perf_counter()
-  # attention_impl="auto" resolves for the target chips; kernels run per device (the mesh).
-  # No persistent compilation cache: an executable for chips that are not here cannot be
-  # read back from it (JAX warns on every later compile).
+def lower_and_compile(train_fn, state, batch, devices, mesh):
+  """The jitted `train_fn` compiled for `devices` on abstract `state` and `batch` (with
+  their shardings). attention_impl="auto" resolves for the target chips; kernels run per
+  device (the mesh). No persistent compilation cache: an executable for chips that are not
+  here cannot be read back from it (JAX warns on every later compile)."""
   with transformer.target_platform(devices[0].platform), jax.set_mesh(mesh), \
       state_lib.config_value("jax_enable_compilation_cache", False):
-    compiled = train_fn.lower(state, batch).compile()
-  seconds = time.perf_counter() - start
+    return train_fn.lower(state, batch).compile()
+
+
+def report(compiled, devices, mesh, abstract, state, seconds, grad_accum_steps):
+  """The Report of a compiled step: `abstract` state shapes, `state` with shardings."""
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   kind = devices[0].device_kind
   total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes
            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
-  return compiled, Report(
+  return Report(
       devices=len(devices), device_kind=kind, mesh=dict(mesh.shape),
       params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
       state_bytes=shard_bytes(state), argument_bytes=memory.argument_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes, total_bytes=total, hbm_bytes=HBM_BYTES.get(kind),
       flops=float(cost.get("flops", 0.0)) if cost else 0.0, compile_seconds=seconds,
-      grad_accum_steps=config.get("grad_accum_steps", 1))
+      grad_accum_steps=grad_accum_steps)
 
 
 def size(num_bytes):

@@ -6,7 +6,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from xmodal_jax.data import files
+from xmodal_jax import files
 
 
 def check_workdir(workdir):

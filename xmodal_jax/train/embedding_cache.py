@@ -1,8 +1,8 @@
 """ImageBind's recipe for a frozen tower: its embeddings of the training split are computed
 once, when training starts, and the train step reads them instead of running the tower.
 
-A tower opts in with `cache_embeddings=True`; it must be frozen (trainable="none", no LoRA
-adapters) and its modality must not augment (`augment=False` in config.modalities: training
+A tower opts in with `config.train_policy.<modality>.cache_embeddings=True`; it must be
+frozen (trainable="none", no LoRA adapters) and its modality must not augment (`augment=False` in config.modalities: training
 then prepares each example exactly as evaluation does, so the cache holds what the tower
 would compute). Each item keeps one embedding, so every record of an item must hold the
 same value of the modality (one image with five spoken captions: yes; five different
@@ -16,22 +16,21 @@ from xmodal_jax.losses import objectives
 
 
 def cached_modalities(config):
-  return [m for m, tower in config.model.towers.items() if tower.get("cache_embeddings")]
+  return [m for m, policy in config.train_policy.items() if policy.cache_embeddings]
 
 
 def validate(config):
   """Raises on a cached tower that is not frozen, augments, or feeds a token objective."""
   weights = config.loss.weights
   intra = objectives.intra_modal(config.loss, config.modalities)
-  fusion = config.model.get("fusion") or {}
-  fused = {m for pair in fusion.get("pairs", ()) for m in pair.split(":")}
+  fused = {m for pair in config.model.fusion.pairs for m in pair.split(":")}
   for modality in cached_modalities(config):
-    where = f"config.model.towers.{modality}.cache_embeddings"
+    where = f"config.train_policy.{modality}.cache_embeddings"
     tower, options = config.model.towers[modality], config.modalities[modality]
-    if tower.get("trainable", "all") != "none" or tower.get("lora_rank", 0):
+    if config.train_policy[modality].trainable != "none" or tower.get("lora_rank"):
       raise ValueError(f"{where}: only a frozen tower's embeddings can be cached (set "
                        "trainable=\"none\" and no lora_rank)")
-    if options.get("augment", True) or options.kind == "text":
+    if options.augment or options.kind == "text":
       raise ValueError(f"{where}: config.modalities.{modality} must not augment (set "
                        "augment=False; text modalities pick captions, so they cannot be "
                        "cached)")
@@ -61,7 +60,7 @@ class Cache:
       unique, counts = np.unique(ids, return_counts=True)
       if (counts > 1).any():
         raise ValueError(
-            f"config.model.towers.{modality}.cache_embeddings: item(s) "
+            f"config.train_policy.{modality}.cache_embeddings: item(s) "
             f"{unique[counts > 1][:5].tolist()} of split {config.data.train_split!r} hold "
             f"several values of {modality!r}; a cache keeps one embedding per item")
       order = np.argsort(ids)
@@ -90,7 +89,7 @@ class Cache:
 
 
 def abstract(config, batch):
-  """A pipeline.abstract_batch with cached modalities as the train step sees them."""
+  """A data.source.abstract_batch with cached modalities as the train step sees them."""
   import jax  # pylint: disable=g-import-not-at-top
   out = dict(batch)
   for modality in cached_modalities(config):

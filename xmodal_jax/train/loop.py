@@ -4,8 +4,8 @@ import jax
 
 from xmodal_jax import parallel
 from xmodal_jax.eval import evaluators, retrieval
-from xmodal_jax.train import checkpoint, experiment as experiment_lib, metrics as metrics_lib
-from xmodal_jax.train import embedding_cache, nonfinite, optimizer, preemption, run_config
+from xmodal_jax.train import checkpoint, metrics as metrics_lib
+from xmodal_jax.train import nonfinite, optimizer, preemption, run_config
 from xmodal_jax.train import step as step_lib
 
 
@@ -21,12 +21,10 @@ def evaluate(experiment, params, writer=None, step=None, *, final=False):
   return metrics
 
 
-def train_and_evaluate(config, workdir, *, allow_config_change=False):
-  """Trains `config` in `workdir`, resuming from its latest checkpoint (with the same config
-  in what shapes the run, unless `allow_config_change`); returns the last evaluation's
-  metrics."""
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  experiment = experiment_lib.setup(config, workdir)
+def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
+  """Trains an experiment set up in `workdir` (xmodal_jax/experiment.py), from its state's
+  step on (with the same config in what shapes the run, unless `allow_config_change`);
+  returns the last evaluation's metrics."""
   config, mesh, manager = experiment.config, experiment.mesh, experiment.manager
   state, start_step = experiment.state, experiment.step
   run_config.check_and_save(workdir, config, resuming=bool(start_step),
@@ -41,12 +39,10 @@ def train_and_evaluate(config, workdir, *, allow_config_change=False):
   writer = metrics_lib.MetricWriter(workdir, start_step)
   train_fn = step_lib.jit_train_step(config, experiment.model, experiment.tx, mesh,
                                      experiment.shardings)
-  batches = pipeline.train_iterator(config, experiment.builder, start_step=start_step)
-  if embedding_cache.cached_modalities(config):
-    batches = embedding_cache.Cache.compute(experiment, state.params).batches(batches)
+  batches = experiment.train_batches(start_step)
   progress = metrics_lib.Progress(config.total_steps, start_step)
-  schedule = optimizer.learning_rate_schedule(config)
-  guard = nonfinite.Guard(config, manager)
+  schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
+  guard = nonfinite.Guard(config.nonfinite, manager)
   eval_metrics = None
   with preemption.Watch().installed() as watch:
     for step in range(start_step + 1, config.total_steps + 1):

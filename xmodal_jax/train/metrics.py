@@ -8,7 +8,7 @@ import time
 import jax
 import numpy as np
 
-from xmodal_jax.data import files
+from xmodal_jax import files
 
 
 def _scalar(value):
@@ -91,7 +91,7 @@ class _EventFile:
 
 
 class _EventFiles:
-  """tensorboardX's writer factory for a workdir on a scheme: through data/files.py, like the
+  """tensorboardX's writer factory for a workdir on a scheme: through xmodal_jax/files.py, like the
   rest of the run's files (its own gs:// writer needs google-cloud-storage)."""
 
   def open(self, path):

@@ -5,15 +5,13 @@ as config.nonfinite says, naming the step and the newest (finite) checkpoint."""
 POLICIES = ("skip", "stop")
 
 
-def validate(config):
+def validate(nonfinite):
   """Raises on a config.nonfinite the Guard cannot follow, naming the field."""
-  if "nonfinite" not in config:
-    raise ValueError("config.nonfinite is unset (configs/recipes.py: nonfinite_defaults)")
-  if config.nonfinite.policy not in POLICIES:
-    raise ValueError(f"config.nonfinite.policy={config.nonfinite.policy!r}: expected one of "
+  if nonfinite.policy not in POLICIES:
+    raise ValueError(f"config.nonfinite.policy={nonfinite.policy!r}: expected one of "
                      f"{POLICIES}")
-  if config.nonfinite.max_in_a_row < 1:
-    raise ValueError(f"config.nonfinite.max_in_a_row={config.nonfinite.max_in_a_row}: "
+  if nonfinite.max_in_a_row < 1:
+    raise ValueError(f"config.nonfinite.max_in_a_row={nonfinite.max_in_a_row}: "
                      "expected at least 1")
 
 
@@ -26,8 +24,8 @@ class Guard:
   stops training as config.nonfinite says. Each step's flag is read once the next step is
   dispatched, so the host never waits on the device for it."""
 
-  def __init__(self, config, manager):
-    self.policy, self.limit = config.nonfinite.policy, config.nonfinite.max_in_a_row
+  def __init__(self, nonfinite, manager):
+    self.policy, self.limit = nonfinite.policy, nonfinite.max_in_a_row
     self.manager = manager
     self.in_a_row = self.total = 0
     self.pending = None

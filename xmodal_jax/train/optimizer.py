@@ -1,15 +1,15 @@
 """AdamW with linear warmup and cosine decay, gradient clipping, no decay on 1-D params;
 frozen towers (or parts of them) and per-tower learning-rate multipliers.
 
-A tower's config may set `trainable`: "all" (the default), "none" (the tower and its head
-into the shared space are frozen, as LiT locks one tower and ImageBind binds to a frozen
-space), or a tuple of regexes matched in full against the tower's parameter paths
-("trunk/encoder/block11/.*" for the last of 12 blocks, ".*/ln_[a-z]+/.*" for its
-LayerNorms): only those train, and its head. A tower's LoRA adapters (its `lora_rank`,
-models/transformer.py) always train: with trainable="none", only they do. `lr_multiplier`
-(default 1) scales the learning rate of the tower's trainable parameters and its head.
-Frozen parameters get no gradient (the loss sees them through stop_gradient, so XLA drops
-their backward pass), no optimizer state and no update.
+`config.train_policy.<modality>` says what of each tower trains: `trainable` "all", "none"
+(the tower and its head into the shared space are frozen, as LiT locks one tower and
+ImageBind binds to a frozen space), or a tuple of regexes matched in full against the
+tower's parameter paths ("trunk/encoder/block11/.*" for the last of 12 blocks,
+".*/ln_[a-z]+/.*" for its LayerNorms): only those train, and its head. A tower's LoRA
+adapters (its `lora_rank`, models/transformer.py) always train: with trainable="none", only
+they do. `lr_multiplier` scales the learning rate of the tower's trainable parameters and
+its head. Frozen parameters get no gradient (the loss sees them through stop_gradient, so XLA
+drops their backward pass), no optimizer state and no update.
 """
 
 import math
@@ -24,7 +24,8 @@ LORA_PARAMS = ("lora_a", "lora_b")  # models/transformer.py: ProjectionWeights
 
 
 def validate(config):
-  """Raises on config.optimizer values the schedule and AdamW cannot take, naming the field."""
+  """Raises on config.optimizer and config.train_policy values the schedule, AdamW and the
+  freezing rules cannot take, naming the field."""
   opt = config.optimizer
   checks = [
       ("learning_rate", opt.learning_rate, math.isfinite(opt.learning_rate)
@@ -40,23 +41,23 @@ def validate(config):
   for name, value, ok, expected in checks:
     if not ok:
       raise ValueError(f"config.optimizer.{name}={value}: expected {expected}")
-  tower_rules(config)
+  tower_rules(config.train_policy)
 
 
-def learning_rate_schedule(config):
-  opt = config.optimizer
+def learning_rate_schedule(opt, total_steps):
+  """`config.optimizer`'s warmup-cosine schedule over `total_steps`."""
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-      decay_steps=max(config.total_steps, opt.warmup_steps + 1),
+      decay_steps=max(total_steps, opt.warmup_steps + 1),
       end_value=opt.learning_rate * opt.end_learning_rate_ratio)
 
 
-def tower_rules(config):
-  """{modality: (trainable, lr_multiplier)} of config.model.towers, validated."""
+def tower_rules(train_policy):
+  """{modality: (trainable, lr_multiplier)} of config.train_policy, validated."""
   rules = {}
-  for modality, tower in config.model.towers.items():
-    where = f"config.model.towers.{modality}"
-    trainable = tower.get("trainable", "all")
+  for modality, policy in train_policy.items():
+    where = f"config.train_policy.{modality}"
+    trainable = policy.trainable
     if isinstance(trainable, (list, tuple)):
       if not trainable:
         raise ValueError(f"{where}.trainable=(): expected \"all\", \"none\" or some regexes")
@@ -69,7 +70,7 @@ def tower_rules(config):
     elif trainable not in ("all", "none"):
       raise ValueError(f"{where}.trainable={trainable!r}: expected \"all\", \"none\" or a "
                        "tuple of regexes on the tower's parameter paths")
-    multiplier = tower.get("lr_multiplier", 1.0)
+    multiplier = policy.lr_multiplier
     if not (isinstance(multiplier, (int, float)) and math.isfinite(multiplier)
             and multiplier > 0):
       raise ValueError(f"{where}.lr_multiplier={multiplier!r}: expected a number > 0 (freeze "
@@ -78,9 +79,9 @@ def tower_rules(config):
   return rules
 
 
-def learning_rate_multipliers(config, params):
-  """A tree like `params`: each parameter's learning-rate multiplier, 0.0 where frozen."""
-  rules = tower_rules(config)
+def learning_rate_multipliers(rules, params):
+  """A tree like `params`: each parameter's learning-rate multiplier, 0.0 where frozen, by
+  `rules` (tower_rules)."""
   owners = {f"towers_{m}": m for m in rules} | {f"heads_{m}": m for m in rules}
   matched = set()
 
@@ -107,42 +108,38 @@ def learning_rate_multipliers(config, params):
       names = [sharding.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
       example = next((name.split("/", 1)[1] for name in names
                       if name.startswith(f"towers_{modality}/")), "(no parameters)")
-      raise ValueError(f"config.model.towers.{modality}.trainable={trainable}: matches no "
+      raise ValueError(f"config.train_policy.{modality}.trainable={trainable}: matches no "
                        f"parameter of the tower (its paths look like {example!r})")
   return tree
 
 
-def frozen(config, params):
+def frozen(rules, params):
   """A tree like `params` of bools: True where the parameter does not train."""
-  return jax.tree.map(lambda m: m == 0.0, learning_rate_multipliers(config, params))
+  return jax.tree.map(lambda m: m == 0.0, learning_rate_multipliers(rules, params))
 
 
-def has_frozen(config):
-  return any(trainable != "all" for trainable, _ in tower_rules(config).values())
+def has_frozen(rules):
+  return any(trainable != "all" for trainable, _ in rules.values())
 
 
-def has_frozen_or_scaled(config):
-  return any(rule != ("all", 1.0) for rule in tower_rules(config).values())
-
-
-def make_optimizer(config):
-  """The optax transformation of `config.optimizer`; biases, norms and scalars get no decay.
-  With frozen parameters or learning-rate multipliers (tower `trainable`, `lr_multiplier`),
-  AdamW runs per multiplier group (optax.multi_transform): frozen ones get no state."""
-  opt = config.optimizer
+def make_optimizer(opt, total_steps, rules):
+  """The optax transformation of `config.optimizer` over `total_steps`; biases, norms and
+  scalars get no decay. With frozen parameters or learning-rate multipliers (`rules`,
+  tower_rules of config.train_policy), AdamW runs per multiplier group
+  (optax.multi_transform): frozen ones get no state."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-  schedule = learning_rate_schedule(config)
+  schedule = learning_rate_schedule(opt, total_steps)
 
   def adamw(scale):
     rate = schedule if scale == 1.0 else lambda step: scale * schedule(step)
     return optax.adamw(rate, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
-  if not has_frozen_or_scaled(config):
+  if all(rule == ("all", 1.0) for rule in rules.values()):
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw(1.0))
   label = lambda m: "frozen" if m == 0.0 else f"lr x{m:g}"
-  scales = {1.0} | {scale for _, scale in tower_rules(config).values()}
+  scales = {1.0} | {scale for _, scale in rules.values()}
   transforms = {"frozen": optax.set_to_zero()} | {label(s): adamw(s) for s in scales}
   return optax.chain(
       optax.clip_by_global_norm(opt.grad_clip_norm),
       optax.multi_transform(transforms, lambda params: jax.tree.map(
-          label, learning_rate_multipliers(config, params))))
+          label, learning_rate_multipliers(rules, params))))

@@ -6,7 +6,7 @@ import os
 
 import jax
 
-from xmodal_jax.data import files
+from xmodal_jax import files
 
 # Fields a resumed run must keep: each changes the model, the data it sees, or the
 # optimization it continues. Where data lives, periods and evaluators may change freely.

@@ -31,10 +31,10 @@ def scalar_metrics(name, value):
 
 def distill_alpha(alignment_config, step):
   """Momentum distillation's alpha, ramped up linearly over `distill_ramp_steps`; None: off."""
-  alpha = alignment_config.get("distill_alpha", 0.0)
+  alpha = alignment_config.distill_alpha
   if not alpha:
     return None
-  ramp = alignment_config.get("distill_ramp_steps", 0)
+  ramp = alignment_config.distill_ramp_steps
   return alpha * jnp.minimum(1.0, (step + 1) / ramp) if ramp else alpha
 
 
@@ -47,21 +47,19 @@ def tower_outputs(params, batch, rng, *, model, details):
   return {"emb": model.apply({"params": params}, batch, train=True, rngs={"dropout": rng})}
 
 
-def compute_loss(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *, model,
-                 loss_config, mesh, freeze=None, momentum_view_emb=None):
-  """(sum over config.loss.weights of weight x term, metrics) on a global batch. `freeze`
-  (params -> params) stops the gradient of frozen parameters."""
+def compute_loss(params, batch, rng, momentum=None, *, model, loss_config, mesh, freeze=None):
+  """(sum over config.loss.weights of weight x term, metrics) on a global batch; `momentum`
+  (objectives.Momentum) feeds the momentum objectives. `freeze` (params -> params) stops the
+  gradient of frozen parameters."""
   params = freeze(params) if freeze else params
   rng, term_rng = jax.random.split(rng)
   out = tower_outputs(params, batch, rng, model=model,
                       details=objectives.uses(loss_config, "details"))
-  return objective_loss(params, out, batch, term_rng, momentum_emb, queues, alpha, model=model,
-                        loss_config=loss_config, mesh=mesh,
-                        momentum_view_emb=momentum_view_emb)
+  return objective_loss(params, out, batch, term_rng, momentum, model=model,
+                        loss_config=loss_config, mesh=mesh)
 
 
-def objective_loss(params, out, batch, rng, momentum_emb=None, queues=None, alpha=None, *,
-                   model, loss_config, mesh, momentum_view_emb=None):
+def objective_loss(params, out, batch, rng, momentum=None, *, model, loss_config, mesh):
   """(loss, metrics) of the towers' outputs `out` (tower_outputs) of the global batch.
 
   Per-device terms (objectives.Objective.per_device) run inside shard_map over the batch
@@ -91,8 +89,7 @@ def objective_loss(params, out, batch, rng, momentum_emb=None, queues=None, alph
                          train=True, method="match", rngs={"dropout": dropout_rng})
     inputs = objectives.Inputs(
         emb, batch["_mask"], scale, bias, ids=batch["_id"], tokens=out.get("tokens"),
-        locals=out.get("locals"), momentum_emb=momentum_emb,
-        momentum_view_emb=momentum_view_emb, queues=queues, alpha=alpha,
+        locals=out.get("locals"), momentum=momentum,
         queue_columns=jax.sharding.NamedSharding(mesh, P(None, parallel.BATCH_AXES)),
         rng=rng, match=match, fusion_pairs=tuple(towers.fusion_pairs(model)))
     values.update({name: table[name].term(inputs, loss_config) for name in on_global_batch})
@@ -144,9 +141,8 @@ def embed_in_micro_batches(apply, batch, steps, mesh):
   return merge_micro_batches(outs, mesh)
 
 
-def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, alpha=None, *,
-                          steps, model, loss_config, mesh, freeze=None,
-                          momentum_view_emb=None):
+def cached_loss_and_grads(params, batch, rng, momentum=None, *, steps, model, loss_config,
+                          mesh, freeze=None):
   """((loss, metrics), grads) of compute_loss on the global batch, with the towers' memory of
   one micro-batch of B / `steps` rows (gradient caching, Gao et al. 2021).
 
@@ -171,9 +167,8 @@ def cached_loss_and_grads(params, batch, rng, momentum_emb=None, queues=None, al
   def loss_of_outputs(p, float_leaves):  # the outputs with their float leaves replaced
     float_leaves = iter(float_leaves)
     out = treedef.unflatten([next(float_leaves) if f else x for x, f in zip(leaves, inexact)])
-    return objective_loss(freeze(p), out, batch, term_rng, momentum_emb, queues, alpha,
-                          model=model, loss_config=loss_config, mesh=mesh,
-                          momentum_view_emb=momentum_view_emb)
+    return objective_loss(freeze(p), out, batch, term_rng, momentum, model=model,
+                          loss_config=loss_config, mesh=mesh)
   (loss, metrics), (grads, out_grads) = jax.value_and_grad(
       loss_of_outputs, argnums=(0, 1), has_aux=True)(params, floats(out))
 
@@ -228,11 +223,11 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
     momentum_embed = lambda inputs: jax.lax.stop_gradient(embed_in_micro_batches(
         lambda micro_batch, _: model.apply({"params": momentum_params}, micro_batch,
                                            train=False), inputs, grad_accum_steps, mesh))
-    momentum_emb = momentum_embed({k: v for k, v in batch.items() if k != "_views"})
-    extra = dict(momentum_emb=momentum_emb, queues=queues,
-                 alpha=distill_alpha(alignment_config, state.step))
-    if "_views" in batch:  # IMS's positives: the second views' keys
-      extra["momentum_view_emb"] = momentum_embed(batch["_views"])
+    extra["momentum"] = objectives.Momentum(
+        momentum_embed({k: v for k, v in batch.items() if k != "_views"}), queues,
+        distill_alpha(alignment_config, state.step),
+        # IMS's positives: the second views' keys
+        momentum_embed(batch["_views"]) if "_views" in batch else None)
   if grad_accum_steps == 1:
     grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
   else:
@@ -258,7 +253,7 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
   opt_state = keep_if_not_finite(opt_state, state.opt_state)
   metrics["nonfinite"] = (~finite).astype(jnp.int32)
   if queues is not None:  # A skipped step's keys may be the non-finite part: not enqueued.
-    queues = keep_if_not_finite(update_queues(queues, extra["momentum_emb"], batch, mesh),
+    queues = keep_if_not_finite(update_queues(queues, extra["momentum"].emb, batch, mesh),
                                 queues)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        momentum_params=momentum_params, queues=queues), metrics
@@ -267,10 +262,11 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
 def jit_train_step(config, model, tx, mesh, shardings):
   """`config`'s train step, jitted: the state stays in `shardings` (and is donated), the
   metrics come back replicated."""
+  rules = optimizer.tower_rules(config.train_policy)
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, loss_config=config.loss, mesh=mesh,
-                        seed=config.seed, alignment_config=config.get("alignment"),
-                        grad_accum_steps=config.get("grad_accum_steps", 1),
-                        frozen=(functools.partial(optimizer.frozen, config)
-                                if optimizer.has_frozen(config) else None)),
+                        seed=config.seed, alignment_config=config.alignment,
+                        grad_accum_steps=config.grad_accum_steps,
+                        frozen=(functools.partial(optimizer.frozen, rules)
+                                if optimizer.has_frozen(rules) else None)),
       out_shardings=(shardings, jax.sharding.NamedSharding(mesh, P())), donate_argnums=(0,))

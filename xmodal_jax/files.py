@@ -1,9 +1,9 @@
 """The file layer for what a run reads and writes beside its data (workdir, exports, reports):
 tf.io.gfile, as the data builders use, so a local path and any scheme TensorFlow has (gs://,
-ram://, s3:// and hdfs:// with their plugins) take the same code. Orbax checkpoints go through
-etils epath and TensorStore, which know local paths, gs:// and s3://. The layers above data/
-reach TensorFlow's file system only through here, and import it only when they touch a file
-(docs/architecture.md, "Layers")."""
+ram://, s3:// and hdfs:// with their plugins) take the same code. TensorFlow is imported only
+when a file is touched, so the packages that use this layer (train/, eval/) import without
+it. Orbax checkpoints go through etils epath and TensorStore, which know local paths, gs://
+and s3://."""
 
 import io
 import os

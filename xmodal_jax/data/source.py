@@ -1,0 +1,147 @@
+"""A config's dataset as the layers above read it: training and evaluation batches, the batch's
+shapes, item labels and texts, and raw queries prepared as evaluation prepares examples.
+
+train/ and eval/ never import data/: the experiment (xmodal_jax/experiment.py) opens a
+Source and hands it to them, so they stay free of TensorFlow.
+"""
+
+import functools
+import os
+
+import jax
+import numpy as np
+
+from xmodal_jax.data import encoding, media, pipeline, preprocess, records
+
+# The slice of the config the input pipeline reads.
+INPUT_KEYS = ("seed", "batch_size", "eval_batch_size", "data", "modalities")
+
+
+def input_config(config):
+  """The input pipeline's slice of a resolved config."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict({key: config[key] for key in INPUT_KEYS})
+
+
+def tower_sample_rates(model_config):
+  """{modality: Hz} of the towers that state the audio rate they take."""
+  return {m: tower.get("sample_rate") for m, tower in model_config.towers.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _item_labels(builder, split, feature):
+  if feature not in builder.info.features:
+    raise ValueError(f"{builder.data_dir}: no {feature!r} feature to classify by (manifests "
+                     "give it as \"label\")")
+  labels = {}
+  for example in pipeline.read_in_order(builder, split).as_numpy_iterator():
+    labels.setdefault(int(example["id"]), example[feature].decode("utf-8"))
+  return labels
+
+
+def abstract_batch(config, batch_size, builder=None):
+  """jax.ShapeDtypeStructs of a batch of `batch_size` as the pipeline makes it, from each
+  modality's preprocessing of a missing value: nothing is read, so a train step can be
+  compiled for a dataset that is not on this machine. Features modalities take their shape
+  from `builder`'s dataset."""
+  missing = {"image": b"", "audio": np.zeros([0], np.int16), "text": "",
+             "video": np.zeros([0], np.bytes_)}
+  batch, masks = {}, {}
+  for name, m in config.modalities.items():
+    if m.kind == "features":
+      if builder is None and not m.shape:
+        raise ValueError(f"config.modalities.{name}: a features modality takes its shape "
+                         "from its `shape` or the dataset, and neither is available")
+      shape = m.shape or builder.info.features[m.feature].shape
+      raw = encoding.empty_value("features", tuple(shape))
+    else:
+      raw = missing[m.kind]
+    one = preprocess.preprocess_one(name, m, raw)
+    batch[name] = {k: (batch_size,) + v.shape[1:] + (v.dtype,) for k, v in one.items()}
+    masks[name] = (batch_size, np.bool_)
+  batch |= {"_mask": masks, "_id": (batch_size, np.int64)}
+  views = pipeline.second_view_modalities(config)
+  if views:
+    batch["_views"] = {name: batch[name] for name in views}
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s[:-1], jax.dtypes.canonicalize_dtype(
+      s[-1])), batch, is_leaf=lambda x: isinstance(x, tuple))
+
+
+class Source:
+  """A prepared dataset (`builder`) read as `config` (the input slice) says; builder None: a
+  dataset that is not here (shapes only, for compiling ahead of time)."""
+
+  def __init__(self, config, builder=None, sample_rates=None):
+    self.config, self.builder = config, builder
+    self.sample_rates = dict(sample_rates or {})
+
+  @classmethod
+  def open(cls, config, sample_rates=None):
+    """The dataset `config.data` names (built if embedded), checked against the modalities."""
+    builder = pipeline.get_builder(config.data)
+    pipeline.check_modalities(config, builder, sample_rates)
+    return cls(config, builder, sample_rates)
+
+  def for_dataset(self, data_config, modality, feature=""):
+    """A Source reading `modality` only (from `feature`, default its own) of another dataset
+    `data_config` ({name, data_dir} as config.data takes them)."""
+    config = self.config.copy_and_resolve_references()
+    config.data.update({k: v for k, v in data_config.items() if k in ("name", "data_dir")})
+    options = config.modalities[modality]
+    if feature:
+      options.feature = feature
+    config.modalities = {modality: options}
+    return Source.open(config, {modality: self.sample_rates.get(modality)})
+
+  def train_batches(self, start_step=0):
+    return pipeline.train_iterator(self.config, self.builder, start_step=start_step)
+
+  def eval_batches(self, split, ids=None):
+    return pipeline.eval_iterator(self.config, self.builder, split, ids=ids)
+
+  def abstract_batch(self, rows):
+    return abstract_batch(self.config, rows, self.builder)
+
+  def item_labels(self, split, feature):
+    """{item id: class name} of a split's `feature` ("" where an item has none); read once
+    per builder and split."""
+    return _item_labels(self.builder, split, feature)
+
+  def item_texts(self, split, ids):
+    """{id: [captions]} for `ids` when the dataset has a text feature, else {}."""
+    texts = [m.feature for m in self.config.modalities.values() if m.kind == "text"]
+    if not texts:
+      return {}
+    ds = pipeline.keep_items(pipeline.read_in_order(self.builder, split), sorted(set(ids)))
+    return {int(ex["id"]): [c.decode("utf-8") for c in np.atleast_1d(ex[texts[0]])]
+            for ex in ds.as_numpy_iterator()}
+
+  @staticmethod
+  def prepare(modality, options, raw):
+    """One raw value as a dataset feature holds it -> the tower's inputs, batch of 1."""
+    return preprocess.preprocess_one(modality, options, raw)
+
+  def read_query(self, kind, path_or_text):
+    """(modality name, raw value as the dataset feature holds it) of a query of `kind`
+    (text, audio, image or video: a text, or a file's path)."""
+    names = [n for n, m in self.config.modalities.items() if m.kind == kind]
+    if not names:
+      raise ValueError(f"the config has no {kind} modality to encode the query with")
+    name = names[0]
+    modality = self.config.modalities[name]
+    if kind != "text" and not os.path.exists(path_or_text):
+      raise FileNotFoundError(f"{path_or_text}: no such file")
+    if kind == "audio":
+      built = records.read_sidecar(self.builder.data_dir).get("options", {})
+      rate = self.sample_rates.get(name) or built.get("sample_rate")
+      if not rate:
+        raise ValueError(f"neither config.model.towers.{name}.sample_rate nor the dataset "
+                         "says which sample rate the model takes")
+      return name, media.decode_audio(path_or_text, rate)
+    if kind == "image":
+      with open(path_or_text, "rb") as f:
+        return name, f.read()
+    if kind == "video":
+      return name, media.read_video(path_or_text, (modality.num_frames, modality.frame_size,
+                                                   modality.frame_size, modality.channels))
+    return name, path_or_text

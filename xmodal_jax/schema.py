@@ -1,0 +1,384 @@
+"""Every config option with its default and meaning, in one place, and `resolve`: the one door
+a config passes before anything is built.
+
+`resolve(config, device_count)` rejects keys the schema does not know, fills every default,
+then runs each part's own checks against an explicit device count (the target topology's
+when compiling ahead of time, not this host's). Modules then read options directly; no
+default is restated in the code. `defaults()` is what a config file starts from, so that
+every option can be overridden on the command line. docs/config.md is generated from here
+(`python -m xmodal_jax.schema > docs/config.md`; a test keeps it current).
+"""
+
+import copy
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from xmodal_jax import parallel
+from xmodal_jax.eval import evaluators
+from xmodal_jax.losses import objectives
+from xmodal_jax.parallel import sharding
+from xmodal_jax.train import embedding_cache, nonfinite, optimizer
+
+REQUIRED = "(required)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+  default: Any
+  doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Entries:
+  """A mapping of user-named entries (modalities, evaluators, towers), each under `schema`
+  (a function of the entry, since a modality's options depend on its kind); `open` entries
+  also take the keyword arguments of the module they build."""
+  schema: Any
+  doc: str
+  open: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Open:
+  """A section that also takes the keyword arguments of the module it builds."""
+  schema: dict
+  doc: str
+
+
+def _o(default, doc):
+  return Option(default, doc)
+
+
+DATA = {
+    "name": _o(REQUIRED, "the TFDS dataset (a builder name, or a manifest build's name)"),
+    "data_dir": _o(None, "where it is built (None: TFDS's default, ~/tensorflow_datasets); "
+                   "any scheme TensorFlow reads (gs://...)"),
+    "train_split": _o("train", "the split training reads"),
+    "eval_split": _o("test", "the split evaluators read unless they name their own"),
+    "shuffle_buffer": _o(10_000, "tf.data shuffle buffer (only when captions are expanded; "
+                         "otherwise training reads a seeded permutation by index)"),
+    "cache": _o(False, "keep the training split's serialized records in memory"),
+    "threads": _o(0, "tf.data private thread pool size; 0: tf.data's default"),
+    "ram_budget_gb": _o(0.0, "tf.data autotune RAM budget; 0: tf.data's default"),
+}
+
+MODALITY = {
+    "kind": _o(REQUIRED, "text | audio | image | video | features: picks the preprocessing"),
+    "feature": _o(REQUIRED, "the dataset feature the modality reads"),
+    "augment": _o(True, "random augmentation in training (False: as at evaluation)"),
+    "second_view": _o(False, "draw a second augmented view per example (IMS positives)"),
+}
+MODALITY_KINDS = {
+    "text": {
+        "tokenizer": _o("", "a shipped tokenizer name (digit_words) or a Hugging Face folder; "
+                        "empty: the pretrained tower's folder"),
+        "max_length": _o(REQUIRED, "tokens per caption (padded or truncated)"),
+        "captions": _o("sample", "several captions per item: sample one per step, or "
+                       "\"expand\" (one example per caption)"),
+    },
+    "audio": {
+        "num_samples": _o(REQUIRED, "samples per clip (a random window in training)"),
+        "random_crop": _o(True, "a random window in training (False: the start)"),
+    },
+    "image": {
+        "image_size": _o(REQUIRED, "square crop side in pixels"),
+        "crop_scale": _o((0.5, 1.0), "random-resized crop's area fraction in training"),
+        "flip": _o(True, "random horizontal flips in training"),
+        "mean": _o((0.48145466, 0.4578275, 0.40821073), "per-channel mean (CLIP's)"),
+        "std": _o((0.26862954, 0.26130258, 0.27577711), "per-channel std (CLIP's)"),
+    },
+    "video": {
+        "num_frames": _o(REQUIRED, "frames per clip"),
+        "frame_size": _o(REQUIRED, "square frame side in pixels"),
+        "channels": _o(3, "channels per frame"),
+        "sampling": _o("uniform", "uniform (segment centres) or random (training only)"),
+        "max_shift": _o(0, "random shift of each frame in training, in pixels"),
+        "mean": _o(0.5, "normalization mean (all channels)"),
+        "std": _o(0.5, "normalization std (all channels)"),
+    },
+    "features": {
+        "shape": _o(None, "the features' shape, when known without reading the dataset"),
+    },
+}
+
+TRAIN_POLICY = {
+    "trainable": _o("all", "\"all\", \"none\" (the tower and its head frozen), or a "
+                    "tuple of regexes on the tower's parameter paths that train (and its "
+                    "head)"),
+    "lr_multiplier": _o(1.0, "scales the learning rate of the tower's trainable parameters "
+                        "and its head"),
+    "cache_embeddings": _o(False, "a frozen, non-augmenting tower's training embeddings are "
+                           "computed once (ImageBind's recipe)"),
+}
+
+EVALUATOR = {
+    "type": _o(REQUIRED, "a name in xmodal_jax/eval/evaluators.py: EVALUATORS"),
+    "every": _o(REQUIRED, "period in steps (also run at the end of training)"),
+    "split": _o("", "the split to evaluate; empty: config.data.eval_split"),
+    "prefix": _o("", "metric name prefix; empty: the split (or the other dataset's name)"),
+}
+
+COMMON = {
+    "seed": _o(0, "seeds initialization, dropout and the input order"),
+    "batch_size": _o(REQUIRED, "global training batch (all devices and hosts)"),
+    "eval_batch_size": _o(REQUIRED, "global evaluation batch"),
+    "total_steps": _o(REQUIRED, "training steps"),
+    "grad_accum_steps": _o(1, "k: the towers run on k micro-batches in turn (gradient "
+                           "caching: the same loss and gradients, 1/k of the activations)"),
+    "log_every": _o(50, "steps between logged train metrics"),
+    "checkpoint_every": _o(250, "steps between checkpoints"),
+    "keep_checkpoints": _o(2, "checkpoints kept (the newest is what a re-run resumes)"),
+    "mesh": {
+        "data": _o(-1, "data-parallel axis size (-1: the devices left)"),
+        "fsdp": _o(1, "FSDP axis size: the state is sharded this many ways"),
+    },
+    "sharding": _o(list(sharding.DEFAULT_RULES), "(regex, rule) pairs on state paths: "
+                   "\"fsdp\", \"replicate\" or a PartitionSpec tuple; first match wins"),
+    "data": DATA,
+    "modalities": Entries(lambda entry: MODALITY | MODALITY_KINDS.get(entry.get("kind"), {}),
+                          "{name: options}: the inputs, each read from a dataset feature"),
+    "model": {
+        "embed_dim": _o(REQUIRED, "dimension D of the shared embedding space"),
+        "logit_scale_init": _o(None, "initial log logit scale; None: log(1 / 0.07), as CLIP"),
+        "logit_bias_init": _o(None, "initial sigmoid-loss bias (SigLIP: -10); None: no bias"),
+        "per_pair_temperature": _o(False, "one logit scale per modality pair"),
+        "local_features": _o(0, "local features per sample for LMIM; 0: none"),
+        "towers": Entries(lambda entry: {"name": _o(REQUIRED, "a tower name in "
+                                                    "xmodal_jax/models/towers.py")},
+                          "{modality: tower options}: the tower's own fields "
+                          "(xmodal_jax/models/), or name=\"pretrained\" with a folder path",
+                          open=True),
+        "fusion": Open({
+            "pairs": _o((), "fusion encoders \"a:b\" (a's tokens attend to b's) for "
+                        "matching (itm) and re-ranking"),
+        }, "and FusionEncoder's fields (xmodal_jax/models/fusion.py): width, num_layers, "
+           "num_heads, mlp_dim, dropout, dtype"),
+    },
+    "train_policy": Entries(lambda entry: TRAIN_POLICY,
+                            "{modality: options}: what of each tower trains and how fast"),
+    "loss": {
+        "weights": _o({"contrastive": 1.0}, "{objective name: weight} "
+                      "(xmodal_jax/losses/objectives.py: OBJECTIVES)"),
+        "kind": _o("softmax", "pairwise contrastive form: softmax (InfoNCE) or sigmoid "
+                   "(SigLIP; set model.logit_bias_init)"),
+        "pair_weights": _o({}, "{\"a-b\": weight}; unnamed pairs weigh 1"),
+        "impl": _o("dense", "pairwise loss over devices: dense | blockwise | ring"),
+        "block_size": _o(0, "columns per tile for blockwise/ring; 0: a whole shard"),
+        "intra_modalities": _o((), "modalities IMS and LMIM run on; empty: all"),
+        "regression": {
+            "target": _o("intra", "similarity regression target off the diagonal: intra "
+                         "or zero"),
+            "margin": _o(0.2, "delta: off-diagonal targets are at most 1 - delta"),
+            "loss": _o("mse", "mse or smooth_l1"),
+            "balance": _o(False, "weigh the diagonal against the off-diagonal (B-1 to 1)"),
+        },
+    },
+    "alignment": {
+        "momentum": _o(0.995, "EMA rate of the momentum model (itc, ims)"),
+        "queue_size": _o(65_536, "queued momentum embeddings per modality"),
+        "distill_alpha": _o(0.0, "momentum distillation's alpha; 0: off"),
+        "distill_ramp_steps": _o(0, "steps over which alpha ramps up linearly; 0: none"),
+    },
+    "optimizer": {
+        "learning_rate": _o(REQUIRED, "peak learning rate"),
+        "warmup_steps": _o(0, "linear warmup steps"),
+        "end_learning_rate_ratio": _o(0.0, "cosine decay ends at this fraction of the peak"),
+        "weight_decay": _o(0.0, "AdamW decoupled weight decay (not on 1-D parameters)"),
+        "b1": _o(0.9, "Adam beta1"),
+        "b2": _o(0.999, "Adam beta2"),
+        "grad_clip_norm": _o(1.0, "global gradient norm clip"),
+    },
+    "nonfinite": {
+        "policy": _o("skip", "skip: go on, stop after max_in_a_row; stop: stop at the first"),
+        "max_in_a_row": _o(10, "non-finite steps in a row that stop training"),
+    },
+    "evals": Entries(lambda entry: EVALUATOR | evaluator_options(entry.get("type")),
+                     "{name: options}: evaluators by type, each with its period"),
+}
+
+def evaluator_options(kind):
+  """An evaluator type's own options, as its entry in EVALUATORS declares them (`...`:
+  required); an unknown type has none (evaluators.validate names it)."""
+  evaluator = evaluators.EVALUATORS.get(kind)
+  options = evaluator.options if evaluator else {}
+  return {key: Option(REQUIRED if default is ... else default, doc)
+          for key, (default, doc) in options.items()}
+
+
+# Keys that moved: the message says where they live now.
+MOVED = {"trainable": "train_policy", "lr_multiplier": "train_policy",
+         "cache_embeddings": "train_policy"}
+
+
+def _is_mapping(value):
+  return isinstance(value, (dict, ml_collections.ConfigDict))
+
+
+def _fill(node, schema, where, open_=False):
+  """Checks `node`'s keys against `schema` and fills its defaults in place."""
+  for key in list(node.keys()):
+    if key not in schema and (not open_ or key in MOVED):
+      hint = (f" (moved: config.{MOVED[key]}.<modality>.{key})" if key in MOVED else "")
+      raise ValueError(f"{where}.{key}: no such option{hint}; expected one of "
+                       f"{sorted(schema)} (docs/config.md)")
+  for key, spec in schema.items():
+    if isinstance(spec, (dict, Open)):
+      if key not in node or node[key] is None:
+        node[key] = {}
+      inner = spec.schema if isinstance(spec, Open) else spec
+      _fill(node[key], inner, f"{where}.{key}", isinstance(spec, Open))
+    elif isinstance(spec, Entries):
+      entries = node.get(key)
+      if entries is None:
+        node[key] = entries = {}
+      for name in list(entries.keys()):
+        if not _is_mapping(entries[name]):
+          raise ValueError(f"{where}.{key}.{name}: expected a mapping of options, got "
+                           f"{entries[name]!r}")
+        _fill(entries[name], spec.schema(entries[name]), f"{where}.{key}.{name}", spec.open)
+    elif key not in node:
+      if spec.default == REQUIRED:
+        raise ValueError(f"{where}.{key} is unset: {spec.doc}")
+      node[key] = copy.deepcopy(spec.default)
+
+
+def defaults():
+  """A config holding every top-level default (required options left to the config file)."""
+  def build(schema):
+    out = {}
+    for key, spec in schema.items():
+      if isinstance(spec, (dict, Open)):
+        out[key] = build(spec.schema if isinstance(spec, Open) else spec)
+      elif isinstance(spec, Entries):
+        out[key] = {}
+      elif spec.default != REQUIRED:
+        out[key] = copy.deepcopy(spec.default)
+    return out
+  return ml_collections.ConfigDict(build(COMMON))
+
+
+def fill_defaults(config):
+  """A plain, filled copy of `config` (unknown keys are errors); no cross-field checks."""
+  config = config.copy_and_resolve_references().to_dict()
+  policy = config.setdefault("train_policy", {})
+  for name in config.get("modalities") or {}:  # every modality has a training policy
+    policy.setdefault(name, {})
+  _fill(config, COMMON, "config")
+  return ml_collections.ConfigDict(config)
+
+
+def modality(options):
+  """One modality's options with its kind's defaults filled (for code that prepares a
+  single modality, and tests)."""
+  options = (options.to_dict() if isinstance(options, ml_collections.ConfigDict)
+             else dict(options))
+  _fill(options, COMMON["modalities"].schema(options), "modality")
+  return ml_collections.ConfigDict(options)
+
+
+def resolve_tokenizers(config):
+  """Each text modality without a `tokenizer` takes its pretrained tower's folder (a Hugging
+  Face model folder holds its tokenizer)."""
+  for name, modality in config.modalities.items():
+    if modality.kind != "text" or modality.tokenizer:
+      continue
+    tower = config.model.towers[name]
+    if tower.get("name") != "pretrained":
+      raise ValueError(f"config.modalities.{name}.tokenizer is unset and its tower is not "
+                       "pretrained: name a tokenizer (a shipped name or a Hugging Face folder)")
+    modality.tokenizer = tower.path
+
+
+def check(config, device_count):
+  """The cross-field checks of a filled config, each part checking its own slice."""
+  modalities = list(config.modalities)
+  if len(modalities) < 2:
+    raise ValueError(f"config.modalities: need at least 2 modalities, got {modalities}")
+  for section in ("model.towers", "train_policy"):
+    names = list(config[section.split(".")[0]] if section == "train_policy"
+                 else config.model.towers)
+    if set(names) != set(modalities):
+      raise ValueError(f"config.{section} has {sorted(names)} but config.modalities has "
+                       f"{sorted(modalities)}: every modality needs exactly one entry")
+  for key in ("batch_size", "eval_batch_size", "total_steps", "log_every", "checkpoint_every",
+              "keep_checkpoints"):
+    if not isinstance(config[key], int) or config[key] < 1:
+      raise ValueError(f"config.{key}={config[key]!r}: expected a positive integer")
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % device_count:
+      raise ValueError(f"config.{key}={config[key]} does not divide by the "
+                       f"{device_count} devices")
+  accum = config.grad_accum_steps
+  if not isinstance(accum, int) or accum < 1 or config.batch_size % (device_count * accum):
+    raise ValueError(f"config.grad_accum_steps={accum!r}: expected a positive integer k with "
+                     f"config.batch_size={config.batch_size} a multiple of k x the "
+                     f"{device_count} devices (each micro-batch takes rows of every device)")
+  objectives.validate(config, device_count)
+  evaluators.validate(config)
+  optimizer.validate(config)
+  embedding_cache.validate(config)
+  nonfinite.validate(config.nonfinite)
+  parallel.mesh_shape(config.mesh, device_count)
+  sharding.check_rules(config.sharding)
+
+
+def resolve(config, device_count):
+  """The config as every module reads it: filled, tokenizers resolved, checked for
+  `device_count` devices, and locked."""
+  config = fill_defaults(config)
+  check(config, device_count)
+  resolve_tokenizers(config)
+  config.lock()
+  return config
+
+
+def _reference(schema, prefix, lines):
+  for key, spec in schema.items():
+    name = f"{prefix}{key}"
+    if isinstance(spec, dict):
+      _reference(spec, f"{name}.", lines)
+    elif isinstance(spec, Open):
+      _reference(spec.schema, f"{name}.", lines)
+      lines.append(f"| `{name}.*` | | {spec.doc} |")
+    elif isinstance(spec, Entries):
+      lines.append(f"| `{name}` | {{}} | {spec.doc} |")
+    else:
+      default = spec.default if spec.default == REQUIRED else f"`{spec.default!r}`"
+      lines.append(f"| `{name}` | {default} | {spec.doc} |")
+
+
+def reference():
+  """docs/config.md: every option, its default and meaning, as Markdown tables."""
+  head = ["| option | default | meaning |", "|---|---|---|"]
+  lines = ["# Config reference", "",
+           "Generated by `python -m xmodal_jax.schema > docs/config.md` from "
+           "`xmodal_jax/schema.py`, the one place defaults are written. A config file starts "
+           "from `schema.defaults()`; `resolve` rejects unknown keys and fills the rest.", "",
+           "## Top level", ""] + head
+  _reference(COMMON, "", lines)
+  sections = [("Modalities: every kind", "modalities.<name>.", MODALITY)]
+  sections += [(f"Modalities of kind `{kind}`", "modalities.<name>.", options)
+               for kind, options in MODALITY_KINDS.items()]
+  sections += [("Training policy per tower", "train_policy.<modality>.", TRAIN_POLICY),
+               ("Evaluators: every type", "evals.<name>.", EVALUATOR)]
+  sections += [(f"Evaluators of type `{kind}`", "evals.<name>.", evaluator_options(kind))
+               for kind in evaluators.EVALUATORS]
+  for title, prefix, options in sections:
+    lines += ["", f"## {title}", ""] + head
+    _reference(options, prefix, lines)
+  lines += ["", "## Towers", "",
+            "`model.towers.<modality>` takes `name` (a key of `TOWERS` in "
+            "`xmodal_jax/models/towers.py`) and that module's fields, with the defaults the "
+            "module declares:", ""]
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  for name, module in sorted(towers.TOWERS.items()):
+    fields = [f"`{f.name}`" + ("" if f.default is dataclasses.MISSING else f"={f.default!r}")
+              for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
+    lines.append(f"- `{name}`: {', '.join(fields)}")
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  print(reference(), end="")
