@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import profiling
 from configs import sizes
 from xmodal_jax import parallel
-from xmodal_jax.models import towers, transformer
+from xmodal_jax.models import attention, towers
 from xmodal_jax.train import state as state_lib, step as step_lib
 
 OPEN_CLIP_B16_H100 = 2535.0  # samples/s, ViT-B/16 train step, torch.compile, one H100
@@ -80,11 +80,11 @@ def parse_variant(text):
   for flag in flags:
     if flag in ("remat", "fp8"):
       options[flag] = True
-    elif flag in transformer.ATTENTION_IMPLS:
+    elif flag in attention.ATTENTION_IMPLS:
       options["attention_impl"] = flag
     else:
       raise ValueError(f"variant {text!r}: unknown flag {flag!r}; expected remat, fp8 or one "
-                       f"of {transformer.ATTENTION_IMPLS}")
+                       f"of {attention.ATTENTION_IMPLS}")
   return options
 
 

@@ -188,7 +188,6 @@ def test_second_view_is_another_draw_of_the_same_example(digit_data_dir):
   a second view that IMS does not read, or that cannot differ, is a config error."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny,align_fuse")
   config.data.data_dir = digit_data_dir
   config.modalities.video.update(max_shift=2, second_view=True)

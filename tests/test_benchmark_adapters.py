@@ -188,7 +188,6 @@ def test_seed_000_configs_train_on_files_in_the_real_layouts(tmp_path):
   fused query (CUB's attributes by species, and zero-shot species from the photos) on
   builds of small files in the Flickr8k Audio and CUB layouts; the full configs validate."""
   from configs import cub, flickr8k  # pylint: disable=g-import-not-at-top
-  from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
   for config in (flickr8k.get_config(""), flickr8k.get_config("regression"),
                  cub.get_config(""), cub.get_config("regression")):
     schema.resolve(config, jax.device_count())

@@ -121,7 +121,6 @@ def test_unknown_options_are_rejected_by_name(kwargs):
 
 def test_per_pair_temperatures_refuse_objectives_with_one_temperature():
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.losses import objectives  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny,align_fuse")
   config.model.per_pair_temperature = True
   with pytest.raises(ValueError, match=r"per_pair_temperature=True: objectives \['ims', "

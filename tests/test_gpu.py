@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from xmodal_jax.models import towers, transformer, vision
+from xmodal_jax.models import attention, towers, vision
 from configs import sizes
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
@@ -37,7 +37,7 @@ def test_cudnn_attention_matches_numpy_with_right_padding(length, causal):
   valid = np.arange(length)[None, :] < lengths[:, None]
   reference = numpy_attention(q, k, v, valid, causal)
   bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
-  out = transformer.attention(bf16(q), bf16(k), bf16(v), jnp.asarray(valid), causal=causal,
+  out = attention.attention(bf16(q), bf16(k), bf16(v), jnp.asarray(valid), causal=causal,
                               implementation="cudnn")
   out = np.asarray(out, np.float64)
   # Rows whose query sees no valid key (causal, padded) are undefined: compare the rest.
@@ -87,9 +87,9 @@ def test_cudnn_and_xla_two_tower_gradients_agree():
 
 
 def test_auto_attention_is_cudnn_on_gpu_for_half_precision():
-  assert transformer.resolve_attention_impl("auto", jnp.bfloat16, 64) == "cudnn"
-  assert transformer.resolve_attention_impl("auto", jnp.float32, 64) == "xla"
-  assert transformer.resolve_attention_impl("auto", jnp.bfloat16, 12) == "xla"
+  assert attention.resolve_attention_impl("auto", jnp.bfloat16, 64) == "cudnn"
+  assert attention.resolve_attention_impl("auto", jnp.float32, 64) == "xla"
+  assert attention.resolve_attention_impl("auto", jnp.bfloat16, 12) == "xla"
 
 
 def test_fp8_matmuls_compile_to_cublaslt_fp8_gemms():

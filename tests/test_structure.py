@@ -70,9 +70,12 @@ def test_no_module_imports_itself_back():
   for path in python_files(PACKAGE):
     name = "xmodal_jax." + os.path.relpath(path, PACKAGE)[:-3].replace(os.sep, ".")
     name = name.removesuffix(".__init__")
-    graph[name] = {m for m in imported_modules(path) if m.startswith("xmodal_jax.")}
+    graph[name] = set(imported_modules(path))
   modules = set(graph)
-  graph = {n: {m for m in deps if m in modules and m != n} for n, deps in graph.items()}
+  # `from a.b import c` names module a.b.c when there is one, else a.b (c is an attribute).
+  graph = {n: {m for m in deps if m in modules and m != n
+               and not any(d.startswith(m + ".") and d in modules for d in deps)}
+           for n, deps in graph.items()}
   state = {}
 
   def visit(node, stack):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal_jax.models import audio, features, speech, text, transformer, vision
+from xmodal_jax.models import attention, audio, features, speech, text, transformer, vision
 
 SMALL = dict(num_layers=2, num_heads=2, mlp_dim=32)
 
@@ -187,14 +187,14 @@ def test_speech_time_masking_replaces_whole_spans_by_the_learned_vector():
 
 
 def test_attention_impl_resolution_off_gpu():
-  resolve = transformer.resolve_attention_impl
+  resolve = attention.resolve_attention_impl
   assert resolve("auto", jnp.bfloat16, 64) == ("cudnn" if jax.default_backend() == "gpu"
                                                else "xla")
   assert resolve("cudnn", jnp.float32, 64) == "xla"  # cuDNN's kernel: half precision only.
   assert resolve("cudnn", jnp.bfloat16, 64) == "cudnn"
   with pytest.raises(ValueError, match="attention_impl='flash'"):
     resolve("flash", jnp.bfloat16, 64)
-  with transformer.target_platform("tpu"):  # compiling for TPU chips from this host
+  with attention.target_platform("tpu"):  # compiling for TPU chips from this host
     assert resolve("auto", jnp.float32, 64) == resolve("auto", jnp.bfloat16, 128) == "pallas"
     assert resolve("auto", jnp.bfloat16, 192) == "xla"  # the kernel's head dims: <= 128 or k*128
     assert resolve("xla", jnp.bfloat16, 64) == "xla"
@@ -211,10 +211,10 @@ def test_pallas_attention_equals_numpy_and_xla_gradients(causal=True):
   q_, k_, v_, valid_ = map(jnp.asarray, (q, k, v, valid))
 
   def loss(impl):
-    return lambda *qkv: jnp.sum(transformer.attention(
+    return lambda *qkv: jnp.sum(attention.attention(
         *qkv, valid_, causal=causal, implementation=impl) * valid_[:, :, None, None] * v_)
   with pltpu.force_tpu_interpret_mode():
-    out = transformer.attention(q_, k_, v_, valid_, causal=causal, implementation="pallas")
+    out = attention.attention(q_, k_, v_, valid_, causal=causal, implementation="pallas")
     grads = jax.grad(loss("pallas"), argnums=(0, 1, 2))(q_, k_, v_)
   logits = np.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
   allowed = valid[:, None, None, :] & (np.tril(np.ones((77, 77), bool)) if causal else True)

@@ -16,8 +16,6 @@ import pytest
 from conftest import CONFIG, REPO, run_train, xla_flags
 from configs import audio_video_text
 from xmodal_jax import parallel
-from xmodal_jax.parallel import sharding
-from xmodal_jax.data import pipeline
 from xmodal_jax import experiment as experiment_lib
 from xmodal_jax.parallel import sharding
 from xmodal_jax.train import metrics as metrics_lib

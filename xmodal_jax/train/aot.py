@@ -9,7 +9,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from xmodal_jax.models import transformer
+from xmodal_jax.models import attention
 from xmodal_jax.train import state as state_lib
 
 GIB = 1 << 30
@@ -61,7 +61,7 @@ def lower_and_compile(train_fn, state, batch, devices, mesh):
   their shardings). attention_impl="auto" resolves for the target chips; kernels run per
   device (the mesh). No persistent compilation cache: an executable for chips that are not
   here cannot be read back from it (JAX warns on every later compile)."""
-  with transformer.target_platform(devices[0].platform), jax.set_mesh(mesh), \
+  with attention.target_platform(devices[0].platform), jax.set_mesh(mesh), \
       state_lib.config_value("jax_enable_compilation_cache", False):
     return train_fn.lower(state, batch).compile()
 

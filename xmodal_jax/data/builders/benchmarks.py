@@ -10,45 +10,21 @@ names are TFDS's: train, validation, test. Captions of one item are one text val
 expanded into separate queries at evaluation (docs/methods.md, "Retrieval metrics").
 """
 
-import csv
 import glob
-import json
 import os
-import re
 
 from xmodal_jax.data import records
+from xmodal_jax.data.builders import classification, layout
 
 _SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
-
-
-def _read_json(path):
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: missing (see the builder's docstring for the layout)")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _read_csv(path):
-  """[(line number, row dict)] of a CSV file with a header line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: missing (see the builder's docstring for the layout)")
-  with open(path, encoding="utf-8", newline="") as f:
-    return [(i, row) for i, row in enumerate(csv.DictReader(f), 2)]
-
-
-def _find_dir(base, names, what):
-  for name in names:
-    if os.path.isdir(os.path.join(base, name)):
-      return os.path.join(base, name)
-  raise FileNotFoundError(f"{base}: no {what} folder (expected one of {list(names)})")
 
 
 def karpathy_records(manual_dir, json_name, image_dir_names):
   """{split: [(where, {id, split, image, text})]} from a Karpathy split JSON; "restval"
   joins train, as in the papers that report on these splits."""
   path = os.path.join(manual_dir, json_name)
-  images = _read_json(path)["images"]
-  image_dir = _find_dir(manual_dir, image_dir_names, "image") if image_dir_names else manual_dir
+  images = layout.read_json(path)["images"]
+  image_dir = layout.find_dir(manual_dir, image_dir_names, "image") if image_dir_names else manual_dir
   splits = {}
   for i, entry in enumerate(images):
     split = _SPLITS.get(entry["split"])
@@ -183,21 +159,21 @@ class Msrvtt(records.RecordBuilder):
 
   def split_records(self, dl_manager):
     manual_dir = dl_manager.manual_dir
-    video_dir = _find_dir(manual_dir, ("videos/all", "videos", "MSRVTT_Videos"), "video")
+    video_dir = layout.find_dir(manual_dir, ("videos/all", "videos", "MSRVTT_Videos"), "video")
     data_path = os.path.join(manual_dir, "MSRVTT_data.json")
     captions = {}
-    for sentence in _read_json(data_path)["sentences"]:
+    for sentence in layout.read_json(data_path)["sentences"]:
       captions.setdefault(sentence["video_id"], []).append(sentence["caption"].strip())
     train_path = os.path.join(manual_dir, "MSRVTT_train.9k.csv")
     splits = {"train": [], "test": []}
-    for line_number, row in _read_csv(train_path):
+    for line_number, row in layout.read_csv(train_path):
       video_id = row["video_id"]
       splits["train"].append((f"{train_path}:{line_number}", {
           "id": video_id, "split": "train",
           "video": os.path.join(video_dir, f"{video_id}.mp4"),
           "text": captions.get(video_id, [""])}))
     test_path = os.path.join(manual_dir, "MSRVTT_JSFUSION_test.csv")
-    for line_number, row in _read_csv(test_path):
+    for line_number, row in layout.read_csv(test_path):
       video_id = row["video_id"]
       splits["test"].append((f"{test_path}:{line_number}", {
           "id": video_id, "split": "test",
@@ -230,7 +206,7 @@ class Audiocaps(records.RecordBuilder):
     for csv_name, split in (("train", "train"), ("val", "validation"), ("test", "test")):
       path = os.path.join(manual_dir, f"{csv_name}.csv")
       clips = {}
-      for line_number, row in _read_csv(path):
+      for line_number, row in layout.read_csv(path):
         youtube_id = row["youtube_id"]
         if youtube_id not in clips:
           clips[youtube_id] = (f"{path}:{line_number}", {
@@ -274,31 +250,13 @@ class Clotho(records.RecordBuilder):
                         ("evaluation", "test")):
       path = os.path.join(manual_dir, f"clotho_captions_{part}.csv")
       items = []
-      for line_number, row in _read_csv(path):
+      for line_number, row in layout.read_csv(path):
         captions = [row[k].strip() for k in sorted(row) if k.startswith("caption_")]
         items.append((f"{path}:{line_number}", {
             "id": row["file_name"], "split": split,
             "audio": os.path.join(manual_dir, part, row["file_name"]), "text": captions}))
       splits[split] = items
     return splits
-
-
-def _read_table(path, columns):
-  """[(line number, [field, ...])] of a whitespace-separated file with `columns` fields per
-  line (the last one keeps any spaces)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: missing (see the builder's docstring for the layout)")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      fields = line.strip().split(maxsplit=columns - 1)
-      if len(fields) != columns:
-        raise ValueError(f"{path}:{line_number}: expected {columns} fields, got "
-                         f"{line.strip()!r}")
-      rows.append((line_number, fields))
-  return rows
 
 
 CUB_ATTRIBUTES = 312
@@ -330,13 +288,13 @@ class Cub200(records.RecordBuilder):
   def split_records(self, dl_manager):
     manual_dir = dl_manager.manual_dir
     root = os.path.join(manual_dir, "CUB_200_2011")
-    text_dir = _find_dir(manual_dir, ("text_c10", "text"), "descriptions")
-    table = lambda name, columns: _read_table(os.path.join(root, name), columns)
+    text_dir = layout.find_dir(manual_dir, ("text_c10", "text"), "descriptions")
+    table = lambda name, columns: layout.read_table(os.path.join(root, name), columns)
     class_names = {c: name.split(".", 1)[-1].replace("_", " ")
                    for _, (c, name) in table("classes.txt", 2)}
     attributes_path = os.path.join(root, "attributes", "class_attribute_labels_continuous.txt")
     attributes = {}
-    for line_number, fields in _read_table(attributes_path, 1):
+    for line_number, fields in layout.read_table(attributes_path, 1):
       values = fields[0].split()
       if len(values) != CUB_ATTRIBUTES:
         raise ValueError(f"{attributes_path}:{line_number}: expected {CUB_ATTRIBUTES} "
@@ -374,130 +332,6 @@ def _descriptions(text_dir, image_relative):
 # --- Classification sets, for zero-shot evaluation (items with a "label") --------------------
 
 
-class Esc50(records.RecordBuilder):
-  """ESC-50 (Piczak, 2015): 2,000 five-second environmental recordings in 50 classes ("dog",
-  "chirping birds", ...), all in one split, "test": zero-shot classification (CLAP,
-  AudioCLIP, ImageBind) reports accuracy over all 2,000 clips. The label is the category
-  with "_" as a space.
-
-  Files: https://github.com/karolpiczak/ESC-50 (the repository's archive). Layout of
-  manual_dir:
-    meta/esc50.csv     columns filename, fold, target, category, ...
-    audio/*.wav
-  (or the same under ESC-50-master/)
-  """
-  MODALITIES = {"audio": "audio"}
-  LABELS = True
-  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  def base_dir(self, dl_manager):
-    manual_dir = dl_manager.manual_dir
-    nested = os.path.join(manual_dir, "ESC-50-master")
-    return nested if os.path.isdir(nested) else manual_dir
-
-  def split_records(self, dl_manager):
-    root = self.base_dir(dl_manager)
-    path = os.path.join(root, "meta", "esc50.csv")
-    return {"test": [(f"{path}:{line_number}", {
-        "id": os.path.splitext(row["filename"])[0], "split": "test",
-        "audio": os.path.join(root, "audio", row["filename"]),
-        "label": row["category"].replace("_", " ")}) for line_number, row in _read_csv(path)]}
-
-
-def _words(camel_case):
-  """"ApplyEyeMakeup" -> "Apply Eye Makeup" (UCF-101's class names)."""
-  return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", camel_case)
-
-
-class Ucf101(records.RecordBuilder):
-  """UCF-101 (Soomro et al., 2012): 13,320 YouTube action clips in 101 classes; train/test
-  split 1 of the official three (9,537 / 3,783 clips), as zero-shot video classification
-  usually reports. The label is the class name in words ("Apply Eye Makeup").
-
-  Files: UCF101.rar and UCF101TrainTestSplits-RecognitionTask.zip from
-  https://www.crcv.ucf.edu/data/UCF101.php. Layout of manual_dir:
-    UCF-101/<ClassName>/v_<ClassName>_gNN_cNN.avi
-    ucfTrainTestlist/classInd.txt      "<index> <ClassName>"
-    ucfTrainTestlist/trainlist01.txt   "<ClassName>/<clip>.avi <index>"
-    ucfTrainTestlist/testlist01.txt    "<ClassName>/<clip>.avi"
-  """
-  MODALITIES = {"video": "video"}
-  LABELS = True
-  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  def split_records(self, dl_manager):
-    manual_dir = dl_manager.manual_dir
-    lists = os.path.join(manual_dir, "ucfTrainTestlist")
-    classes = {name for _, (_, name) in _read_table(os.path.join(lists, "classInd.txt"), 2)}
-    splits = {}
-    for list_name, split, columns in (("trainlist01.txt", "train", 2),
-                                      ("testlist01.txt", "test", 1)):
-      path = os.path.join(lists, list_name)
-      items = []
-      for line_number, fields in _read_table(path, columns):
-        relative = fields[0].split()[0] if columns == 1 else fields[0]
-        class_name = relative.split("/")[0]
-        if class_name not in classes:
-          raise ValueError(f"{path}:{line_number}: class {class_name!r} is not in "
-                           "classInd.txt")
-        items.append((f"{path}:{line_number}", {
-            "id": os.path.splitext(os.path.basename(relative))[0], "split": split,
-            "video": os.path.join(manual_dir, "UCF-101", relative),
-            "label": _words(class_name)}))
-      splits[split] = items
-    return splits
-
-
-_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_FOLDER_SPLITS = {"train": "train", "val": "validation", "validation": "validation",
-                  "test": "test"}
-
-
-class ImageFolder(records.RecordBuilder):
-  """Any image classification set as a folder per split of a folder per class (ImageNet's
-  ILSVRC/Data/CLS-LOC layout once val is sorted into class folders, Caltech-101, Food-101,
-  ...). A class's name is its folder's, or the first name given for that folder in
-  classes.txt / LOC_synset_mapping.txt ("n01440764 tench, Tinca tinca" -> "tench").
-  Layout of manual_dir:
-    train/<class folder>/<image>.{jpg,jpeg,png,bmp,webp}
-    val/<class folder>/...       (or validation/; test/ too)
-    classes.txt                  optional: "<class folder> <name>[, other names]" per line
-  """
-  MODALITIES = {"image": "image"}
-  LABELS = True
-  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  def split_records(self, dl_manager):
-    manual_dir = dl_manager.manual_dir
-    names = {}
-    for mapping in ("classes.txt", "LOC_synset_mapping.txt"):
-      path = os.path.join(manual_dir, mapping)
-      if os.path.isfile(path):
-        names = {folder: name.split(",")[0].strip()
-                 for _, (folder, name) in _read_table(path, 2)}
-        break
-    splits = {}
-    for folder, split in sorted(_FOLDER_SPLITS.items()):
-      split_dir = os.path.join(manual_dir, folder)
-      if not os.path.isdir(split_dir):
-        continue
-      items = splits.setdefault(split, [])
-      for class_folder in sorted(os.listdir(split_dir)):
-        class_dir = os.path.join(split_dir, class_folder)
-        if not os.path.isdir(class_dir):
-          continue
-        for file in sorted(os.listdir(class_dir)):
-          if os.path.splitext(file)[1].lower() in _IMAGE_EXTENSIONS:
-            items.append((os.path.join(class_dir, file), {
-                "id": f"{folder}/{class_folder}/{os.path.splitext(file)[0]}",
-                "split": split, "image": os.path.join(class_dir, file),
-                "label": names.get(class_folder, class_folder)}))
-    if not splits:
-      raise FileNotFoundError(f"{manual_dir}: no split folder (expected some of "
-                              f"{sorted(_FOLDER_SPLITS)}, each a folder per class)")
-    return splits
-
-
 ADAPTERS = {cls.name: cls for cls in (CocoKarpathy, Flickr30kKarpathy, Flickr8kKarpathy,
-                                      Flickr8kAudio, Msrvtt, Audiocaps, Clotho, Cub200, Esc50,
-                                      Ucf101, ImageFolder)}
+                                      Flickr8kAudio, Msrvtt, Audiocaps, Clotho, Cub200)}
+ADAPTERS |= classification.ADAPTERS
