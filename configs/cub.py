@@ -64,8 +64,9 @@ def get_config(variant=""):
                           weight_decay=0.05, b1=0.9, b2=0.98, grad_clip_norm=1.0)
   config.evals = dict(
       retrieval=recipes.retrieval_eval(every=1_000),
-      zeroshot=dict(type="zeroshot", every=1_000, modality="image",
-                    templates=("a photo of a {}, a type of bird.", "a photo of the {}.")))
+      zeroshot=schema.evaluator(
+          "zeroshot", every=1_000, modality="image",
+          templates=("a photo of a {}, a type of bird.", "a photo of the {}.")))
   config.evals.retrieval.class_level = ("attributes",)
   config.log_every = 50
   config.checkpoint_every = 1_000

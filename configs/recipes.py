@@ -2,11 +2,13 @@
 
 import ml_collections
 
+from xmodal_jax import schema
+
 
 def retrieval_eval(every):
   """`config.evals.retrieval`: every ordered pair and every fused query (docs/methods.md)
   on config.data.eval_split, every `every` steps and at the end."""
-  return ml_collections.ConfigDict(dict(type="retrieval", every=every))
+  return schema.evaluator("retrieval", every=every)
 
 
 def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
@@ -22,7 +24,8 @@ def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
   config.model.fusion = fusion
   config.alignment.distill_alpha = 0.4
   config.alignment.distill_ramp_steps = distill_ramp_steps
-  config.evals.rerank = dict(type="rerank", every=config.evals.retrieval.every, k=rerank_k)
+  config.evals.rerank = schema.evaluator("rerank", every=config.evals.retrieval.every,
+                                        k=rerank_k)
 
 
 def clip_modalities():

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from configs import sizes
-from xmodal_jax import parallel
+from xmodal_jax import parallel, schema
 from xmodal_jax.models import fp8, towers
 from xmodal_jax.train import state as state_lib, step as step_lib
 
@@ -105,9 +105,11 @@ def test_fp8_train_step_on_eight_devices_learns_like_float32():
 
   def losses(fp8_towers):
     options = dict(fp8=fp8_towers, num_layers=1)
-    model, _ = towers.build_model(ml_collections.ConfigDict(dict(embed_dim=32, towers=dict(
+    model_config = schema.defaults().model
+    model_config.update(embed_dim=32, towers=dict(
         image=sizes.vit("tiny", 16, **options) | dict(patch_size=4),
-        text=sizes.clip_text("tiny", vocab_size=64, **options)))))
+        text=sizes.clip_text("tiny", vocab_size=64, **options)))
+    model, _ = towers.build_model(model_config)
     tx = optax.adam(3e-3)
     state = state_lib.init_on_devices(
         functools.partial(state_lib.create_train_state, model, tx, seed=0), batch,

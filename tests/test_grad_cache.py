@@ -42,6 +42,8 @@ def every_objective():
   config = audio_video_text.get_config("tiny,align_fuse")
   del config.modalities["video"], config.model.towers["video"]
   config.model.fusion.pairs = ["text:audio"]
+  config.loss.pair_weights = {"audio-text": 1.0}
+  config.loss.intra_modalities = ("text",)
   config.loss.weights.update(contrastive=1.0, regression=0.5)
   config.batch_size, config.alignment.queue_size = 64, 128
   config, model, tx, mesh, batch, shardings, state = fixtures.sharded_state(

@@ -297,7 +297,8 @@ def test_training_with_a_pretrained_text_tower(digit_data_dir, tmp_path):
   config.data.data_dir = digit_data_dir
   config.modalities.text.tokenizer = ""  # Unset: taken from the pretrained folder.
   config.model.towers.text = dict(name="pretrained", path=folder, pooling="mean",
-                                  dropout=0.0, trainable="none")
+                                  dropout=0.0)
+  config.train_policy.text = dict(trainable="none")
   config.total_steps = 2
   config.evals.retrieval.every = config.checkpoint_every = config.log_every = 2
   config.data.eval_split, config.evals.retrieval.fused = "test[:100]", "none"

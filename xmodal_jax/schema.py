@@ -278,6 +278,14 @@ def modality(options):
   return ml_collections.ConfigDict(options)
 
 
+def evaluator(kind, **options):
+  """A `config.evals` entry of type `kind` with all its defaults written out, so that each
+  option can be overridden on the command line (`--config.evals.retrieval.fused=none`)."""
+  entry = dict(options, type=kind)
+  _fill(entry, EVALUATOR | evaluator_options(kind), f"evaluator {kind!r}")
+  return ml_collections.ConfigDict(entry)
+
+
 def resolve_tokenizers(config):
   """Each text modality without a `tokenizer` takes its pretrained tower's folder (a Hugging
   Face model folder holds its tokenizer)."""
