@@ -161,8 +161,8 @@ def test_intra_modalities_choose_what_ims_and_lmim_run_on():
 
 
 def test_ims_with_a_second_view_takes_that_views_keys():
-  """With the momentum model's view embeddings for video, video's IMS is the NumPy formula with the second
-  view's momentum embeddings as the batch keys (the queue unchanged); audio, without one,
+  """With the momentum model's embeddings of video's second view, video's IMS is the NumPy
+  formula with those as the batch keys (the queue unchanged); audio, without one,
   keeps its own momentum keys."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from xmodal_jax.losses import objectives  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,8 @@ from conftest import run_launcher, run_train
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 from xmodal_jax import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
-from xmodal_jax.data import encoding, records  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from xmodal_jax.data import encoding, records
 from xmodal_jax.data.builders import benchmarks  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 

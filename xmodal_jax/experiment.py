@@ -29,8 +29,8 @@ from xmodal_jax.train import (aot, checkpoint, embedding_cache, loop, optimizer,
 @dataclasses.dataclass
 class Assembly:
   """What a config builds before any state exists: the resolved config, its data source,
-  the model (and pretrained params by path), optimizer, mesh, and the train state's abstract
-  shapes and shardings."""
+  the model (and pretrained params by path), optimizer, mesh, the train state's abstract
+  shapes and shardings, and the one-row abstract batch they were derived from."""
   config: Any
   source: source_lib.Source
   model: Any
@@ -39,6 +39,7 @@ class Assembly:
   mesh: Any
   abstract_state: Any
   shardings: Any
+  example: Any
 
 
 @dataclasses.dataclass
@@ -98,14 +99,16 @@ def assemble(config, devices=None, *, read_data=True):
             else source_lib.Source(inputs, None, rates))
   model, pretrained, tx = build_model_and_optimizer(config, shapes_only=not read_data)
   mesh = parallel.make_mesh(devices, shape=config.mesh)
-  abstract = jax.eval_shape(state_creator(config, model, tx), source.abstract_batch(1))
+  example = source.abstract_batch(1)
+  abstract = jax.eval_shape(state_creator(config, model, tx), example)
   shardings = sharding.state_shardings(abstract, mesh, config.sharding)
-  return Assembly(config, source, model, pretrained, tx, mesh, abstract, shardings)
+  return Assembly(config, source, model, pretrained, tx, mesh, abstract, shardings, example)
 
 
 def fresh_state(assembly):
-  """A new state in the assembly's shardings, pretrained towers in place."""
-  example = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), assembly.source.abstract_batch(1))
+  """A new state in the assembly's shardings, pretrained towers in place (the params depend
+  on the example's shapes only, so zeros serve)."""
+  example = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), assembly.example)
   state = state_lib.init_on_devices(state_creator(assembly.config, assembly.model, assembly.tx),
                                     example, assembly.shardings)
   if assembly.pretrained:  # Outside jit: the weights would otherwise become compiled-in constants.
@@ -162,9 +165,8 @@ def compile_train_step(config, devices):
                            config, assembly.source.abstract_batch(config.batch_size)))
   train_fn = step_lib.jit_train_step(config, assembly.model, assembly.tx, mesh,
                                      assembly.shardings)
+  state = placed(assembly.abstract_state, assembly.shardings)
   start = time.perf_counter()
-  compiled = aot.lower_and_compile(train_fn, placed(assembly.abstract_state, assembly.shardings),
-                                   batch, devices, mesh)
-  return compiled, aot.report(compiled, devices, mesh, assembly.abstract_state,
-                              placed(assembly.abstract_state, assembly.shardings),
-                              time.perf_counter() - start, config.grad_accum_steps)
+  compiled = aot.lower_and_compile(train_fn, state, batch, devices, mesh)
+  return compiled, aot.report(compiled, devices, mesh, state, time.perf_counter() - start,
+                              config.grad_accum_steps)

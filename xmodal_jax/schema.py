@@ -33,8 +33,8 @@ class Option:
 @dataclasses.dataclass(frozen=True)
 class Entries:
   """A mapping of user-named entries (modalities, evaluators, towers), each under `schema`
-  (a function of the entry, since a modality's options depend on its kind); `open` entries
-  also take the keyword arguments of the module they build."""
+  (a function of the entry and where it is, since a modality's options depend on its kind);
+  `open` entries also take the keyword arguments of the module they build."""
   schema: Any
   doc: str
   open: bool = False
@@ -137,7 +137,8 @@ COMMON = {
     "sharding": _o(list(sharding.DEFAULT_RULES), "(regex, rule) pairs on state paths: "
                    "\"fsdp\", \"replicate\" or a PartitionSpec tuple; first match wins"),
     "data": DATA,
-    "modalities": Entries(lambda entry: MODALITY | MODALITY_KINDS.get(entry.get("kind"), {}),
+    "modalities": Entries(lambda entry, where: MODALITY | MODALITY_KINDS.get(entry.get("kind"),
+                                                                             {}),
                           "{name: options}: the inputs, each read from a dataset feature"),
     "model": {
         "embed_dim": _o(REQUIRED, "dimension D of the shared embedding space"),
@@ -145,8 +146,8 @@ COMMON = {
         "logit_bias_init": _o(None, "initial sigmoid-loss bias (SigLIP: -10); None: no bias"),
         "per_pair_temperature": _o(False, "one logit scale per modality pair"),
         "local_features": _o(0, "local features per sample for LMIM; 0: none"),
-        "towers": Entries(lambda entry: {"name": _o(REQUIRED, "a tower name in "
-                                                    "xmodal_jax/models/towers.py")},
+        "towers": Entries(lambda entry, where: {"name": _o(REQUIRED, "a tower name in "
+                                                           "xmodal_jax/models/towers.py")},
                           "{modality: tower options}: the tower's own fields "
                           "(xmodal_jax/models/), or name=\"pretrained\" with a folder path",
                           open=True),
@@ -156,7 +157,7 @@ COMMON = {
         }, "and FusionEncoder's fields (xmodal_jax/models/fusion.py): width, num_layers, "
            "num_heads, mlp_dim, dropout, dtype"),
     },
-    "train_policy": Entries(lambda entry: TRAIN_POLICY,
+    "train_policy": Entries(lambda entry, where: TRAIN_POLICY,
                             "{modality: options}: what of each tower trains and how fast"),
     "loss": {
         "weights": _o({"contrastive": 1.0}, "{objective name: weight} "
@@ -194,17 +195,19 @@ COMMON = {
         "policy": _o("skip", "skip: go on, stop after max_in_a_row; stop: stop at the first"),
         "max_in_a_row": _o(10, "non-finite steps in a row that stop training"),
     },
-    "evals": Entries(lambda entry: EVALUATOR | evaluator_options(entry.get("type")),
+    "evals": Entries(lambda entry, where: EVALUATOR | evaluator_options(entry.get("type"),
+                                                                        where),
                      "{name: options}: evaluators by type, each with its period"),
 }
 
-def evaluator_options(kind):
+
+def evaluator_options(kind, where="evaluator"):
   """An evaluator type's own options, as its entry in EVALUATORS declares them (`...`:
-  required); an unknown type has none (evaluators.validate names it)."""
-  evaluator = evaluators.EVALUATORS.get(kind)
-  options = evaluator.options if evaluator else {}
+  required); an unknown type is an error naming `where`.type."""
+  if kind not in evaluators.EVALUATORS:
+    raise ValueError(f"{where}.type={kind!r}: expected one of {sorted(evaluators.EVALUATORS)}")
   return {key: Option(REQUIRED if default is ... else default, doc)
-          for key, (default, doc) in options.items()}
+          for key, (default, doc) in evaluators.EVALUATORS[kind].options.items()}
 
 
 # Keys that moved: the message says where they live now.
@@ -216,8 +219,9 @@ def _is_mapping(value):
   return isinstance(value, (dict, ml_collections.ConfigDict))
 
 
-def _fill(node, schema, where, open_=False):
-  """Checks `node`'s keys against `schema` and fills its defaults in place."""
+def _fill(node, schema, where, open_=False, required=True):
+  """Checks `node`'s keys against `schema` and fills its defaults in place; a missing
+  required option is an error unless `required` is False (then it stays unset)."""
   for key in list(node.keys()):
     if key not in schema and (not open_ or key in MOVED):
       hint = (f" (moved: config.{MOVED[key]}.<modality>.{key})" if key in MOVED else "")
@@ -228,7 +232,7 @@ def _fill(node, schema, where, open_=False):
       if key not in node or node[key] is None:
         node[key] = {}
       inner = spec.schema if isinstance(spec, Open) else spec
-      _fill(node[key], inner, f"{where}.{key}", isinstance(spec, Open))
+      _fill(node[key], inner, f"{where}.{key}", isinstance(spec, Open), required)
     elif isinstance(spec, Entries):
       entries = node.get(key)
       if entries is None:
@@ -237,26 +241,20 @@ def _fill(node, schema, where, open_=False):
         if not _is_mapping(entries[name]):
           raise ValueError(f"{where}.{key}.{name}: expected a mapping of options, got "
                            f"{entries[name]!r}")
-        _fill(entries[name], spec.schema(entries[name]), f"{where}.{key}.{name}", spec.open)
+        entry_where = f"{where}.{key}.{name}"
+        _fill(entries[name], spec.schema(entries[name], entry_where), entry_where, spec.open)
     elif key not in node:
-      if spec.default == REQUIRED:
+      if spec.default != REQUIRED:
+        node[key] = copy.deepcopy(spec.default)
+      elif required:
         raise ValueError(f"{where}.{key} is unset: {spec.doc}")
-      node[key] = copy.deepcopy(spec.default)
 
 
 def defaults():
   """A config holding every top-level default (required options left to the config file)."""
-  def build(schema):
-    out = {}
-    for key, spec in schema.items():
-      if isinstance(spec, (dict, Open)):
-        out[key] = build(spec.schema if isinstance(spec, Open) else spec)
-      elif isinstance(spec, Entries):
-        out[key] = {}
-      elif spec.default != REQUIRED:
-        out[key] = copy.deepcopy(spec.default)
-    return out
-  return ml_collections.ConfigDict(build(COMMON))
+  config = {}
+  _fill(config, COMMON, "config", required=False)
+  return ml_collections.ConfigDict(config)
 
 
 def fill_defaults(config):
@@ -274,7 +272,7 @@ def modality(options):
   single modality, and tests)."""
   options = (options.to_dict() if isinstance(options, ml_collections.ConfigDict)
              else dict(options))
-  _fill(options, COMMON["modalities"].schema(options), "modality")
+  _fill(options, COMMON["modalities"].schema(options, "modality"), "modality")
   return ml_collections.ConfigDict(options)
 
 
@@ -282,7 +280,7 @@ def evaluator(kind, **options):
   """A `config.evals` entry of type `kind` with all its defaults written out, so that each
   option can be overridden on the command line (`--config.evals.retrieval.fused=none`)."""
   entry = dict(options, type=kind)
-  _fill(entry, EVALUATOR | evaluator_options(kind), f"evaluator {kind!r}")
+  _fill(entry, EVALUATOR | evaluator_options(kind), "evaluator")
   return ml_collections.ConfigDict(entry)
 
 
@@ -304,11 +302,10 @@ def check(config, device_count):
   modalities = list(config.modalities)
   if len(modalities) < 2:
     raise ValueError(f"config.modalities: need at least 2 modalities, got {modalities}")
-  for section in ("model.towers", "train_policy"):
-    names = list(config[section.split(".")[0]] if section == "train_policy"
-                 else config.model.towers)
-    if set(names) != set(modalities):
-      raise ValueError(f"config.{section} has {sorted(names)} but config.modalities has "
+  for section, entries in (("model.towers", config.model.towers),
+                           ("train_policy", config.train_policy)):
+    if set(entries) != set(modalities):
+      raise ValueError(f"config.{section} has {sorted(entries)} but config.modalities has "
                        f"{sorted(modalities)}: every modality needs exactly one entry")
   for key in ("batch_size", "eval_batch_size", "total_steps", "log_every", "checkpoint_every",
               "keep_checkpoints"):

@@ -112,7 +112,7 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # TFDS logs each step at INFO.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.data import encoding, manifest, records  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import encoding  # pylint: disable=g-import-not-at-top
   os.makedirs(FLAGS.data_dir, exist_ok=True)
   if FLAGS.random_access_copy:
     write_random_access_copy(FLAGS.name, FLAGS.data_dir)

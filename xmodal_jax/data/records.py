@@ -178,7 +178,8 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
       raise ValueError(f"{manifest}:{line_number}: missing \"split\" (a string such as "
                        f"\"train\")")
     if "tar" in record:
-      records.extend(manifest_lib.expand_shards(manifest, line_number, record, modalities, base_dir))
+      records.extend(manifest_lib.expand_shards(manifest, line_number, record, modalities,
+                                                  base_dir))
     else:
       records.append((f"{manifest}:{line_number}", record))
   shapes = {m: encoding.features_shape(records, m, base_dir)

@@ -9,6 +9,7 @@ import functools
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
 from xmodal_jax.data import encoding, media, pipeline, preprocess, records
@@ -19,7 +20,6 @@ INPUT_KEYS = ("seed", "batch_size", "eval_batch_size", "data", "modalities")
 
 def input_config(config):
   """The input pipeline's slice of a resolved config."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   return ml_collections.ConfigDict({key: config[key] for key in INPUT_KEYS})
 
 

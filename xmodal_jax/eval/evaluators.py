@@ -211,16 +211,14 @@ def register(name, evaluator):
 
 
 def validate(config):
-  """Checks every entry of config.evals: a known type, a positive period, its options."""
+  """Checks every entry of config.evals (its type known, as xmodal_jax/schema.py found when
+  filling its options): a positive period, its options."""
   for name, options in config.evals.items():
     where = f"config.evals.{name}"
-    kind = options.type
-    if kind not in EVALUATORS:
-      raise ValueError(f"{where}.type={kind!r}: expected one of {sorted(EVALUATORS)}")
     every = options.every
     if not isinstance(every, int) or every <= 0:
       raise ValueError(f"{where}.every={every!r}: expected a positive number of steps")
-    EVALUATORS[kind].validate(options, config, where)
+    EVALUATORS[options.type].validate(options, config, where)
 
 
 def run(config, embedder, params, *, step=None, split=None):

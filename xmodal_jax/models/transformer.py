@@ -228,7 +228,8 @@ class TrunkOptions(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: bool = False
-  attention_impl: str = "auto"  # or "xla", "cudnn", "pallas": see attention_lib.resolve_attention_impl
+  # or "xla", "cudnn", "pallas": see attention.resolve_attention_impl
+  attention_impl: str = "auto"
   activation: str = "gelu"
   layer_norm_eps: float = 1e-6
   attention_dropout: Optional[float] = None  # None: the same as `dropout`

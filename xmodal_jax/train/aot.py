@@ -66,8 +66,9 @@ def lower_and_compile(train_fn, state, batch, devices, mesh):
     return train_fn.lower(state, batch).compile()
 
 
-def report(compiled, devices, mesh, abstract, state, seconds, grad_accum_steps):
-  """The Report of a compiled step: `abstract` state shapes, `state` with shardings."""
+def report(compiled, devices, mesh, state, seconds, grad_accum_steps):
+  """The Report of a compiled step whose state is `state` (ShapeDtypeStructs with
+  shardings)."""
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -76,7 +77,7 @@ def report(compiled, devices, mesh, abstract, state, seconds, grad_accum_steps):
            + memory.output_size_in_bytes - memory.alias_size_in_bytes)
   return Report(
       devices=len(devices), device_kind=kind, mesh=dict(mesh.shape),
-      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params)),
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
       state_bytes=shard_bytes(state), argument_bytes=memory.argument_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes, total_bytes=total, hbm_bytes=HBM_BYTES.get(kind),
       flops=float(cost.get("flops", 0.0)) if cost else 0.0, compile_seconds=seconds,

@@ -2,9 +2,9 @@
 once, when training starts, and the train step reads them instead of running the tower.
 
 A tower opts in with `config.train_policy.<modality>.cache_embeddings=True`; it must be
-frozen (trainable="none", no LoRA adapters) and its modality must not augment (`augment=False` in config.modalities: training
-then prepares each example exactly as evaluation does, so the cache holds what the tower
-would compute). Each item keeps one embedding, so every record of an item must hold the
+frozen (trainable="none", no LoRA adapters) and its modality must not augment
+(`augment=False` in config.modalities: training then prepares each example exactly as
+evaluation does, so the cache holds what the tower would compute). Each item keeps one embedding, so every record of an item must hold the
 same value of the modality (one image with five spoken captions: yes; five different
 recordings under one id: no). Objectives that read a tower's token features (IMS, LMIM,
 matching) cannot use a cached modality.

@@ -24,7 +24,8 @@ def karpathy_records(manual_dir, json_name, image_dir_names):
   joins train, as in the papers that report on these splits."""
   path = os.path.join(manual_dir, json_name)
   images = layout.read_json(path)["images"]
-  image_dir = layout.find_dir(manual_dir, image_dir_names, "image") if image_dir_names else manual_dir
+  image_dir = (layout.find_dir(manual_dir, image_dir_names, "image") if image_dir_names
+               else manual_dir)
   splits = {}
   for i, entry in enumerate(images):
     split = _SPLITS.get(entry["split"])
