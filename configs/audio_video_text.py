@@ -39,6 +39,26 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
               --config=configs/audio_video_text.py:pod --topology=v5e:16x16 (8.5 GiB per
               chip of 16 on a v5e-256, 47% free; without gradient caching 21.4 GiB of
               temporaries: benchmarks/README.md).
+  mixture     training mixes three datasets that each hold some of the modalities
+              (config.data.sources; docs/guide.md, "Mixtures"), at :pod's model and batch:
+                audiocaps  weight 0.05  audio + text   AudioCaps train, 49.8k clips with
+                                                       human-written sound captions
+                webvid     weight 0.35  video + text   a WebVid-style video-text set
+                valor      weight 0.60  all three      VALOR-1M, 1.18M clips
+              VALOR is the only source of audio-video pairs and gives all three pairs per
+              row, so it has most of each batch. Over the 2,000 steps of 32,768 rows the
+              weights are 39.3M VALOR rows (33 passes over it), 22.9M WebVid rows (2.3
+              passes over 10M clips) and 3.3M AudioCaps rows (66 passes: more would
+              memorize its 49.8k clips; it is there for captions about sounds, which
+              VALOR's audio-visual captions rarely give). Builds: AudioCaps by its adapter
+              (python -m xmodal_jax.data.build --adapter=audiocaps ...), WebVid and VALOR
+              by the manifest builder (one line per clip, as :pod shows), all in
+              config.data.data_dir. Evaluation: retrieval on VALOR's test (every pair),
+              AudioCaps' test (audio-text) and MSR-VTT's 1k-A test (video-text, its
+              adapter).
+              With :tiny, the same three sources are slices of the embedded digit
+              sequences' train split (audio + text, video + text, all three), and the
+              second evaluation is audio-text retrieval on its test split.
 Variants combine with commas: `:tiny,regression`.
 """
 
@@ -47,7 +67,11 @@ import ml_collections
 from configs import recipes, sizes, variants
 from xmodal_jax import schema
 
-VARIANTS = ("tiny", "regression", "sigmoid", "align_fuse", "pod")
+VARIANTS = ("tiny", "regression", "sigmoid", "align_fuse", "pod", "mixture")
+
+# The mixture's sources: (weight, modalities the source provides; None: all three).
+MIXTURE = {"audiocaps": (0.05, ("audio", "text")), "webvid": (0.35, ("video", "text")),
+           "valor": (0.60, None)}
 
 
 def tower(name, **kwargs):
@@ -134,7 +158,9 @@ def get_config(variant=""):
     for evaluator in config.evals.values():
       evaluator.every = 6
     config.checkpoint_every = 3
-  if v.pod:
+  if v.mixture:
+    mixture(config, tiny=v.tiny)
+  if v.pod or (v.mixture and not v.tiny):
     if v.tiny:
       raise ValueError("configs/audio_video_text.py: :pod and :tiny do not combine")
     config.data.update(name="valor", train_split="train", eval_split="test", cache=False)
@@ -160,3 +186,26 @@ def get_config(variant=""):
       evaluator.every = 500
     config.checkpoint_every = 100
   return config
+
+
+def mixture(config, tiny):
+  """config.data.sources and the other datasets' evaluators of the :mixture variant."""
+  data_dir = config.data.get_ref("data_dir")
+  slices = {"audiocaps": "train[:40%]", "webvid": "train[40%:80%]", "valor": "train[80%:]"}
+  config.data.sources = {
+      name: dict(name="digit_sequences" if tiny else name, data_dir=data_dir,
+                 split=slices[name] if tiny else "train", weight=weight,
+                 features={m: m for m in modalities} if modalities else {})
+      for name, (weight, modalities) in MIXTURE.items()}
+  every = config.evals.retrieval.every
+  if tiny:
+    config.evals.speech = recipes.retrieval_eval(
+        every=every, data=dict(name="digit_sequences", data_dir=data_dir, split="test"),
+        features=dict(audio="audio", text="text"), prefix="speech/test")
+  else:
+    config.evals.audiocaps = recipes.retrieval_eval(
+        every=every, data=dict(name="audiocaps", data_dir=data_dir, split="test"),
+        features=dict(audio="audio", text="text"))
+    config.evals.msrvtt = recipes.retrieval_eval(
+        every=every, data=dict(name="msrvtt", data_dir=data_dir, split="test"),
+        features=dict(video="video", text="text"))

@@ -5,10 +5,11 @@ import ml_collections
 from xmodal_jax import schema
 
 
-def retrieval_eval(every):
-  """`config.evals.retrieval`: every ordered pair and every fused query (docs/methods.md)
-  on config.data.eval_split, every `every` steps and at the end."""
-  return schema.evaluator("retrieval", every=every)
+def retrieval_eval(every, **options):
+  """A retrieval evaluator: every ordered pair and every fused query (docs/methods.md) on
+  config.data.eval_split (or the dataset `options` name), every `every` steps and at the
+  end."""
+  return schema.evaluator("retrieval", every=every, **options)
 
 
 def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from xmodal_jax import schema
-from xmodal_jax.data import pipeline
+from xmodal_jax.data import eval_input, pipeline
 from xmodal_jax.data.builders import digit_sequences
 
 import configs.audio_video_text as avt_config  # pylint: disable=g-bad-import-order
@@ -74,7 +74,7 @@ def test_eval_iterator_visits_every_item_once_with_padding(digit_data_dir):
   config.eval_batch_size = 300  # 1000 items: the last batch has 100 real rows.
   config = schema.fill_defaults(config)
   builder = pipeline.get_builder(config.data)
-  batches = list(pipeline.eval_iterator(config, builder, "test"))
+  batches = list(eval_input.eval_iterator(config, builder, "test"))
   assert [len(b["_id"]) for b in batches] == [300] * 4
   ids = np.concatenate([b["_id"] for b in batches])
   real = ids[ids >= 0]

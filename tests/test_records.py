@@ -19,7 +19,7 @@ tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from xmodal_jax import schema
-from xmodal_jax.data import manifest, media, pipeline, preprocess, records
+from xmodal_jax.data import eval_input, manifest, media, pipeline, preprocess, records
 from xmodal_jax.data.builders import digit_sequences
 
 
@@ -429,7 +429,7 @@ def test_hosts_split_each_global_batch_and_every_epoch_is_a_permutation(digit_re
 
   seen, batch_counts = [], []
   for index in range(2):
-    batches = list(pipeline.eval_iterator(config, builder, "test", process_index=index,
+    batches = list(eval_input.eval_iterator(config, builder, "test", process_index=index,
                                           process_count=2))
     batch_counts.append(len(batches))
     for batch in batches:
@@ -444,7 +444,7 @@ def test_decoded_video_and_audio_match_the_items(digit_records):
   data_dir, _ = digit_records
   config = digit_config(data_dir)
   builder = pipeline.get_builder(config.data)
-  batch = next(pipeline.eval_iterator(config, builder, "test"))
+  batch = next(eval_input.eval_iterator(config, builder, "test"))
   train, test = digit_sequences.split_sequences(0, 1000)
   del train
   pools = digit_sequences.split_handwriting(0)
@@ -473,7 +473,7 @@ def test_caption_lists_are_expanded_at_evaluation(mixed, tmp_path):
           speech=dict(kind="audio", feature="speech", num_samples=4000),
           caption=dict(kind="text", feature="caption", tokenizer="digit_words",
                        max_length=8)).items()}))
-  batches = list(pipeline.eval_iterator(config, builder, "test"))
+  batches = list(eval_input.eval_iterator(config, builder, "test"))
   masks = {m: np.concatenate([b["_mask"][m] for b in batches]) for m in config.modalities}
   ids = np.concatenate([b["_id"] for b in batches])
   # test split: item3, item4 (no speech), item5 (photo + 2 captions) and item5 again

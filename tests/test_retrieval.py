@@ -138,3 +138,17 @@ def test_class_level_modality_matches_by_class_once_per_class():
       100 * np.mean(classes[best_photo] == np.arange(4)))
   ranks = brute_force_ranks(emb["image"], emb["text"], ids, ids)
   assert out["test/image->text/R@1"] == pytest.approx(100 * np.mean(ranks <= 1))
+
+
+def test_console_tables_name_dataset_prefixes_and_show_zero_shot():
+  columns = ["R@1", "R@5", "R@10", "MedR", "MnR", "mAP@10", "RSUM", "chance_R@1"]
+  metrics = {f"msrvtt/test/{pair}/{c}": 1.0 for pair in ("text->video", "video->text")
+             for c in columns}
+  metrics |= {"esc50/zeroshot/audio/top1": 42.5, "esc50/zeroshot/audio/top5": 80.0,
+              "esc50/zeroshot/audio/mean_per_class_recall": 41.0,
+              "esc50/zeroshot/audio/chance_top1": 2.0}
+  text = retrieval.format_tables(metrics)
+  assert text.startswith("msrvtt/test\nquery->gallery")
+  assert "text->video" in text and "video->text" in text
+  zeroshot_line = [line for line in text.splitlines() if line.startswith("esc50 audio")]
+  assert zeroshot_line and "42.50" in zeroshot_line[0] and "80.00" in zeroshot_line[0]

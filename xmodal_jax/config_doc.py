@@ -35,7 +35,8 @@ def reference():
   sections = [("Modalities: every kind", "modalities.<name>.", schema.MODALITY)]
   sections += [(f"Modalities of kind `{kind}`", "modalities.<name>.", options)
                for kind, options in schema.MODALITY_KINDS.items()]
-  sections += [("Training policy per tower", "train_policy.<modality>.", schema.TRAIN_POLICY),
+  sections += [("Mixture sources", "data.sources.<name>.", schema.SOURCE),
+               ("Training policy per tower", "train_policy.<modality>.", schema.TRAIN_POLICY),
                ("Evaluators: every type", "evals.<name>.", schema.EVALUATOR)]
   sections += [(f"Evaluators of type `{kind}`", "evals.<name>.", schema.evaluator_options(kind))
                for kind in schema.evaluators.EVALUATORS]

@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from xmodal_jax import parallel
+from xmodal_jax.data import mixture
 from xmodal_jax.eval import evaluators
 from xmodal_jax.losses import objectives
 from xmodal_jax.parallel import sharding
@@ -47,14 +48,21 @@ class Open:
   doc: str
 
 
-def _o(default, doc):
-  return Option(default, doc)
+_o = Option
 
+
+SOURCE = {
+    "name": _o(REQUIRED, "the TFDS dataset of this source"),
+    "data_dir": _o(None, "where it is built (None: TFDS's default)"),
+    "split": _o("train", "the split this source contributes"),
+    "weight": _o(1.0, "relative share of training rows (0: left out)"),
+    "features": _o({}, "{modality: feature} this source provides (the other modalities are "
+                   "masked for its rows); empty: every modality, under its own feature"),
+}
 
 DATA = {
     "name": _o(REQUIRED, "the TFDS dataset (a builder name, or a manifest build's name)"),
-    "data_dir": _o(None, "where it is built (None: TFDS's default, ~/tensorflow_datasets); "
-                   "any scheme TensorFlow reads (gs://...)"),
+    "data_dir": _o(None, "where it is built (None: ~/tensorflow_datasets); gs://... too"),
     "train_split": _o("train", "the split training reads"),
     "eval_split": _o("test", "the split evaluators read unless they name their own"),
     "shuffle_buffer": _o(10_000, "tf.data shuffle buffer (only when captions are expanded; "
@@ -62,7 +70,11 @@ DATA = {
     "cache": _o(False, "keep the training split's serialized records in memory"),
     "threads": _o(0, "tf.data private thread pool size; 0: tf.data's default"),
     "ram_budget_gb": _o(0.0, "tf.data autotune RAM budget; 0: tf.data's default"),
+    "sources": Entries(lambda entry, where: SOURCE, "{name: dataset and weight}: a training "
+                       "mixture (docs/guide.md, \"Mixtures\"); empty: config.data.name's "
+                       "train_split alone"),
 }
+
 
 MODALITY = {
     "kind": _o(REQUIRED, "text | audio | image | video | features: picks the preprocessing"),
@@ -210,9 +222,7 @@ def evaluator_options(kind, where="evaluator"):
           for key, (default, doc) in evaluators.EVALUATORS[kind].options.items()}
 
 
-# Keys that moved: the message says where they live now.
-MOVED = {"trainable": "train_policy", "lr_multiplier": "train_policy",
-         "cache_embeddings": "train_policy"}
+MOVED = dict.fromkeys(("trainable", "lr_multiplier", "cache_embeddings"), "train_policy")
 
 
 def _is_mapping(value):
@@ -307,8 +317,8 @@ def check(config, device_count):
     if set(entries) != set(modalities):
       raise ValueError(f"config.{section} has {sorted(entries)} but config.modalities has "
                        f"{sorted(modalities)}: every modality needs exactly one entry")
-  for key in ("batch_size", "eval_batch_size", "total_steps", "log_every", "checkpoint_every",
-              "keep_checkpoints"):
+  for key in ("batch_size", "eval_batch_size", "total_steps", "log_every",
+              "checkpoint_every", "keep_checkpoints"):
     if not isinstance(config[key], int) or config[key] < 1:
       raise ValueError(f"config.{key}={config[key]!r}: expected a positive integer")
   for key in ("batch_size", "eval_batch_size"):
@@ -320,6 +330,7 @@ def check(config, device_count):
     raise ValueError(f"config.grad_accum_steps={accum!r}: expected a positive integer k with "
                      f"config.batch_size={config.batch_size} a multiple of k x the "
                      f"{device_count} devices (each micro-batch takes rows of every device)")
+  mixture.validate(config)
   objectives.validate(config, device_count)
   evaluators.validate(config)
   optimizer.validate(config)

@@ -22,13 +22,14 @@ tf.config.set_visible_devices([], "GPU")  # tf.data only: keep accelerators for 
 EMBEDDED_BUILDERS = {"digit_sequences": digit_sequences.DigitSequences}
 
 
-def get_builder(data_config):
-  """The TFDS builder `config.data` names, prepared; embedded datasets are built if missing."""
+def get_builder(data_config, where="config.data"):
+  """The TFDS builder `data_config` ({name, data_dir}, named `where` in errors) names,
+  prepared; embedded datasets are built if missing."""
   data_dir = data_config.data_dir
   if data_dir is not None:
     data_dir = os.path.expanduser(data_dir)
     if not tf.io.gfile.isdir(data_dir):
-      raise FileNotFoundError(f"config.data.data_dir={data_config.data_dir!r}: no such folder")
+      raise FileNotFoundError(f"{where}.data_dir={data_config.data_dir!r}: no such folder")
   name = data_config.name
   if name in EMBEDDED_BUILDERS:
     builder = EMBEDDED_BUILDERS[name](data_dir=data_dir)
@@ -42,11 +43,11 @@ def get_builder(data_config):
   try:
     builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f"config.data.name={name!r}: no such TFDS dataset ({e})") from e
+    raise ValueError(f"{where}.name={name!r}: no such TFDS dataset ({e})") from e
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"config.data.name={name!r} is not prepared in {builder.data_dir}; build it first "
-        f"(tfds build or python -m xmodal_jax.data.build) or set config.data.data_dir")
+        f"{where}.name={name!r} is not prepared in {builder.data_dir}; build it first "
+        f"(tfds build or python -m xmodal_jax.data.build) or set {where}.data_dir")
   return builder
 
 
@@ -60,48 +61,56 @@ def read_in_order(builder, split):
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def check_modalities(config, builder, sample_rates=None):
-  """Every configured modality must name a feature the dataset has, of a matching kind and
-  (audio) the sample rate its tower takes (`sample_rates`: {modality: Hz or None})."""
+def check_modalities(config, builder, sample_rates=None, provided=None, where=None):
+  """Every modality the dataset provides must name a feature it has, of a matching kind and
+  (audio) the sample rate its tower takes (`sample_rates`: {modality: Hz or None}).
+  `provided`: {modality: feature} of a mixture's source (default: every modality, its own
+  feature), named in errors by `where` (default: config.modalities.<name>.feature)."""
   features = builder.info.features
   built = records.read_sidecar(builder.data_dir)
   built_kinds = built.get("modalities", {})
-  for name, modality in config.modalities.items():
-    if modality.feature not in features:
+  if provided is None:
+    provided = {name: m.feature for name, m in config.modalities.items()}
+  for name, feature in provided.items():
+    modality, field = config.modalities[name], (where or f"config.modalities.{name}.feature")
+    dataset = builder.name
+    if feature not in features:
       raise ValueError(
-          f"config.modalities.{name}.feature={modality.feature!r}: dataset "
-          f"{config.data.name!r} has no such feature; it has "
+          f"{field}={feature!r}: dataset {dataset!r} has no such feature; it has "
           f"{sorted(k for k in features.keys() if not k.startswith(('has_', 'first_')))}")
-    kind = built_kinds.get(modality.feature)
+    kind = built_kinds.get(feature)
     if kind and kind != modality.kind:
       raise ValueError(f"config.modalities.{name}.kind={modality.kind!r}, but feature "
-                       f"{modality.feature!r} of {config.data.name!r} holds {kind}")
+                       f"{feature!r} of {dataset!r} holds {kind}")
     shape = modality.shape if modality.kind == "features" else None
-    if shape and tuple(shape) != tuple(
-        features[modality.feature].shape):
+    if shape and tuple(shape) != tuple(features[feature].shape):
       raise ValueError(f"config.modalities.{name}.shape={tuple(shape)}, but feature "
-                       f"{modality.feature!r} of {config.data.name!r} has shape "
-                       f"{tuple(features[modality.feature].shape)}")
+                       f"{feature!r} of {dataset!r} has shape "
+                       f"{tuple(features[feature].shape)}")
     rate = (sample_rates or {}).get(name)
     built_rate = built.get("options", {}).get("sample_rate")
     if kind == "audio" and rate and rate != built_rate:
       raise ValueError(f"config.model.towers.{name}.sample_rate={rate}, but "
-                       f"{config.data.name!r} stores audio at {built_rate} Hz (rebuild it "
+                       f"{dataset!r} stores audio at {built_rate} Hz (rebuild it "
                        f"with --sample_rate={rate} or change the tower)")
-  expanded = caption_lists(config, builder)
+  expanded = caption_lists(config, builder, provided)
   if len(expanded) > 1:
     raise ValueError(f"config.modalities: {expanded} all hold caption lists; evaluation "
                      "expands the captions of one text modality only")
 
 
-def caption_lists(config, builder):
-  """Text modalities whose feature holds a list of captions per item."""
+def caption_lists(config, builder, provided=None):
+  """Text modalities whose feature (in `provided`, default their own) holds a list of
+  captions per item."""
   features = builder.info.features
-  return [name for name, m in config.modalities.items()
-          if m.kind == "text" and isinstance(features[m.feature], tfds.features.Sequence)]
+  if provided is None:
+    provided = {name: m.feature for name, m in config.modalities.items()}
+  return [name for name, feature in provided.items()
+          if config.modalities[name].kind == "text"
+          and isinstance(features[feature], tfds.features.Sequence)]
 
 
-def _expand_captions(ds, feature):
+def expand_captions(ds, feature):
   """One example per caption of `feature` (at least one), marked by "_caption"."""
   def fn(example):
     count = tf.maximum(tf.shape(example[feature], out_type=tf.int64)[0], 1)
@@ -109,28 +118,37 @@ def _expand_captions(ds, feature):
   return ds.flat_map(fn)
 
 
-def _example_fn(config, train, expanded=None):
+def example_fn(config, train, expanded=None, provided=None, missing_shapes=None):
   """(index or None, stored example) -> the batch contract's example. Masks are the
   dataset's has_ flags; at evaluation also its first_ flags, and an item's other modalities
-  count only with its first caption when `expanded` captions are separate examples."""
+  count only with its first caption when `expanded` captions are separate examples.
+  `provided`: {modality: feature} the dataset has (a mixture's source; default: every
+  modality, its own feature); the others are prepared from a missing value and masked
+  (`missing_shapes`: {features modality: shape} of those)."""
   ops = {name: preprocess.get_op(name, m, train) for name, m in config.modalities.items()}
   second_views = second_view_modalities(config) if train else []
+  if provided is None:
+    provided = {name: m.feature for name, m in config.modalities.items()}
 
   def fn(index, example):
     out, masks, views = {}, {}, {}
     for i, (name, m) in enumerate(config.modalities.items()):
       seed = None if index is None else tf.stack(
           [tf.constant(config.seed * 7919 + i, tf.int64), tf.cast(index, tf.int64)])
-      raw = example[m.feature]
-      mask = example.get(f"has_{m.feature}", tf.constant(True))
+      if name in provided:
+        raw = example[provided[name]]
+        mask = example.get(f"has_{provided[name]}", tf.constant(True))
+      else:
+        shape = (missing_shapes or {}).get(name)
+        raw, mask = tf.constant(preprocess.missing_value(m.kind, shape)), tf.constant(False)
       if "_caption" in example:
         if name == expanded:
           raw = tf.cond(tf.shape(raw)[0] > 0, lambda r=raw: r[example["_caption"]],
                         lambda: tf.constant(""))
         elif not train:
           mask &= tf.equal(example["_caption"], 0)
-      if not train:
-        mask &= example.get(f"first_{m.feature}", tf.constant(True))
+      if not train and name in provided:
+        mask &= example.get(f"first_{provided[name]}", tf.constant(True))
       out[name] = ops[name](raw, seed)
       masks[name] = mask
       if name in second_views:  # the same example, augmented with other random draws
@@ -165,7 +183,7 @@ def tf_data_options(data_config):
   return options
 
 
-def _numpy_batches(config, ds):
+def numpy_batches(config, ds):
   """Iterates `ds` as numpy, applying each modality's batch op (e.g. tokenization)."""
   ds = ds.with_options(tf_data_options(config.data))
   batch_ops = {name: preprocess.get_batch_op(name, m) for name, m in config.modalities.items()}
@@ -178,17 +196,36 @@ def _numpy_batches(config, ds):
     yield batch
 
 
-def _host(process_index, process_count):
+def host(process_index, process_count):
   return (jax.process_index() if process_index is None else process_index,
           jax.process_count() if process_count is None else process_count)
 
 
 def per_host_batch_size(global_batch_size, process_count=None):
-  _, count = _host(None, process_count)
+  _, count = host(None, process_count)
   if global_batch_size % count:
     raise ValueError(f"batch_size={global_batch_size} does not divide by the "
                      f"{count} processes")
   return global_batch_size // count
+
+
+def random_access_reader(builder, split, process_count):
+  """A random_access.Reader of `split`, its copy written first on one process."""
+  if not random_access.has_copy(builder, split):
+    if process_count > 1:
+      raise FileNotFoundError(
+          f"{builder.data_dir}: split {split!r} has no random-access copy; write it once "
+          f"before a multi-process run: python -m xmodal_jax.data.build "
+          f"--random_access_copy --name={builder.name} --data_dir=...")
+    random_access.write_copy(builder, split)
+  return random_access.Reader(builder, split)
+
+
+def global_position(i, host_batch_size, global_batch_size, process_index):
+  """The stream position of this process's i-th training example: process h of P holds the
+  h-th 1/P of each global batch."""
+  return ((i // host_batch_size) * global_batch_size + process_index * host_batch_size
+          + i % host_batch_size)
 
 
 def train_iterator(config, builder, *, start_step=0, process_index=None, process_count=None):
@@ -202,25 +239,17 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
   With `captions="expand"` (each caption a separate example) the split is read in order
   instead: see `_sequential_train_iterator`.
   """
-  index, count = _host(process_index, process_count)
+  index, count = host(process_index, process_count)
   batch_size = per_host_batch_size(config.batch_size, count)
   expanded = [n for n in caption_lists(config, builder)
               if config.modalities[n].captions == "expand"]
   if expanded:
     return _sequential_train_iterator(config, builder, expanded[0], start_step, index, count)
-  split = config.data.train_split
-  if not random_access.has_copy(builder, split):
-    if count > 1:
-      raise FileNotFoundError(
-          f"{builder.data_dir}: split {split!r} has no random-access copy; write it once "
-          f"before a multi-process run: python -m xmodal_jax.data.build "
-          f"--random_access_copy --name={builder.name} --data_dir=...")
-    random_access.write_copy(builder, split)
-  reader = random_access.Reader(builder, split)
+  reader = random_access_reader(builder, config.data.train_split, count)
   size, seed = reader.size, config.seed
 
   def position(i):  # this process's i-th example -> (global position, split position)
-    g = (i // batch_size) * config.batch_size + index * batch_size + i % batch_size
+    g = global_position(i, batch_size, config.batch_size, index)
     epoch_seed = tf.stack([tf.constant(seed, tf.int64), g // size])
     return g, tf.random.experimental.index_shuffle(g % size, epoch_seed, size - 1)
 
@@ -232,13 +261,13 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
       records = tf.numpy_function(reader.read, [split_position], tf.string, stateful=False)
       return g, tf.ensure_shape(records, split_position.shape)
 
-  example_fn = _example_fn(config, True)
+  to_example = example_fn(config, True)
   ds = tf.data.Dataset.range(start_step * batch_size, np.iinfo(np.int64).max).map(position)
   ds = ds.batch(batch_size).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  ds = ds.map(lambda g, record: example_fn(g, builder.info.features.deserialize_example(
+  ds = ds.map(lambda g, record: to_example(g, builder.info.features.deserialize_example(
       record)), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(config, ds)
+  return numpy_batches(config, ds)
 
 
 def _sequential_train_iterator(config, builder, expanded, start_step, index, count):
@@ -255,84 +284,13 @@ def _sequential_train_iterator(config, builder, expanded, start_step, index, cou
   if config.data.cache:
     ds = ds.cache()
   if expanded:
-    ds = _expand_captions(ds, config.modalities[expanded].feature)
+    ds = expand_captions(ds, config.modalities[expanded].feature)
   ds = ds.shuffle(config.data.shuffle_buffer, seed=config.seed, reshuffle_each_iteration=True)
   if start_step:
     print(f"Resuming at step {start_step}: this split is read in order (captions=\"expand\"),"
           f" so the {start_step * batch_size} examples before it are read again",
           file=sys.stderr, flush=True)
   ds = ds.repeat().enumerate().skip(start_step * batch_size)
-  ds = ds.map(_example_fn(config, True, expanded), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(example_fn(config, True, expanded), num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _numpy_batches(config, ds)
-
-
-def pad_batch(batch, size):
-  """Pads a numpy batch to `size` rows; padded rows have every mask False and id -1."""
-  n = len(batch["_id"])
-  if n == size:
-    return batch
-
-  def pad(path, x):
-    value = -1 if path[0].key == "_id" else 0
-    return np.concatenate([x, np.full((size - n,) + x.shape[1:], value, x.dtype)])
-  return jax.tree_util.tree_map_with_path(pad, batch)
-
-
-def keep_items(ds, ids):
-  """The examples of `ds` whose "id" is one of `ids`, in their order."""
-  wanted = tf.constant(np.asarray(ids, np.int64))
-  return ds.filter(lambda ex: tf.reduce_any(tf.equal(tf.cast(ex["id"], tf.int64), wanted)))
-
-
-def _eval_dataset(config, builder, split, ids=None):
-  ds = read_in_order(builder, split)
-  if ids is not None:
-    ds = keep_items(ds, ids)
-  expanded = caption_lists(config, builder)
-  if expanded:
-    ds = _expand_captions(ds, config.modalities[expanded[0]].feature)
-  return ds.map(lambda ex: _example_fn(config, False, expanded[0] if expanded else None)(
-      None, ex), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-
-
-def eval_batch_count(config, builder, split, process_count=None):
-  """Batches every process yields for `split` (the largest share's, so that all processes
-  step together)."""
-  _, count = _host(None, process_count)
-  batch_size = per_host_batch_size(config.eval_batch_size, count)
-  expanded = caption_lists(config, builder)
-  sizes = []
-  for host_split in tfds.even_splits(split, n=count):
-    if expanded:
-      feature = config.modalities[expanded[0]].feature
-      ds = read_in_order(builder, host_split)
-      sizes.append(int(ds.reduce(np.int64(0), lambda n, ex: n + tf.cast(
-          tf.maximum(tf.shape(ex[feature])[0], 1), tf.int64))))
-    else:
-      sizes.append(builder.info.splits[host_split].num_examples)
-  return -(-max(sizes) // batch_size)
-
-
-def eval_iterator(config, builder, split, *, process_index=None, process_count=None,
-                  ids=None):
-  """Every example of this process's share of `split` exactly once, in order, in batches
-  padded with masked rows (id -1); with several processes, every process yields the same
-  number of batches. `ids` (one process only) keeps just those items, in split order."""
-  index, count = _host(process_index, process_count)
-  if ids is not None and count > 1:
-    raise ValueError(f"eval_iterator(ids=...) reads on one process, not {count}")
-  batch_size = per_host_batch_size(config.eval_batch_size, count)
-  host_split = tfds.even_splits(split, n=count)[index]
-  ds = _eval_dataset(config, builder, host_split, ids).batch(batch_size).prefetch(
-      tf.data.AUTOTUNE)
-  num_batches = eval_batch_count(config, builder, split, count) if count > 1 else None
-  last = None
-  for last in _numpy_batches(config, ds):
-    yield pad_batch(last, batch_size)
-    num_batches = num_batches and num_batches - 1
-  while num_batches:
-    if last is None:
-      raise ValueError(f"split {host_split!r} is empty on process {index}")
-    yield pad_batch(jax.tree.map(lambda x: x[:0], last), batch_size)
-    num_batches -= 1
+  return numpy_batches(config, ds)

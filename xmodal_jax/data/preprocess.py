@@ -212,6 +212,16 @@ def get_batch_op(modality_name, modality_config):
   return batch_op and batch_op(modality_config)
 
 
+def missing_value(kind, shape=None):
+  """The raw value that stands for a modality an example lacks (its mask is False): what the
+  modality's op prepares for a row of a source without it, or for shapes alone. `shape`:
+  a features modality's."""
+  if kind == "features":
+    return np.zeros(shape, np.float32)
+  return {"image": b"", "audio": np.zeros([0], np.int16), "text": "",
+          "video": np.zeros([0], np.bytes_)}[kind]
+
+
 def preprocess_one(modality_name, modality_config, raw):
   """One raw value, as a dataset feature holds it (a string, int16 samples, uint8 frames,
   encoded image bytes), -> the tower's inputs with a batch dimension of 1: how a search

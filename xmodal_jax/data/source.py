@@ -12,7 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from xmodal_jax.data import encoding, media, pipeline, preprocess, records
+from xmodal_jax.data import (eval_input, media, mixed_input, mixture, pipeline, preprocess,
+                             records)
 
 # The slice of the config the input pipeline reads.
 INPUT_KEYS = ("seed", "batch_size", "eval_batch_size", "data", "modalities")
@@ -44,22 +45,20 @@ def abstract_batch(config, batch_size, builder=None):
   modality's preprocessing of a missing value: nothing is read, so a train step can be
   compiled for a dataset that is not on this machine. Features modalities take their shape
   from `builder`'s dataset."""
-  missing = {"image": b"", "audio": np.zeros([0], np.int16), "text": "",
-             "video": np.zeros([0], np.bytes_)}
   batch, masks = {}, {}
   for name, m in config.modalities.items():
+    shape = None
     if m.kind == "features":
       if builder is None and not m.shape:
         raise ValueError(f"config.modalities.{name}: a features modality takes its shape "
                          "from its `shape` or the dataset, and neither is available")
-      shape = m.shape or builder.info.features[m.feature].shape
-      raw = encoding.empty_value("features", tuple(shape))
-    else:
-      raw = missing[m.kind]
-    one = preprocess.preprocess_one(name, m, raw)
+      shape = tuple(m.shape or builder.info.features[m.feature].shape)
+    one = preprocess.preprocess_one(name, m, preprocess.missing_value(m.kind, shape))
     batch[name] = {k: (batch_size,) + v.shape[1:] + (v.dtype,) for k, v in one.items()}
     masks[name] = (batch_size, np.bool_)
   batch |= {"_mask": masks, "_id": (batch_size, np.int64)}
+  if config.data.sources:
+    batch["_source"] = (batch_size, len(mixture.active(config.data)), np.bool_)
   views = pipeline.second_view_modalities(config)
   if views:
     batch["_views"] = {name: batch[name] for name in views}
@@ -71,33 +70,58 @@ class Source:
   """A prepared dataset (`builder`) read as `config` (the input slice) says; builder None: a
   dataset that is not here (shapes only, for compiling ahead of time)."""
 
-  def __init__(self, config, builder=None, sample_rates=None):
+  def __init__(self, config, builder=None, sample_rates=None, mixed=()):
     self.config, self.builder = config, builder
     self.sample_rates = dict(sample_rates or {})
+    self.mixed = list(mixed)  # [(builder, split, {modality: feature})] of a mixture
+
+  @property
+  def mixture_names(self):
+    """The names of the sources training mixes, in the order of batch["_source"] ([]: one
+    dataset)."""
+    return list(mixture.active(self.config.data)) if self.config.data.sources else []
 
   @classmethod
   def open(cls, config, sample_rates=None):
-    """The dataset `config.data` names (built if embedded), checked against the modalities."""
+    """The dataset `config.data` names (built if embedded) and the sources of a mixture,
+    checked against the modalities."""
     builder = pipeline.get_builder(config.data)
     pipeline.check_modalities(config, builder, sample_rates)
-    return cls(config, builder, sample_rates)
+    mixed = []
+    for name, options in mixture.active(config.data).items():
+      where = f"config.data.sources.{name}"
+      source_builder = pipeline.get_builder(options, where)
+      provided = mixture.features(options, config.modalities)
+      pipeline.check_modalities(config, source_builder, sample_rates, provided,
+                                where=f"{where}.features")
+      try:
+        source_builder.info.splits[options.split]
+      except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}.split={options.split!r}: {options.name!r} has the splits "
+                         f"{sorted(source_builder.info.splits)}") from e
+      mixed.append((source_builder, options.split, provided))
+    return cls(config, builder, sample_rates, mixed)
 
-  def for_dataset(self, data_config, modality, feature=""):
-    """A Source reading `modality` only (from `feature`, default its own) of another dataset
-    `data_config` ({name, data_dir} as config.data takes them)."""
+  def for_dataset(self, data_config, provided):
+    """A Source reading the modalities of `provided` ({modality: feature}) of another
+    dataset `data_config` ({name, data_dir} as config.data takes them), for evaluation."""
     config = self.config.copy_and_resolve_references()
     config.data.update({k: v for k, v in data_config.items() if k in ("name", "data_dir")})
-    options = config.modalities[modality]
-    if feature:
-      options.feature = feature
-    config.modalities = {modality: options}
-    return Source.open(config, {modality: self.sample_rates.get(modality)})
+    config.data.sources = {}
+    modalities = {}
+    for name, feature in provided.items():
+      modalities[name] = config.modalities[name]
+      modalities[name].feature = feature
+    config.modalities = modalities
+    return Source.open(config, {m: self.sample_rates.get(m) for m in provided})
 
   def train_batches(self, start_step=0):
+    if self.mixed:
+      return mixed_input.train_iterator(self.config, self.mixed, start_step=start_step)
     return pipeline.train_iterator(self.config, self.builder, start_step=start_step)
 
   def eval_batches(self, split, ids=None):
-    return pipeline.eval_iterator(self.config, self.builder, split, ids=ids)
+    return eval_input.eval_iterator(self.config, self.builder, split, ids=ids)
 
   def abstract_batch(self, rows):
     return abstract_batch(self.config, rows, self.builder)
@@ -112,7 +136,7 @@ class Source:
     texts = [m.feature for m in self.config.modalities.values() if m.kind == "text"]
     if not texts:
       return {}
-    ds = pipeline.keep_items(pipeline.read_in_order(self.builder, split), sorted(set(ids)))
+    ds = eval_input.keep_items(pipeline.read_in_order(self.builder, split), sorted(set(ids)))
     return {int(ex["id"]): [c.decode("utf-8") for c in np.atleast_1d(ex[texts[0]])]
             for ex in ds.as_numpy_iterator()}
 

@@ -56,13 +56,14 @@ class Embedder:
     self._match_fn = jax.jit(functools.partial(match_step, model=model), static_argnums=(1,))
     self._others = {}
 
-  def for_dataset(self, data_config, modality, feature=""):
-    """An Embedder of the same model reading `modality` only (from `feature`, default its
-    own) of another dataset: `data_config` {name, data_dir} as config.data takes them. Kept,
-    so that evaluating it again compiles nothing."""
-    key = (data_config.get("name"), data_config.get("data_dir"), modality, feature)
+  def for_dataset(self, data_config, provided):
+    """An Embedder of the same model reading the modalities of `provided` ({modality:
+    feature}) of another dataset: `data_config` {name, data_dir} as config.data takes them.
+    Kept, so that evaluating it again compiles nothing."""
+    key = (data_config.get("name"), data_config.get("data_dir"),
+           tuple(sorted(provided.items())))
     if key not in self._others:
-      self._others[key] = Embedder(self.source.for_dataset(data_config, modality, feature),
+      self._others[key] = Embedder(self.source.for_dataset(data_config, provided),
                                    self.model, self.mesh, self.config.modalities)
     return self._others[key]
 

@@ -63,7 +63,31 @@ def retrieval_run(embedder, params, embedded, options, prefix):
                                   class_level=class_level)
 
 
+def check_dataset(options, config, where):
+  """An evaluator's own dataset: options.data {name, data_dir, split} and options.features
+  {modality: feature} among the model's modalities."""
+  data = options.data
+  if data is not None and not data.get("name"):
+    raise ValueError(f"{where}.data: expected a dataset, {{name, data_dir, split}}, got "
+                     f"{data!r}")
+  unknown = sorted(set(dataset_features(options, config.modalities)) - set(config.modalities))
+  if unknown:
+    raise ValueError(f"{where}.features names {unknown}, which the model does not have; its "
+                     f"modalities are {list(config.modalities)}")
+
+
+def dataset_features(options, modalities):
+  """{modality: feature} an evaluator reads from its own dataset."""
+  if options.type == "zeroshot":
+    return {options.modality: options.feature or modalities[options.modality].feature}
+  return dict(options.features) or {m: o.feature for m, o in modalities.items()}
+
+
 def retrieval_validate(options, config, where):
+  check_dataset(options, config, where)
+  if options.data is not None and len(dataset_features(options, config.modalities)) < 2:
+    raise ValueError(f"{where}.features: retrieval needs at least 2 modalities of "
+                     f"{options.data.name!r}")
   try:
     retrieval.fused_query_sets(list(config.modalities), options.fused)
   except ValueError as e:
@@ -173,10 +197,7 @@ def zeroshot_validate(options, config, where):
   classes = options.classes
   if any(not isinstance(c, str) or not c for c in classes):
     raise ValueError(f"{where}.classes: expected non-empty class names, got {classes!r}")
-  data = options.data
-  if data is not None and not data.get("name"):
-    raise ValueError(f"{where}.data: expected the dataset to classify, {{name, data_dir, "
-                     f"split}}, got {data!r}")
+  check_dataset(options, config, where)
 
 
 EVALUATORS = {
@@ -185,6 +206,10 @@ EVALUATORS = {
                   "or a list such as [\"audio+video\"]"),
         "class_level": ((), "modalities that describe an item's class: pairs with them "
                         "match by the items' label"),
+        "data": (None, "another dataset to evaluate: {name, data_dir, split}; prefix "
+                 "default: \"{name}/{split}\""),
+        "features": ({}, "{modality: feature} of that dataset (the pairs of the others are "
+                     "not evaluated); empty: every modality, under its own feature"),
     }),
     "rerank": Evaluator(rerank_run, tokens=rerank_tokens, validate=rerank_validate, options={
         "k": (..., "candidates re-scored by the matching head per query"),
@@ -221,22 +246,39 @@ def validate(config):
     EVALUATORS[options.type].validate(options, config, where)
 
 
+_NOTED = set()
+
+
+def note_missing_pairs(prefix, modalities, provided):
+  """Says once per process which of the model's modalities an evaluator's dataset lacks (so
+  their pairs are absent from its metrics by design, not by accident)."""
+  missing = [m for m in modalities if m not in provided]
+  if missing and len(provided) > 1 and prefix not in _NOTED:
+    _NOTED.add(prefix)
+    print(f"{prefix}: the dataset has no {', '.join(missing)}; its pairs with "
+          f"{'them' if len(missing) > 1 else 'it'} are not evaluated", flush=True)
+
+
 def run(config, embedder, params, *, step=None, split=None):
   """Metrics of the config.evals entries due at `step` (every one when `step` is None, as at
   the end of training); `split` replaces every entry's split (an evaluate.py flag)."""
   groups, elsewhere = {}, []
   for options in config.evals.values():
     if step is None or step % options.every == 0:
-      if options.type == "zeroshot" and options.data:  # another dataset: embedded on its own
+      if options.get("data"):  # another dataset: embedded on its own
         elsewhere.append(options)
         continue
       name = split or options.split or config.data.eval_split
       groups.setdefault(name, []).append(options)
   metrics = {}
   for options in elsewhere:
-    other = embedder.for_dataset(options.data, options.modality, options.feature)
-    embedded = other.split(params, options.data.get("split", "test"))
-    prefix = options.prefix or options.data.name
+    provided = dataset_features(options, config.modalities)
+    other = embedder.for_dataset(options.data, provided)
+    data_split = options.data.get("split", "test")
+    prefix = options.prefix or (options.data.name if options.type == "zeroshot"
+                                else f"{options.data.name}/{data_split}")
+    note_missing_pairs(prefix, config.modalities, provided)
+    embedded = other.split(params, data_split)
     metrics.update(EVALUATORS[options.type].run(other, params, embedded, options, prefix))
   for name, group in groups.items():
     tokens = {m for options in group

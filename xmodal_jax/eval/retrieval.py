@@ -203,23 +203,53 @@ def evaluate_pairs(embeddings, masks, ids, split, ks=(1, 5, 10), fused="all", me
   return out
 
 
+def metric_parts(key):
+  """(prefix, query->gallery, metric) of a retrieval metric's name, None for any other; the
+  prefix may hold slashes ("msrvtt/test")."""
+  parts = key.split("/")
+  for i, part in enumerate(parts[1:-1], start=1):
+    if "->" in part:
+      return "/".join(parts[:i]), part, "/".join(parts[i + 1:])
+  return None
+
+
 def format_table(metrics, split, ks=(1, 5, 10)):
-  """A text table, one row per ordered pair and fused query, from evaluate_pairs. output."""
-  pairs = sorted({key.split("/")[1] for key in metrics
-                  if key.startswith(f"{split}/") and "->" in key.split("/")[1]
-                  and "<->" not in key.split("/")[1]},
-                 key=lambda p: (p.count("+"), p))
+  """A text table, one row per ordered pair and fused query, from evaluate_pairs' output
+  with prefix `split`."""
   columns = [f"R@{k}" for k in ks] + ["MedR", "MnR", "mAP@10", "RSUM", "chance_R@1"]
+  pairs = sorted({pair for prefix, pair, _ in filter(None, map(metric_parts, metrics))
+                  if prefix == split and "<->" not in pair
+                  and f"{split}/{pair}/{columns[0]}" in metrics},
+                 key=lambda p: (p.count("+"), p))
   width = max([len("query->gallery")] + [len(p) for p in pairs])
   lines = [f"{'query->gallery':<{width}} " + " ".join(f"{c:>10}" for c in columns)]
   for pair in pairs:
-    values = [metrics[f"{split}/{pair}/{c}"] for c in columns]
+    values = [metrics.get(f"{split}/{pair}/{c}", float("nan")) for c in columns]
     lines.append(f"{pair:<{width}} " + " ".join(f"{v:>10.2f}" for v in values))
   return "\n".join(lines)
 
 
+def format_zeroshot_table(metrics):
+  """One row per zero-shot classification ("{prefix}/zeroshot/{modality}/{metric}")."""
+  rows = {}
+  for key, value in metrics.items():
+    if "/zeroshot/" in key:
+      head, metric = key.rsplit("/", 1)
+      rows.setdefault(head.replace("/zeroshot/", " "), {})[metric] = value
+  if not rows:
+    return ""
+  columns = ["top1", "top5", "mean_per_class_recall", "chance_top1"]
+  width = max(len("zero-shot"), *map(len, rows))
+  lines = [f"{'zero-shot':<{width}} " + " ".join(f"{c:>22}" for c in columns)]
+  for name, values in sorted(rows.items()):
+    lines.append(f"{name:<{width}} " + " ".join(
+        f"{values.get(c, float('nan')):>22.2f}" for c in columns))
+  return "\n".join(lines)
+
+
 def format_tables(metrics, ks=(1, 5, 10)):
-  """format_table for each prefix that has pair metrics in `metrics`, each under its name."""
-  prefixes = sorted({key.split("/")[0] for key in metrics
-                     if key.count("/") >= 2 and "->" in key.split("/")[1]})
-  return "\n\n".join(f"{prefix}\n{format_table(metrics, prefix, ks)}" for prefix in prefixes)
+  """format_table for each prefix that has pair metrics in `metrics`, each under its name,
+  then the zero-shot table."""
+  prefixes = sorted({parts[0] for parts in map(metric_parts, metrics) if parts})
+  tables = [f"{prefix}\n{format_table(metrics, prefix, ks)}" for prefix in prefixes]
+  return "\n\n".join(tables + [t for t in [format_zeroshot_table(metrics)] if t])

@@ -27,18 +27,34 @@ def check_options(*, kind, impl, has_bias=True, where=""):
     raise ValueError(f"{where}kind='sigmoid' needs a bias (SigLIP initializes it to -10)")
 
 
+def softmax_rows_dense(q, g, scale, col_valid, *, axis_name):
+  """Per row i of this device: (-log softmax_j(s q_i . g_j)[i] against all-gathered columns,
+  whether i's positive scores top-1). col_valid: j has g's modality."""
+  columns = streaming.gather({"emb": g, "valid": col_valid}, axis_name)
+  logits = scale * q @ columns["emb"].T
+  logits = jnp.where(columns["valid"][None, :], logits, streaming.neg_fill(q.dtype))
+  positive = scale * jnp.sum(q * g, axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - positive, positive >= logits.max(axis=-1)
+
+
 def softmax_direction_dense(q, g, scale, row_valid, col_valid, *, axis_name):
   """Sum over valid rows i of -log softmax_j(s q_i . g_j)[i] against all-gathered columns.
 
   q, g: this device's rows of the two modalities (row i of each is item i); row_valid: i has
   both; col_valid: j has g's modality. Returns (loss sum, number of correct top-1 rows).
   """
-  columns = streaming.gather({"emb": g, "valid": col_valid}, axis_name)
-  logits = scale * q @ columns["emb"].T
-  logits = jnp.where(columns["valid"][None, :], logits, streaming.neg_fill(q.dtype))
-  positive = scale * jnp.sum(q * g, axis=-1)
-  loss_sum = jnp.where(row_valid, jax.nn.logsumexp(logits, axis=-1) - positive, 0.0).sum()
-  return loss_sum, (row_valid & (positive >= logits.max(axis=-1))).sum()
+  losses, correct = softmax_rows_dense(q, g, scale, col_valid, axis_name=axis_name)
+  return jnp.where(row_valid, losses, 0.0).sum(), (row_valid & correct).sum()
+
+
+def sigmoid_rows_dense(a, b, scale, bias, valid_b, *, axis_name):
+  """Per row i of this device: sum over valid columns j (all-gathered) of
+  -log sigmoid(y_ij (s a_i . b_j + bias)), y = +1 iff i == j."""
+  columns = streaming.gather({"emb": b, "valid": valid_b}, axis_name)
+  rows = jnp.arange(a.shape[0]) + streaming.row_offset(a.shape[0], axis_name)
+  logits = scale * a @ columns["emb"].T + bias
+  labels = jnp.where(rows[:, None] == jnp.arange(logits.shape[1])[None, :], 1.0, -1.0)
+  return jnp.where(columns["valid"][None, :], -jax.nn.log_sigmoid(labels * logits), 0.0).sum(1)
 
 
 def _streamed_forward(a, b, scale, valid_a, valid_b, impl, block_size, axis_name):
@@ -206,3 +222,32 @@ def contrastive_loss(embeddings, logit_scale, *, masks=None, pair_weights=None, 
 
   return pairs.mean_over_pairs("contrastive_loss", embeddings, masks, pair_weights, impl,
                                pair_term)
+
+
+def source_losses(embeddings, logit_scale, source, *, masks, pair_weights=None,
+                  kind="softmax", bias=None, axis_name=None):
+  """The contrastive loss of each mixture source's rows (a metric: which source the loss
+  comes from): float[S], for source s the pair_weights-weighted mean of l_i,mn over its rows
+  i and the pairs (m, n) that i has, l_i,mn being row i's term of the pair loss against
+  every column of the global batch (softmax: its two directions' mean; sigmoid: its row of
+  terms). `source`: bool[B, S], each row's source one-hot. Dense: columns all-gathered."""
+  masks = pairs.normalize_masks(embeddings, masks)
+  source = source.astype(jnp.float32)
+  total = jnp.zeros(source.shape[1])
+  weight_sum = jnp.zeros(source.shape[1])
+  for m, n in pairs.modality_pairs(list(embeddings)):
+    name = pairs.pair_name(m, n)
+    scale = pairs.per_pair(logit_scale, name)
+    a, b = embeddings[m], embeddings[n]
+    if kind == "sigmoid":
+      rows = sigmoid_rows_dense(a, b, scale, pairs.per_pair(bias, name), masks[n],
+                                axis_name=axis_name)
+    else:
+      rows = (softmax_rows_dense(a, b, scale, masks[n], axis_name=axis_name)[0]
+              + softmax_rows_dense(b, a, scale, masks[m], axis_name=axis_name)[0]) / 2
+    both = (masks[m] & masks[n]).astype(jnp.float32)
+    weight = (pair_weights or {}).get(name, 1.0)
+    total += weight * (jnp.where(both > 0, rows, 0.0) @ source)
+    weight_sum += weight * (both @ source)
+  total, weight_sum = streaming.psum(total, axis_name), streaming.psum(weight_sum, axis_name)
+  return total / jnp.maximum(weight_sum, 1e-12)

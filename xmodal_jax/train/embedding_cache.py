@@ -34,6 +34,9 @@ def validate(config):
       raise ValueError(f"{where}: config.modalities.{modality} must not augment (set "
                        "augment=False; text modalities pick captions, so they cannot be "
                        "cached)")
+    if config.data.sources:
+      raise ValueError(f"{where}: a cache keys embeddings by the item ids of one training "
+                       "split; a mixture (config.data.sources) reads several")
     token_terms = [t for t in ("ims", "lmim") if weights.get(t, 0.0) and modality in intra]
     if token_terms or modality in fused:
       raise ValueError(f"{where}: {token_terms or 'the fusion encoders'} read this tower's "
@@ -53,7 +56,8 @@ class Cache:
     tables, config = {}, experiment.config
     for modality in cached_modalities(config):
       embedder = experiment.embedder.for_dataset(
-          {"name": config.data.name, "data_dir": config.data.data_dir}, modality)
+          {"name": config.data.name, "data_dir": config.data.data_dir},
+          {modality: config.modalities[modality].feature})
       embedded = embedder.split(params, config.data.train_split)
       mask = embedded.masks[modality]
       ids, emb = embedded.ids[mask], embedded.emb[modality][mask]

@@ -43,17 +43,21 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
   progress = metrics_lib.Progress(config.total_steps, start_step)
   schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
   guard = nonfinite.Guard(config.nonfinite, manager)
+  tally = metrics_lib.SourceTally(experiment.source.mixture_names)
   eval_metrics = None
   with preemption.Watch().installed() as watch:
     for step in range(start_step + 1, config.total_steps + 1):
       with jax.set_mesh(mesh):  # kernels such as Pallas attention run per device
         state, train_metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
       guard.after(step, train_metrics["nonfinite"])
+      tally.add(train_metrics)
       last = step == config.total_steps
       if step % config.log_every == 0 or last:
         guard.finish()
         train_metrics = jax.device_get(train_metrics)
-        writer.write(step, {f"train/{k}": v for k, v in train_metrics.items()}
+        named = {k: v for k, v in train_metrics.items() if k not in tally.KEYS}
+        named |= tally.pop(train_metrics)
+        writer.write(step, {f"train/{k}": v for k, v in named.items()}
                      | {"train/learning_rate": schedule(step),
                         "train/nonfinite_steps": guard.total})
         print(progress.line(step, float(train_metrics["loss"])), flush=True)

@@ -115,3 +115,34 @@ class Progress:
     left = (self.total - step) / rate if rate > 0 else float("nan")
     return (f"step {step}/{self.total} ({100 * step / self.total:3.0f}%)  loss {loss:.4f}  "
             f"{rate:.2f} steps/s  eta {left / 60:.1f} min")
+
+
+class SourceTally:
+  """A mixture's per-source train metrics: the rows each source gave since the last log
+  (summed on the devices, no wait per step), turned at a log into
+  "source/{name}/fraction", ".../rows" and the logged step's ".../loss" (absent when the
+  source has no row in that step's batch)."""
+
+  KEYS = ("source_rows", "source_loss")
+
+  def __init__(self, names):
+    self.names, self.rows = list(names), None
+
+  def add(self, step_metrics):
+    if self.names:
+      rows = step_metrics["source_rows"]
+      self.rows = rows if self.rows is None else self.rows + rows
+
+  def pop(self, step_metrics):
+    """The named metrics at a log (step_metrics fetched to the host); resets the count."""
+    if not self.names:
+      return {}
+    rows = np.asarray(jax.device_get(self.rows), np.int64)
+    self.rows = None
+    out = {}
+    for k, name in enumerate(self.names):
+      out[f"source/{name}/fraction"] = float(rows[k] / max(rows.sum(), 1))
+      out[f"source/{name}/rows"] = int(rows[k])
+      if step_metrics["source_rows"][k]:
+        out[f"source/{name}/loss"] = float(step_metrics["source_loss"][k])
+    return out

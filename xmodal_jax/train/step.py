@@ -8,7 +8,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from xmodal_jax import parallel
-from xmodal_jax.losses import alignment, objectives
+from xmodal_jax.losses import alignment, contrastive, objectives
 from xmodal_jax.models import towers
 from xmodal_jax.train import optimizer
 from xmodal_jax.train import state as state_lib
@@ -94,6 +94,8 @@ def objective_loss(params, out, batch, rng, momentum=None, *, model, loss_config
         rng=rng, match=match, fusion_pairs=tuple(towers.fusion_pairs(model)))
     values.update({name: table[name].term(inputs, loss_config) for name in on_global_batch})
   loss, metrics = 0.0, {}
+  if "_source" in batch:  # a mixture: which source the loss comes from
+    metrics.update(source_metrics(emb, batch, scale, bias, loss_config=loss_config, mesh=mesh))
   for name, (value, terms) in values.items():
     loss += weights[name] * value
     metrics[name] = value
@@ -102,6 +104,20 @@ def objective_loss(params, out, batch, rng, momentum=None, *, model, loss_config
   if bias is not None:
     metrics.update(scalar_metrics("logit_bias", bias))
   return loss, metrics
+
+
+def source_metrics(emb, batch, scale, bias, *, loss_config, mesh):
+  """{"source_rows": int[S] rows of each mixture source in the global batch, "source_loss":
+  float[S] the contrastive loss of its rows (contrastive.source_losses), no gradient}."""
+  def per_device(emb, masks, source, scale, bias):
+    return contrastive.source_losses(
+        jax.lax.stop_gradient(emb), scale, source, masks=masks,
+        pair_weights=loss_config.pair_weights, kind=loss_config.kind, bias=bias,
+        axis_name=parallel.BATCH_AXES)
+  rows = P(parallel.BATCH_AXES)
+  losses = jax.shard_map(per_device, mesh=mesh, in_specs=(rows, rows, rows, P(), P()),
+                         out_specs=P())(emb, batch["_mask"], batch["_source"], scale, bias)
+  return {"source_rows": batch["_source"].sum(0), "source_loss": losses}
 
 
 def split_micro_batches(tree, steps, mesh):
