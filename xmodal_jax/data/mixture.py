@@ -35,12 +35,15 @@ def quotas(weights, block=BLOCK):
   return counts
 
 
+def own_features(modalities):
+  """{modality: feature} of config.modalities: what a dataset read alone provides."""
+  return {name: m.feature for name, m in modalities.items()}
+
+
 def features(source_options, modalities):
   """{modality: dataset feature} a source provides: its `features` mapping, or (empty) every
   modality under its own config.modalities feature."""
-  if source_options.features:
-    return dict(source_options.features)
-  return {name: m.feature for name, m in modalities.items()}
+  return dict(source_options.features) or own_features(modalities)
 
 
 def validate(config):

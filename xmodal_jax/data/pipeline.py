@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from xmodal_jax.data import preprocess, random_access, records
+from xmodal_jax.data import mixture, preprocess, random_access, records
 from xmodal_jax.data.builders import benchmarks  # noqa: F401  (registers the adapters)
 from xmodal_jax.data.builders import digit_sequences
 
@@ -70,7 +70,7 @@ def check_modalities(config, builder, sample_rates=None, provided=None, where=No
   built = records.read_sidecar(builder.data_dir)
   built_kinds = built.get("modalities", {})
   if provided is None:
-    provided = {name: m.feature for name, m in config.modalities.items()}
+    provided = mixture.own_features(config.modalities)
   for name, feature in provided.items():
     modality, field = config.modalities[name], (where or f"config.modalities.{name}.feature")
     dataset = builder.name
@@ -104,7 +104,7 @@ def caption_lists(config, builder, provided=None):
   captions per item."""
   features = builder.info.features
   if provided is None:
-    provided = {name: m.feature for name, m in config.modalities.items()}
+    provided = mixture.own_features(config.modalities)
   return [name for name, feature in provided.items()
           if config.modalities[name].kind == "text"
           and isinstance(features[feature], tfds.features.Sequence)]
@@ -128,7 +128,7 @@ def example_fn(config, train, expanded=None, provided=None, missing_shapes=None)
   ops = {name: preprocess.get_op(name, m, train) for name, m in config.modalities.items()}
   second_views = second_view_modalities(config) if train else []
   if provided is None:
-    provided = {name: m.feature for name, m in config.modalities.items()}
+    provided = mixture.own_features(config.modalities)
 
   def fn(index, example):
     out, masks, views = {}, {}, {}
