@@ -12,6 +12,9 @@ Part 1 (one core: tf.data runs with a private threadpool of 1 thread, sequential
 Part 2: median train-step time of configs/audio_video_text.py fed by the real pipeline
   (next(batches) inside the timed loop) vs the same step fed one in-memory batch over and
   over; the ratio is the pipeline's overhead (1.0 = the step never waits for data).
+Part 4 (--parts=mixture): examples/s of the default config's train input with the digit
+  train split as one source and as a mixture of its three thirds (the same total data), and
+  the mixture's ratio to one source.
 Part 3 (--parts=pod): examples/s of the real train input (records read by position, decoded,
   preprocessed, batched, tokenized) of each pod variant on synthetic items in its stored
   format, using every core of this host, for the tf.data settings that matter (private
@@ -271,10 +274,41 @@ def pod_rates(batch_size, batches, items):
   return rows
 
 
+def mixture_rates(batches, data_dir):
+  """Examples/s of the default config's train input: the digit train split read as one
+  source, and as 3 sources of its thirds (config.data.sources, weights by size), records
+  cached in memory (the default) or read per batch."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  thirds = {"a": "train[:3000]", "b": "train[3000:6000]", "c": "train[6000:]"}
+  rows = []
+  for cache in (True, False):
+    for sources in ({}, thirds):
+      config = audio_video_text.get_config()
+      config.data.update(data_dir=data_dir, cache=cache)
+      config.data.sources = {name: dict(name="digit_sequences", data_dir=data_dir,
+                                        split=split) for name, split in sources.items()}
+      config = schema.resolve(config, 1)
+      stream = source_lib.Source.open(source_lib.input_config(config)).train_batches()
+      for _ in range(2):
+        next(stream)
+      start = time.perf_counter()
+      for _ in range(batches):
+        next(stream)
+      rate_ = batches * config.batch_size / (time.perf_counter() - start)
+      rows.append({"cache": cache, "sources": len(sources) or 1, "examples_per_s": rate_})
+      print(f"cache={cache!s:5} sources={len(sources) or 1}: {rate_:8.0f} examples/s", flush=True)
+  for row in rows:
+    one = next(r for r in rows if r["cache"] == row["cache"] and r["sources"] == 1)
+    row["ratio_to_one_source"] = row["examples_per_s"] / one["examples_per_s"]
+  return rows
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--parts", default="per_core,step,pod",
-                      help="comma-separated: per_core, step, pod")
+  parser.add_argument("--parts", default="per_core,step,pod,mixture",
+                      help="comma-separated: per_core, step, pod, mixture")
   parser.add_argument("--items", type=int, default=64, help="items per read-time measurement "
                       "and synthetic items per pod dataset")
   parser.add_argument("--steps", type=int, default=30, help="train steps per measurement")
@@ -306,6 +340,9 @@ def main():
     out["pod"] = pod_rates(args.pod_batch, args.pod_batches, args.items)
     out["pod_assumptions"] = {"host_chips": HOST_CHIPS, "host_vcpus": HOST_VCPUS,
                               "chip_bf16_flops": CHIP_BF16_FLOPS, "mfu": ASSUMED_MFU}
+  if "mixture" in parts:
+    print(f"\nmixture input, default config, {os.cpu_count()} cores:")
+    out["mixture"] = mixture_rates(args.steps, args.data_dir)
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(out, f, indent=1)

@@ -36,10 +36,25 @@ def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, t
   args, _, _ = trained_run
   out = short_export
   report = str(tmp_path / "eval.json")
-  printed = run_launcher("evaluate.py", args + [f"--out={report}"], devices=2).stdout
+  results = str(tmp_path / "suite")
+  printed = run_launcher("evaluate.py", args + [f"--out={report}", f"--results_dir={results}"],
+                         devices=2).stdout
   assert "audio+video->text" in printed
   with open(report) as f:
     reported = json.load(f)
+  with open(os.path.join(results, "summary.json")) as f:
+    summary = json.load(f)
+  assert [(r["dataset"], r["split"], r["task"]) for r in summary] == [
+      ("digit_sequences", "test", "retrieval")]
+  with open(os.path.join(results, summary[0]["file"])) as f:
+    one = json.load(f)
+  assert set(one) == {"dataset", "split", "task", "evaluator", "checkpoint", "metrics"}
+  assert one["checkpoint"]["step"] == 300
+  assert one["metrics"] == {k: v for k, v in reported.items() if k not in ("step", "split")}
+  single = [v for k, v in one["metrics"].items()
+            if k.endswith("/R@1") and "+" not in k.split("/")[1]]
+  assert len(single) == 6 and summary[0]["value"] == pytest.approx(np.mean(single))
+  assert "mean R@1" in printed
   with open(os.path.join(out, "meta.json")) as f:
     meta = json.load(f)
   assert meta["step"] == reported["step"] == 300 and meta["count"] == 1000

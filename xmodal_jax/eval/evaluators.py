@@ -259,19 +259,30 @@ def note_missing_pairs(prefix, modalities, provided):
           f"{'them' if len(missing) > 1 else 'it'} are not evaluated", flush=True)
 
 
-def run(config, embedder, params, *, step=None, split=None):
-  """Metrics of the config.evals entries due at `step` (every one when `step` is None, as at
-  the end of training); `split` replaces every entry's split (an evaluate.py flag)."""
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """One config.evals entry's metrics, and what it evaluated."""
+  name: str
+  task: str
+  dataset: str
+  split: str
+  metrics: dict
+
+
+def run_entries(config, embedder, params, *, step=None, split=None):
+  """[Result] of the config.evals entries due at `step` (every one when `step` is None, as
+  at the end of training); `split` replaces every entry's split on config.data (an
+  evaluate.py flag). Entries on the same split share one embedding pass."""
   groups, elsewhere = {}, []
-  for options in config.evals.values():
+  for name, options in config.evals.items():
     if step is None or step % options.every == 0:
       if options.get("data"):  # another dataset: embedded on its own
-        elsewhere.append(options)
+        elsewhere.append((name, options))
         continue
-      name = split or options.split or config.data.eval_split
-      groups.setdefault(name, []).append(options)
-  metrics = {}
-  for options in elsewhere:
+      split_name = split or options.split or config.data.eval_split
+      groups.setdefault(split_name, []).append((name, options))
+  results = []
+  for name, options in elsewhere:
     provided = dataset_features(options, config.modalities)
     other = embedder.for_dataset(options.data, provided)
     data_split = options.data.get("split", "test")
@@ -279,12 +290,24 @@ def run(config, embedder, params, *, step=None, split=None):
                                 else f"{options.data.name}/{data_split}")
     note_missing_pairs(prefix, config.modalities, provided)
     embedded = other.split(params, data_split)
-    metrics.update(EVALUATORS[options.type].run(other, params, embedded, options, prefix))
-  for name, group in groups.items():
-    tokens = {m for options in group
+    results.append(Result(name, options.type, options.data.name, data_split,
+                          EVALUATORS[options.type].run(other, params, embedded, options,
+                                                       prefix)))
+  for split_name, group in groups.items():
+    tokens = {m for _, options in group
               for m in EVALUATORS[options.type].tokens(options, embedder.model)}
-    embedded = embedder.split(params, name, tokens=tokens)
-    for options in group:
-      prefix = options.prefix or name
-      metrics.update(EVALUATORS[options.type].run(embedder, params, embedded, options, prefix))
+    embedded = embedder.split(params, split_name, tokens=tokens)
+    for name, options in group:
+      prefix = options.prefix or split_name
+      results.append(Result(name, options.type, config.data.name, split_name,
+                            EVALUATORS[options.type].run(embedder, params, embedded, options,
+                                                         prefix)))
+  return results
+
+
+def run(config, embedder, params, *, step=None, split=None):
+  """The metrics of run_entries, merged into one mapping."""
+  metrics = {}
+  for result in run_entries(config, embedder, params, step=step, split=split):
+    metrics.update(result.metrics)
   return metrics
