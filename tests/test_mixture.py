@@ -2,12 +2,17 @@
 per-source loss against NumPy, and the config errors."""
 
 import itertools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import distributed_worker
+from conftest import REPO, free_port
 from configs import audio_video_text as avt_config
 from xmodal_jax import experiment, schema
 from xmodal_jax.data import mixed_input, mixture, source as source_lib
@@ -70,6 +75,30 @@ def test_resume_and_process_count_give_byte_identical_batches(digit_data_dir):
             for h in range(2)]
   jax.tree.map(lambda x, a, b: np.testing.assert_array_equal(x, np.concatenate([a, b])),
                batches[2], *halves)
+
+
+def test_two_processes_resumed_read_the_global_batch_of_one(digit_data_dir, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed), each resuming at step 2: their shares
+  concatenate to the batch an uninterrupted single-process stream reads at step 2."""
+  config, src = open_source(tiny_mixture(digit_data_dir))  # writes the random-access copies
+  stream = src.train_batches()
+  expected = [next(stream) for _ in range(3)][2]
+  out, port = str(tmp_path / "share"), free_port()
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen([sys.executable, distributed_worker.__file__, str(port),
+                             str(rank), out, digit_data_dir], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for rank in (0, 1)]
+  for proc in procs:
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log[-3000:]
+  shares = [np.load(f"{out}.{rank}.npz") for rank in (0, 1)]
+  leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
+  assert len(leaves) == len(shares[0].files) > 5
+  for path, value in leaves:
+    key = jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.concatenate([s[key] for s in shares]), value, key)
+  assert config.batch_size == len(expected["_source"])
 
 
 def numpy_pair_rows(q, g, s, col_valid):

@@ -4,7 +4,6 @@ and launch/train.py runs as two processes like one."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,18 +11,12 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CONFIG, REPO, run_train, xla_flags
+from conftest import CONFIG, REPO, free_port, run_train, xla_flags
 from configs import audio_video_text
 from xmodal_jax import losses
 from xmodal_jax import experiment as experiment_lib
 
 import distributed_worker  # pylint: disable=g-bad-import-order
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def test_two_processes_match_one(tmp_path):

@@ -3,7 +3,7 @@
 Which source fills stream position g, and which of its examples, is a pure function of
 (seed, g) (docs/architecture.md, "Mixtures"): positions come in blocks of BLOCK; source s
 owns `quota[s]` of each block's slots, its weight's share rounded by largest remainder; a
-seeded permutation of the block's positions (pipeline.mixture_position) puts position g on
+seeded permutation of the block's positions (mixed_input.mixture_position) puts position g on
 a slot, and the slot's owner is the source. Source s's own position is then
 block x quota[s] + (slot - first slot of s): every source reads its own positions 0, 1, 2,
 ... in order, as a single dataset does, so each source's epochs are whole seeded

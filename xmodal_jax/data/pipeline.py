@@ -123,31 +123,36 @@ def example_fn(config, train, expanded=None, provided=None, missing_shapes=None)
   dataset's has_ flags; at evaluation also its first_ flags, and an item's other modalities
   count only with its first caption when `expanded` captions are separate examples.
   `provided`: {modality: feature} the dataset has (a mixture's source; default: every
-  modality, its own feature); the others are prepared from a missing value and masked
+  modality, its own feature); the others are prepared once from a missing value and masked
   (`missing_shapes`: {features modality: shape} of those)."""
   ops = {name: preprocess.get_op(name, m, train) for name, m in config.modalities.items()}
   second_views = second_view_modalities(config) if train else []
   if provided is None:
     provided = mixture.own_features(config.modalities)
+  missing = {  # prepared once: an absent modality's inputs are the same in every row
+      name: ops[name](tf.constant(preprocess.missing_value(
+          m.kind, (missing_shapes or {}).get(name))), tf.zeros([2], tf.int64))
+      for name, m in config.modalities.items() if name not in provided}
 
   def fn(index, example):
     out, masks, views = {}, {}, {}
     for i, (name, m) in enumerate(config.modalities.items()):
       seed = None if index is None else tf.stack(
           [tf.constant(config.seed * 7919 + i, tf.int64), tf.cast(index, tf.int64)])
-      if name in provided:
-        raw = example[provided[name]]
-        mask = example.get(f"has_{provided[name]}", tf.constant(True))
-      else:
-        shape = (missing_shapes or {}).get(name)
-        raw, mask = tf.constant(preprocess.missing_value(m.kind, shape)), tf.constant(False)
+      if name in missing:
+        out[name], masks[name] = missing[name], tf.constant(False)
+        if name in second_views:
+          views[name] = missing[name]
+        continue
+      raw = example[provided[name]]
+      mask = example.get(f"has_{provided[name]}", tf.constant(True))
       if "_caption" in example:
         if name == expanded:
           raw = tf.cond(tf.shape(raw)[0] > 0, lambda r=raw: r[example["_caption"]],
                         lambda: tf.constant(""))
         elif not train:
           mask &= tf.equal(example["_caption"], 0)
-      if not train and name in provided:
+      if not train:
         mask &= example.get(f"first_{provided[name]}", tf.constant(True))
       out[name] = ops[name](raw, seed)
       masks[name] = mask
@@ -248,26 +253,45 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
   reader = random_access_reader(builder, config.data.train_split, count)
   size, seed = reader.size, config.seed
 
-  def position(i):  # this process's i-th example -> (global position, split position)
+  def positions(step):  # this process's batch `step` -> (global, split position)[B]
+    i = step * batch_size + tf.range(batch_size, dtype=tf.int64)
     g = global_position(i, batch_size, config.batch_size, index)
-    epoch_seed = tf.stack([tf.constant(seed, tf.int64), g // size])
-    return g, tf.random.experimental.index_shuffle(g % size, epoch_seed, size - 1)
-
-  if config.data.cache:  # The split's serialized records in memory, gathered in-graph.
-    records = tf.constant(reader.read(np.arange(size)))
-    read = lambda g, split_position: (g, tf.gather(records, split_position))
-  else:
-    def read(g, split_position):
-      records = tf.numpy_function(reader.read, [split_position], tf.string, stateful=False)
-      return g, tf.ensure_shape(records, split_position.shape)
+    return g, index_shuffle(g % size, seed, g // size, size - 1)
 
   to_example = example_fn(config, True)
-  ds = tf.data.Dataset.range(start_step * batch_size, np.iinfo(np.int64).max).map(position)
-  ds = ds.batch(batch_size).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  ds = ds.map(lambda g, record: to_example(g, builder.info.features.deserialize_example(
-      record)), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size).map(positions)
+  ds = ds.map(record_reader(reader, config.data.cache), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.unbatch().map(lambda g, record: to_example(
+      g, builder.info.features.deserialize_example(record)),
+                        num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   return numpy_batches(config, ds)
+
+
+def index_shuffle(index, seed, stream, max_index):
+  """tf.random.experimental.index_shuffle of int64 `index` (any shape) with seed
+  (seed, stream) (`stream` and `max_index` of index's shape or scalars), batched: its
+  wrapper pads a batch of seeds along the wrong axis, so the op is called directly with
+  the same padding value, and results equal the scalar calls'."""
+  shape = tf.shape(index)
+  seeds = tf.stack([tf.fill(shape, tf.constant(498_247_692, tf.int64)),
+                    tf.fill(shape, tf.constant(seed, tf.int64)),
+                    tf.broadcast_to(tf.cast(stream, tf.int64), shape)], axis=-1)
+  return tf.raw_ops.RandomIndexShuffle(
+      index=index, seed=seeds, max_index=tf.broadcast_to(tf.cast(max_index, tf.int64), shape), rounds=4)
+
+
+def record_reader(reader, cache):
+  """(g, split positions)[n] -> (g, serialized records)[n] of a random_access.Reader: with
+  `cache`, the split's records are held in memory and gathered in-graph."""
+  if cache:
+    records = tf.constant(reader.read(np.arange(reader.size)))
+    return lambda g, positions: (g, tf.gather(records, positions))
+
+  def read(g, positions):
+    records = tf.numpy_function(reader.read, [positions], tf.string, stateful=False)
+    return g, tf.ensure_shape(records, positions.shape)
+  return read
 
 
 def _sequential_train_iterator(config, builder, expanded, start_step, index, count):
