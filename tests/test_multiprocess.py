@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CONFIG, REPO, free_port, run_train, xla_flags
+from conftest import CONFIG, free_port, run_train, start_launchers
 from configs import audio_video_text
 from xmodal_jax import losses
 from xmodal_jax import experiment as experiment_lib
@@ -52,25 +52,13 @@ def test_two_processes_match_one(tmp_path):
                          "last": "HostFailed", "after": None, "none": None, "in_step": 2}
 
 
-def start_trainers(args, processes):
-  """launch/train.py as 1 process x 8 CPU devices or 2 x 4 on localhost."""
-  env = dict(os.environ, XLA_FLAGS=xla_flags(8 // processes), JAX_PLATFORMS="cpu")
-  port = free_port()
-  flags = [[]] if processes == 1 else [
-      [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
-       f"--process_id={rank}"] for rank in range(processes)]
-  return [subprocess.Popen([sys.executable, os.path.join(REPO, "launch", "train.py"), *args,
-                            *f], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True) for f in flags]
-
-
 def preempt(args, workdir, processes, after_lines):
   """Trains until metrics.jsonl has `after_lines` more lines, sends every process SIGTERM
   and returns the step they all saved and stopped after."""
   metrics = os.path.join(workdir, "metrics.jsonl")
   lines = lambda: len(open(metrics).readlines()) if os.path.exists(metrics) else 0
   target, deadline = lines() + after_lines, time.time() + 300
-  procs = start_trainers(args, processes)
+  procs = start_launchers("train.py", args, processes)
   while lines() < target:
     assert all(p.poll() is None for p in procs) and time.time() < deadline, \
         "training ended before SIGTERM: " + procs[0].stderr.read()[-3000:]

@@ -2,7 +2,6 @@
 on TensorFlow's in-memory ram://, and the tiny config built, trained, preempted, resumed,
 evaluated and exported entirely under gs:// on a local Cloud Storage emulator."""
 
-import json
 import os
 import signal
 import subprocess
@@ -78,14 +77,22 @@ def test_metrics_events_and_export_on_a_scheme():
   assert (3, "train/loss") in scalars
 
   out = "ram://run/export"
-  batch = {"_id": np.array([7, 8]), "emb": {"text": np.eye(2, dtype=np.float32)},
-           "_mask": {"text": np.array([True, False])}}
-  export.write_export(out, [batch], 1, {"step": 3}, {"step": 3})
-  ids, embeddings, masks, meta = export.read_export(out)
-  assert ids.tolist() == [7, 8] and meta["count"] == 2 and masks["text"].tolist() == [1, 0]
-  np.testing.assert_array_equal(embeddings["text"], [[1, 0], [0, 0]])
-  with pytest.raises(ValueError, match="holds parts of another export"):
-    export.write_export(out, [batch], 1, {"step": 4}, {"step": 4})
+  signature = {"step": 3}
+  export.check_signature(out, signature)
+  shard_meta = {"split": "test", "step": 3}
+  for name, keys, emb, mask in (("0000-00000", [b"a/1", "é".encode()], np.eye(2),
+                                 [True, False]),
+                                ("0000-00001", [b"c"], np.ones([1, 2]), [True])):
+    rows = {"_key": np.array(keys, object), "_id": np.arange(len(keys)),
+            "emb": {"text": np.asarray(emb, np.float32)}, "_mask": {"text": np.array(mask)}}
+    export.write_shard(out, name, rows, "float16", shard_meta)
+  export.finish(out, signature, "float16")
+  exported = export.read_export(out)
+  assert exported.keys().tolist() == ["a/1", "é", "c"] and exported.count == 3
+  assert exported.mask("text").tolist() == [1, 0, 1]
+  np.testing.assert_array_equal(exported.embeddings("text"), [[1, 0], [0, 0], [1, 1]])
+  with pytest.raises(ValueError, match="holds shards of another export"):
+    export.check_signature(out, {"step": 4})
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +155,9 @@ def test_tiny_config_builds_trains_resumes_and_exports_under_gs(bucket):
   out = f"{root}/export"
   run_launcher("export.py", [f"--config={CONFIG}:tiny", f"--config.data.data_dir={root}/tfds",
                              f"--workdir={workdir}", f"--out={out}"])
-  ids, emb, masks, meta = export.read_export(out)
+  exported = export.read_export(out)
+  meta, ids = exported.meta, exported.ids()
+  emb = {m: exported.embeddings(m) for m in exported.modalities}
   assert meta["step"] == 12 and meta["workdir"] == workdir and len(ids) == meta["count"]
   for q, g in [("audio", "text"), ("text", "video"), ("video", "audio")]:
     ranks = numpy_ranks(emb[q], emb[g], ids, ids)

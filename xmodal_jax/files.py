@@ -53,6 +53,15 @@ def read_text(path):
     return f.read()
 
 
+def read_bytes(path):
+  with open_file(path, "rb") as f:
+    return f.read()
+
+
+def listdir(path):
+  return _gfile().listdir(path)
+
+
 def save_array(path, array):
   """np.save to any scheme (atomically)."""
   buffer = io.BytesIO()
@@ -62,8 +71,7 @@ def save_array(path, array):
 
 def load_arrays(path):
   """np.load from any scheme: the array of an .npy, or {name: array} of an .npz."""
-  with open_file(path, "rb") as f:
-    loaded = np.load(io.BytesIO(f.read()))
+  loaded = np.load(io.BytesIO(read_bytes(path)))
   if isinstance(loaded, np.lib.npyio.NpzFile):
     with loaded:
       return {k: loaded[k] for k in loaded.files}

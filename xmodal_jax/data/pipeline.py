@@ -118,13 +118,15 @@ def expand_captions(ds, feature):
   return ds.flat_map(fn)
 
 
-def example_fn(config, train, expanded=None, provided=None, missing_shapes=None):
+def example_fn(config, train, expanded=None, provided=None, missing_shapes=None,
+               keys=False):
   """(index or None, stored example) -> the batch contract's example. Masks are the
   dataset's has_ flags; at evaluation also its first_ flags, and an item's other modalities
   count only with its first caption when `expanded` captions are separate examples.
   `provided`: {modality: feature} the dataset has (a mixture's source; default: every
   modality, its own feature); the others are prepared once from a missing value and masked
-  (`missing_shapes`: {features modality: shape} of those)."""
+  (`missing_shapes`: {features modality: shape} of those). With `keys`, "_key" is the item's
+  own key: the dataset's "key" feature (a manifest's id), else its "id" in decimal."""
   ops = {name: preprocess.get_op(name, m, train) for name, m in config.modalities.items()}
   second_views = second_view_modalities(config) if train else []
   if provided is None:
@@ -160,6 +162,8 @@ def example_fn(config, train, expanded=None, provided=None, missing_shapes=None)
         views[name] = ops[name](raw, seed + tf.constant([SECOND_VIEW_SEED, 0], tf.int64))
     out["_mask"] = masks
     out["_id"] = tf.cast(example["id"], tf.int64)
+    if keys:
+      out["_key"] = example["key"] if "key" in example else tf.strings.as_string(out["_id"])
     if views:
       out["_views"] = views
     return out

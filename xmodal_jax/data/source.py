@@ -120,8 +120,12 @@ class Source:
       return mixed_input.train_iterator(self.config, self.mixed, start_step=start_step)
     return pipeline.train_iterator(self.config, self.builder, start_step=start_step)
 
-  def eval_batches(self, split, ids=None):
-    return eval_input.eval_iterator(self.config, self.builder, split, ids=ids)
+  def eval_batches(self, split, ids=None, keys=False, start_batch=0):
+    return eval_input.eval_iterator(self.config, self.builder, split, ids=ids, keys=keys,
+                                    start_batch=start_batch)
+
+  def eval_batch_count(self, split):
+    return eval_input.eval_batch_count(self.config, self.builder, split)
 
   def abstract_batch(self, rows):
     return abstract_batch(self.config, rows, self.builder)

@@ -7,6 +7,7 @@ import functools
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec
 
 from xmodal_jax import parallel
 
@@ -86,6 +87,22 @@ class Embedder:
       out = jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
       keep = out["_id"] >= 0
       yield jax.tree.map(lambda x: x[keep], out)
+
+  def local_batches(self, params, split, *, start_batch=0):
+    """Yields, per eval batch of `split` from `start_batch` on, this process's own rows:
+    {"emb", "_mask", "_id", "_key"} as NumPy, padding rows removed. Nothing is gathered
+    across processes: each process keeps the rows it read."""
+    embed = self.embed_fn()
+    for batch in self.source.eval_batches(split, keys=True, start_batch=start_batch):
+      keys = batch.pop("_key")
+      sharded = parallel.shard_batch(batch, self.mesh)
+      with jax.set_mesh(self.mesh):
+        emb = embed(params, sharded)["emb"]
+      emb = multihost_utils.global_array_to_host_local_array(
+          emb, self.mesh, PartitionSpec(parallel.BATCH_AXES))
+      keep = batch["_id"] >= 0
+      yield jax.tree.map(lambda x: np.asarray(x)[keep], {
+          "emb": emb, "_mask": batch["_mask"], "_id": batch["_id"], "_key": keys})
 
   def split(self, params, split, *, tokens=()):
     """The whole of `split` as one EmbeddedSplit."""

@@ -1,76 +1,210 @@
-"""Embedding export: every item of a split, every modality it has, as NumPy files.
+"""Embedding export: every item of a split, every modality it has, in shards that NumPy and
+pyarrow read without this package (docs/guide.md, "Exporting embeddings").
 
-  {out}/ids.npy               int64[N] item ids, in dataset order
-  {out}/{modality}.npy        float32[N, D] L2-normalized (zero rows where the item lacks it)
-  {out}/mask_{modality}.npy   bool[N] which rows hold an embedding
-  {out}/meta.json             model config, checkpoint step, split, dims, count, masks
+  {out}/meta.json                             what was exported, and its shards in row order
+  {out}/embeddings/{modality}/{shard}.npy     float32 or float16 [n, D], L2-normalized
+                                              (zero rows where an item lacks the modality)
+  {out}/items/{shard}.parquet                 key (string), id (int64), has_{modality} (bool)
+  {out}/faiss/{modality}.index                optional: a FAISS index of the rows that have
+                                              the modality, ids = export rows (eval/index.py)
 
-Batches are written to {out}/parts/ as they are computed, so an interrupted export resumes
-where it stopped; parts from another checkpoint or config are refused, not mixed.
+Shard `{process:04d}-{number:05d}` holds a run of consecutive eval batches of one process:
+each process embeds and writes only the rows it read (no gather across processes), and the
+shards in name order are the split in dataset order. A shard is complete once its parquet
+file exists (written last, atomically), so an interrupted export resumes after the shards
+every process finished; shards written with another checkpoint, config, process count or
+shard size are refused, not mixed.
 """
 
+import dataclasses
 import io
 import json
 import os
 
+import jax
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jax.experimental import multihost_utils
 
 from xmodal_jax import files
 
+FORMAT = 2
+DTYPES = ("float32", "float16")
 
-def write_export(out, batches, num_batches, signature, meta):
-  """Writes the export files from `batches` (an iterable of Embedder.batches dicts).
 
-  `signature` (a JSON-able dict) identifies what produced the parts; `meta` goes to
-  meta.json with dims, count and masks added. Returns meta.
-  """
-  parts_dir = os.path.join(out, "parts")
-  files.makedirs(parts_dir)
-  signature_path = os.path.join(parts_dir, "signature.json")
-  if files.exists(signature_path):
-    previous = json.loads(files.read_text(signature_path))
+def shard_name(process, number):
+  return f"{process:04d}-{number:05d}"
+
+
+def check_signature(out, signature):
+  """Refuses `out` if it holds shards of another export; records `signature` otherwise."""
+  path = os.path.join(out, "signature.json")
+  if files.exists(path):
+    previous = json.loads(files.read_text(path))
     if previous != signature:
-      raise ValueError(f"{out}: holds parts of another export ({previous}); use a new --out "
-                       f"or delete it to export {signature}")
-  else:
-    files.write_atomically(signature_path, json.dumps(signature))
-  paths = []
-  for index, batch in enumerate(batches):
-    path = os.path.join(parts_dir, f"{index:06d}.npz")
-    paths.append(path)
-    if files.exists(path):
-      continue  # Written before an interruption.
-    flat = {"_id": batch["_id"]}
-    flat.update({f"emb/{m}": v for m, v in batch["emb"].items()})
-    flat.update({f"mask/{m}": v for m, v in batch["_mask"].items()})
+      changed = sorted(k for k in set(previous) | set(signature)
+                       if previous.get(k) != signature.get(k))
+      raise ValueError(f"{out}: holds shards of another export (it differs in {changed}); "
+                       f"use a new --out or delete it")
+  elif jax.process_index() == 0:
+    files.makedirs(out)
+    files.write_atomically(path, json.dumps(signature, sort_keys=True))
+
+
+def _complete_shards(out, process):
+  """How many of `process`'s shards, from number 0 on, are complete."""
+  done = set(files.listdir(os.path.join(out, "items"))) if files.exists(
+      os.path.join(out, "items")) else set()
+  number = 0
+  while f"{shard_name(process, number)}.parquet" in done:
+    number += 1
+  return number
+
+
+def write_shard(out, name, rows, dtype, meta):
+  """Writes one shard's embedding files, then its parquet file (the completion mark)."""
+  for m, emb in rows["emb"].items():
+    emb = np.where(rows["_mask"][m][:, None], emb, 0.0).astype(dtype)
     buffer = io.BytesIO()
-    np.savez(buffer, **flat)
-    files.write_atomically(path, buffer.getvalue())  # A part exists only once complete.
-    print(f"export: batch {index + 1}/{num_batches}", flush=True)
-  parts = [files.load_arrays(p) for p in paths]
-  ids = np.concatenate([p["_id"] for p in parts]).astype(np.int64)
-  modalities = sorted(k.split("/", 1)[1] for k in parts[0] if k.startswith("emb/"))
-  meta = dict(meta, count=int(len(ids)), dims={}, masks={})
-  files.save_array(os.path.join(out, "ids.npy"), ids)
-  for m in modalities:
-    emb = np.concatenate([p[f"emb/{m}"] for p in parts]).astype(np.float32)
-    mask = np.concatenate([p[f"mask/{m}"] for p in parts]).astype(bool)
-    emb[~mask] = 0.0
-    files.save_array(os.path.join(out, f"{m}.npy"), emb)
-    files.save_array(os.path.join(out, f"mask_{m}.npy"), mask)
-    meta["dims"][m] = int(emb.shape[1])
-    meta["masks"][m] = {"file": f"mask_{m}.npy", "items_with_modality": int(mask.sum())}
+    np.save(buffer, emb)
+    folder = os.path.join(out, "embeddings", m)
+    files.makedirs(folder)
+    files.write_atomically(os.path.join(folder, f"{name}.npy"), buffer.getvalue())
+  table = pa.table({"key": pa.array([k.decode("utf-8") for k in rows["_key"]], pa.string()),
+                    "id": pa.array(rows["_id"], pa.int64()),
+                    **{f"has_{m}": pa.array(rows["_mask"][m], pa.bool_())
+                       for m in sorted(rows["emb"])}})
+  table = table.replace_schema_metadata({"xmodal_jax": json.dumps(meta, sort_keys=True)})
+  buffer = io.BytesIO()
+  pq.write_table(table, buffer)
+  files.makedirs(os.path.join(out, "items"))
+  files.write_atomically(os.path.join(out, "items", f"{name}.parquet"), buffer.getvalue())
+
+
+def write_shards(out, embedder, params, split, *, signature, shard_rows, dtype="float32",
+                 log=print):
+  """This process's shards of `split` (Embedder.local_batches), each of the eval batches
+  that make up about `shard_rows` rows; resumes after the shards every process finished.
+  Returns the number of batches embedded here."""
+  if dtype not in DTYPES:
+    raise ValueError(f"--dtype={dtype!r}: expected one of {DTYPES}")
+  host_batch = embedder.config.eval_batch_size // jax.process_count()
+  per_shard = max(1, shard_rows // host_batch)
+  check_signature(out, signature)
+  multihost_utils.sync_global_devices("export signature")
+  process = jax.process_index()
+  done = int(np.min(multihost_utils.process_allgather(
+      np.int32(_complete_shards(out, process)))))  # a count per process, not embeddings
+  total = -(-embedder.source.eval_batch_count(split) // per_shard)
+  if done:
+    log(f"export: resuming after {done} of {total} shards")
+  number, pending, embedded = done, [], 0
+  shard_meta = {k: signature[k] for k in ("split", "step", "workdir", "dataset")}
+
+  def flush():
+    rows = jax.tree.map(lambda *xs: np.concatenate(xs), *pending)
+    write_shard(out, shard_name(process, number), rows, dtype, shard_meta)
+    if process == 0:
+      log(f"export: shard {number + 1}/{total}")
+
+  for batch in embedder.local_batches(params, split, start_batch=done * per_shard):
+    pending.append(batch)
+    embedded += 1
+    if len(pending) == per_shard:
+      flush()
+      number, pending = number + 1, []
+  if pending:
+    flush()
+  return embedded
+
+
+def finish(out, signature, dtype):
+  """Writes meta.json (process 0, after every process wrote its shards): the shards in row
+  order with their row counts, read from the parquet files' footers."""
+  items = os.path.join(out, "items")
+  names = sorted(n[:-len(".parquet")] for n in files.listdir(items) if n.endswith(".parquet"))
+  shards, start, counts = [], 0, {}
+  for name in names:
+    table = read_parquet(os.path.join(items, f"{name}.parquet"))
+    shards.append({"name": name, "start": start, "rows": table.num_rows})
+    start += table.num_rows
+    for column in table.column_names:
+      if column.startswith("has_"):
+        counts[column[4:]] = counts.get(column[4:], 0) + int(
+            np.count_nonzero(table[column].to_numpy(zero_copy_only=False)))
+  dims = {}
+  for m in counts:
+    first = files.load_arrays(os.path.join(out, "embeddings", m, f"{names[0]}.npy"))
+    dims[m] = int(first.shape[1])
+  meta = dict(signature, format=FORMAT, dtype=dtype, count=start, dims=dims,
+              items_with_modality=counts, shards=shards)
   files.write_atomically(os.path.join(out, "meta.json"), json.dumps(meta, indent=1))
   return meta
 
 
+def read_parquet(path):
+  return pq.read_table(io.BytesIO(files.read_bytes(path)))
+
+
+@dataclasses.dataclass
+class Export:
+  """An export folder, read lazily: embeddings shard by shard (memory-mapped where the
+  folder is local), item keys and masks from the parquet files when first asked for."""
+  folder: str
+  meta: dict
+  _items: object = None
+
+  @property
+  def modalities(self):
+    return sorted(self.meta["dims"])
+
+  @property
+  def count(self):
+    return self.meta["count"]
+
+  def items(self):
+    """The parquet tables of every shard as one pyarrow Table (key, id, has_{modality})."""
+    if self._items is None:
+      self._items = pa.concat_tables([
+          read_parquet(os.path.join(self.folder, "items", f"{s['name']}.parquet"))
+          for s in self.meta["shards"]])
+    return self._items
+
+  def keys(self):
+    return np.asarray(self.items()["key"].to_pylist(), object)
+
+  def ids(self):
+    return self.items()["id"].to_numpy()
+
+  def mask(self, modality):
+    return self.items()[f"has_{modality}"].to_numpy(zero_copy_only=False)
+
+  def shard_embeddings(self, modality):
+    """Yields (first export row, float32 or float16 [n, D]) per shard, in row order."""
+    self._check(modality)
+    for shard in self.meta["shards"]:
+      path = os.path.join(self.folder, "embeddings", modality, f"{shard['name']}.npy")
+      yield shard["start"], (np.load(path, mmap_mode="r") if os.path.exists(path)
+                             else files.load_arrays(path))
+
+  def embeddings(self, modality):
+    """float32 [N, D] of every row: all of it in memory (tests, small exports)."""
+    return np.concatenate([np.asarray(e, np.float32)
+                           for _, e in self.shard_embeddings(modality)])
+
+  def _check(self, modality):
+    if modality not in self.meta["dims"]:
+      raise ValueError(f"{self.folder}: the export has {self.modalities}, not {modality!r}")
+
+
 def read_export(out):
-  """(ids, {modality: emb}, {modality: mask}, meta) from an export folder."""
+  """The Export in folder `out` (launch/export.py wrote it)."""
   meta_path = os.path.join(out, "meta.json")
   if not files.exists(meta_path):
     raise FileNotFoundError(f"{out}: no meta.json, so not a finished export")
   meta = json.loads(files.read_text(meta_path))
-  ids = files.load_arrays(os.path.join(out, "ids.npy"))
-  embeddings = {m: files.load_arrays(os.path.join(out, f"{m}.npy")) for m in meta["dims"]}
-  masks = {m: files.load_arrays(os.path.join(out, f"mask_{m}.npy")) for m in meta["dims"]}
-  return ids, embeddings, masks, meta
+  if meta.get("format") != FORMAT:
+    raise ValueError(f"{out}: export format {meta.get('format', 1)}, this version reads "
+                     f"format {FORMAT}; export again")
+  return Export(out, meta)

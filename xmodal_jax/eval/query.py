@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from xmodal_jax import files
-from xmodal_jax.eval import search
+from xmodal_jax.eval import index as index_lib, search
 
 
 def export_mismatches(meta, workdir, model_config):
@@ -38,12 +38,29 @@ def encode_query(embedder, params, modality, raw):
   return np.asarray(out["emb"][modality]), jax.tree.map(np.asarray, out["tokens"][modality])
 
 
-def top_hits(query_emb, gallery_emb, gallery_mask, ids, depth):
-  """[(export row, item id, cosine)] of the `depth` best rows that have the modality."""
-  rows = np.flatnonzero(gallery_mask)
-  depth = min(depth, len(rows))
-  scores, index = search.topk(query_emb, gallery_emb[rows], depth)
-  return [(int(rows[i]), int(ids[rows[i]]), float(s)) for s, i in zip(scores[0], index[0])]
+def top_hits(query_emb, exported, gallery, depth, faiss_index=None):
+  """[(export row, item id, cosine)] of the `depth` best rows of `exported` (eval/export.py:
+  Export) that have modality `gallery`: exact (eval/search.py) shard by shard, or from
+  `faiss_index` (eval/index.py) when given."""
+  if faiss_index is not None:
+    scores, rows = index_lib.search(faiss_index, query_emb, depth)
+    found = rows[0] >= 0
+    scores, rows = scores[0][found], rows[0][found]
+  else:
+    mask = exported.mask(gallery)
+    scores, rows = np.zeros([0], np.float32), np.zeros([0], np.int64)
+    for start, emb in exported.shard_embeddings(gallery):
+      keep = np.flatnonzero(mask[start:start + len(emb)])
+      if not len(keep):
+        continue
+      top_scores, top = search.topk(query_emb, np.asarray(emb[keep], np.float32),
+                                    min(depth, len(keep)))
+      scores = np.concatenate([scores, top_scores[0]])
+      rows = np.concatenate([rows, start + keep[top[0]]])
+    order = np.lexsort((rows, -scores))[:depth]  # by score, ties by row: as search.topk
+    scores, rows = scores[order], rows[order]
+  ids = exported.ids()
+  return [(int(r), int(ids[r]), float(s)) for s, r in zip(scores, rows)]
 
 
 def row_ordinal(ids, mask, row):
