@@ -154,6 +154,53 @@ def test_export_reads_with_numpy_and_pyarrow_alone(short_export):
     np.testing.assert_array_equal(found[key]["text"], text[found[key]["row"]])
 
 
+# A downstream user with jax and NumPy only: the converted embedding functions on inputs.
+EMBED_WITH_JAX_ALONE = """
+import sys
+import jax, numpy as np
+folder, inputs, out = sys.argv[1:]
+inputs, result = np.load(inputs), {}
+for modality in ("audio", "video", "text"):
+  fn = jax.export.deserialize(open(f"{folder}/{modality}.jax_export", "rb").read())
+  weights = np.load(f"{folder}/{modality}.params.npz")
+  mine = {k.split("/", 1)[1]: inputs[k] for k in inputs.files if k.startswith(modality + "/")}
+  result[modality] = np.asarray(fn.call([weights[k] for k in weights.files], mine))
+assert not {"flax", "tensorflow", "xmodal_jax"} & set(sys.modules), sorted(sys.modules)
+np.savez(out, **result)
+"""
+
+
+def test_converted_embedding_functions_embed_as_the_model(trained_run, short_export,
+                                                          digit_data_dir, tmp_path):
+  """launch/convert.py --to=jax, loaded with jax and NumPy alone, embeds the test split's
+  first 16 items as the export (the model's own embedding step) did."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
+  args, _, _ = trained_run
+  folder = str(tmp_path / "model")
+  printed = run_launcher("convert.py", args + ["--to=jax", f"--out={folder}"]).stdout
+  assert "text:" in printed and f"{folder}/video.jax_export" in printed
+  config = audio_video_text.get_config()
+  config.data.data_dir = digit_data_dir
+  src = source_lib.Source.open(source_lib.input_config(schema.resolve(config, 1)))
+  batch = next(src.eval_batches("test"))
+  inputs = {f"{m}/{k}": v[:16] for m in ("audio", "video", "text") for k, v in batch[m].items()}
+  np.savez(tmp_path / "inputs.npz", **inputs)
+  subprocess.run([sys.executable, "-c", EMBED_WITH_JAX_ALONE, folder,
+                  str(tmp_path / "inputs.npz"), str(tmp_path / "out.npz")], check=True,
+                 env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  embedded = np.load(tmp_path / "out.npz")
+  exported = export.read_export(short_export)
+  for m in ("audio", "video", "text"):
+    np.testing.assert_allclose(embedded[m], exported.embeddings(m)[:16], atol=1e-6, err_msg=m)
+  with open(os.path.join(folder, "text.json")) as f:
+    described = json.load(f)
+  assert described["inputs"]["input_ids"]["shape"][0] == "batch"
+  assert described["preprocessing"]["kind"] == "text"
+
+
 def test_faiss_flat_index_returns_the_exact_top_10(short_export):
   """launch/export.py --index=flat against eval/search.topk: 1,000 text queries, the audio
   gallery."""
