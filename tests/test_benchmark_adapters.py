@@ -5,6 +5,7 @@ import concurrent.futures
 import csv
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -385,9 +386,10 @@ def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
   printed = launch("search.py", f"--export={tmp_path / 'export'}", "--gallery=text",
                    f"--query-image={manual / 'flickr30k-images' / '9.jpg'}", "--rerank=4")
   first, reranked = printed.split("re-ranked by the matching head of text:image (top 5)")
-  assert len([l for l in reranked.splitlines() if ". id " in l]) == 5
+  result_row = re.compile(r"\s+\d+\. \S+  score ")
+  assert len([l for l in reranked.splitlines() if result_row.match(l)]) == 5
   # Each row shows its own caption: the 8 test captions, each once across the top 5 (+ 5).
-  shown = [l.split("  ")[-1] for l in first.splitlines() if ". id " in l]
+  shown = [l.split("  ")[-1] for l in first.splitlines() if result_row.match(l)]
   assert len(set(shown)) == len(shown) == 5
 
   # The candidates' tokens, recomputed from just their items, equal a full pass's (the n-th
