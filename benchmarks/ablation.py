@@ -29,8 +29,9 @@ def pooling(kind):
 
 
 def only(*terms, ema=None):
-  """align_fuse with only `terms` of seed 001 weighted as it weighs them, no InfoNCE, IMS
-  and LMIM on every modality, and the momentum settings `ema` (default ALBEF_EMA)."""
+  """align_fuse with only `terms` of the alignment recipe weighted as TCL weighs them, no
+  InfoNCE, IMS and LMIM on every modality, and the momentum settings `ema` (default
+  ALBEF_EMA)."""
   weights = dict(itc=1 / 3, ims=1 / 3, lmim=1 / 3, itm=1.0)
   return [f"--config.loss.weights.{t}={w if t in terms else 0.0}" for t, w in weights.items()
           ] + [NO_INFONCE, ALL_INTRA, TEXT_FUSION] + (ema or ALBEF_EMA)
@@ -62,7 +63,7 @@ VARIANTS = {
                        "InfoNCE, GPO pooling, twice the steps (3,000)"),
     "regression_gpo": ("regression", [], "similarity regression, GPO"),
     "sigmoid_gpo": ("sigmoid", [], "SigLIP's sigmoid loss, GPO"),
-    "align_fuse": ("align_fuse", [], "as shipped: seed 001's terms + InfoNCE, IMS and LMIM "
+    "align_fuse": ("align_fuse", [], "as shipped: the alignment terms + InfoNCE, IMS and LMIM "
                    "on text and video, momentum 0.9, queue 1,024, no distillation, fusion "
                    "pairs text:audio, text:video and audio:video"),
     "align_fuse_av_fusion": ("align_fuse", [
@@ -74,10 +75,10 @@ VARIANTS = {
                               "weighted 2: the text pairs gain matching terms, audio-video "
                               "has only InfoNCE and ITC"),
     "gpo_av_weight2": ("", [AV_WEIGHT2], "InfoNCE, GPO, audio-video weighted 2 (the control)"),
-    "seed001_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA, TEXT_FUSION] + ALBEF_EMA,
-                      "seed 001 alone: ITC + IMS + LMIM + ITM on every modality (GPO)"),
+    "alignment_terms": ("align_fuse", [NO_INFONCE, ALL_INTRA, TEXT_FUSION] + ALBEF_EMA,
+                      "alignment alone: ITC + IMS + LMIM + ITM on every modality (GPO)"),
     "align_fuse+infonce": ("align_fuse", [INFONCE, ALL_INTRA, TEXT_FUSION] + ALBEF_EMA,
-                           "seed 001's terms on every modality + InfoNCE"),
+                           "the alignment terms on every modality + InfoNCE"),
     "itc": ("align_fuse", only("itc"), "ITC alone (queues, EMA, distillation)"),
     "itc_no_distill": ("align_fuse", only("itc", ema=ALBEF_EMA[:2] + [NO_DISTILL]),
                        "ITC alone without distillation"),
@@ -92,13 +93,13 @@ VARIANTS = {
     "itc+lmim_4_locals": ("align_fuse", only("itc", "lmim") + ["--config.model.local_features=4"],
                           "ITC + LMIM over 4 locals per sample (a digit's span of audio)"),
     "align_fuse_no_lmim": ("align_fuse", only("itc", "ims", "itm"),
-                           "seed 001 without LMIM: ITC + IMS + ITM"),
+                           "alignment without LMIM: ITC + IMS + ITM"),
     "align_fuse_no_audio_intra": ("align_fuse", [NO_INFONCE, NO_AUDIO_INTRA, TEXT_FUSION]
                                   + ALBEF_EMA,
-                                  "seed 001 with IMS and LMIM on text and video only"),
+                                  "alignment with IMS and LMIM on text and video only"),
     "align_fuse+infonce_no_audio_intra": (
         "align_fuse", [INFONCE, NO_AUDIO_INTRA, TEXT_FUSION] + ALBEF_EMA,
-        "seed 001's terms + InfoNCE, IMS and LMIM on text and video only, ALBEF's EMA"),
+        "the alignment terms + InfoNCE, IMS and LMIM on text and video only, ALBEF's EMA"),
     "align_fuse_fresh": ("align_fuse", FRESH + [DISTILL, TEXT_FUSION],
                          "the same, momentum 0.9, queue 1,024, distillation 0.4"),
     "align_fuse_fresh_no_distill": ("align_fuse", FRESH + [NO_DISTILL, TEXT_FUSION],
@@ -205,7 +206,7 @@ def format_table(summary, rows, minutes=True):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--variants", default="cls,gpo,align_fuse,seed001_terms",
+  parser.add_argument("--variants", default="cls,gpo,align_fuse,alignment_terms",
                       help=f"comma-separated, of {', '.join(VARIANTS)}")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--steps", type=int, default=0, help="total_steps (default: the config's)")

@@ -1,4 +1,4 @@
-"""Seed 001's momentum queue on a mesh: what its two steps move between devices.
+"""The alignment recipe's momentum queue on a mesh: what its two steps move between devices.
 
   python benchmarks/queue_sharding.py --devices=8 --batch=4096 --queue=65536 --dim=512
 

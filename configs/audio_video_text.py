@@ -4,22 +4,22 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
   (none)      the default: InfoNCE over the 3 pairs, GPO pooling on every tower; trains on
               2 CPU cores in about 5 minutes. Test R@1 %, mean of 3 seeds: a->t 90.0,
               a->v 78.1, t->a 86.1, t->v 88.9, v->a 75.4, v->t 89.8 (cls pooling: 84.2,
-              67.9, 80.3, 83.7, 66.0, 85.0; benchmarks/README.md, "Seed-methods ablation").
-  regression  the same with seed 000's similarity regression (PCMR) instead of InfoNCE.
+              67.9, 80.3, 83.7, 66.0, 85.0; benchmarks/README.md, "Alignment ablation").
+  regression  the same with similarity regression (PCMR) instead of InfoNCE.
   sigmoid     the same with SigLIP's sigmoid pair loss.
-  align_fuse  seed 001: GPO pooling, momentum queues, ITC + IMS + LMIM + matching with hard
-              negatives, beside seed 000's in-batch InfoNCE; a fusion encoder for each of
-              the three pairs (matching on audio:video too), and evaluation re-ranks the
+  align_fuse  ALBEF/TCL-style alignment: GPO pooling, momentum queues, ITC + IMS + LMIM +
+              matching with hard negatives, beside PCMC's in-batch InfoNCE; a fusion encoder for
+              each of the three pairs (matching on audio:video too), and evaluation re-ranks the
               top 16 with them. IMS and LMIM run on text and video only (on audio, with no
-              second view, they learn the speaker); momentum 0.9 and a queue of 1,024 (a
-              0.995 EMA lags these fast-moving towers); no distillation. Mean of 3 seeds,
-              test R@1 %: a->t 91.8, a->v 77.6, t->a 90.8, t->v 89.8, v->a 79.1, v->t 92.8
-              (a+v->t 97.5), against the default's 90.0, 78.1, 86.1, 88.9, 75.4, 89.8
-              (94.4): ahead on five pairs, on audio->video 0.5 below, within the seeds'
-              spread (std 1.4 and 0.9); in about three times the time (13-15 minutes).
-              Re-ranking helps text->video (91.6) but not audio<->video (70.7 and 69.3:
-              that matching head stays weak). docs/methods.md, "Seed 001 on this data",
-              has each step of the diagnosis.
+              second view, they learn the speaker); momentum 0.9 and a queue of 1,024 (a 0.995
+              EMA lags these fast-moving towers); no distillation. Mean of 3 seeds, test R@1 %:
+              a->t 91.8, a->v 77.6, t->a 90.8, t->v 89.8, v->a 79.1, v->t 92.8 (a+v->t 97.5),
+              against the default's 90.0, 78.1, 86.1, 88.9, 75.4, 89.8 (94.4): ahead on five
+              pairs, on audio->video 0.5 below, within the seeds' spread (std 1.4 and 0.9); in
+              about three times the time (13-15 minutes). Re-ranking helps text->video (91.6)
+              but not audio<->video (70.7 and 69.3: that matching head stays weak).
+              docs/methods.md, "The alignment recipe on this data", has each step of the
+              diagnosis.
   tiny        a few steps of a smaller model, for tests and smoke runs.
   pod         pod scale: AST-B audio (10 s at 16 kHz), ViT-B/16 frames video (8 frames at
               224), CLIP text-B; bfloat16, rematerialized blocks, blockwise loss, the state
@@ -76,7 +76,7 @@ MIXTURE = {"audiocaps": (0.05, ("audio", "text")), "webvid": (0.35, ("video", "t
 
 def tower(name, **kwargs):
   # GPO pooling: +4.8 to +10.2 points of R@1 on every pair over cls, mean of 3 seeds (std at
-  # most 1.7; benchmarks/README.md, "Seed-methods ablation").
+  # most 1.7; benchmarks/README.md, "Alignment ablation").
   return dict(name=name, width=64, num_layers=2, num_heads=4, mlp_dim=128, dropout=0.0,
               pooling="gpo", gpo_drop_rate=0.0, dtype="float32", remat=False, **kwargs)
 
@@ -135,8 +135,8 @@ def get_config(variant=""):
     recipes.align_fuse(config, fusion=dict(pairs=("text:audio", "text:video", "audio:video"),
                                            width=64, num_layers=2, num_heads=4, mlp_dim=128),
                        rerank_k=16, distill_ramp_steps=500)
-    # Measured best (docs/methods.md, "Seed 001 on this data"): seed 000's InfoNCE beside
-    # seed 001's terms; IMS / LMIM off for audio, where they learn the speaker; a fresh EMA
+    # Measured best (docs/methods.md, "The alignment recipe on this data"): PCMC's InfoNCE beside
+    # the alignment terms; IMS / LMIM off for audio, where they learn the speaker; a fresh EMA
     # and a short queue (1,500 steps at learning rate 2e-3 move the towers far faster than
     # a 0.995 EMA follows: its keys lag, and ITC alone loses 30-40 points to that); and no
     # distillation (its targets come from the same lagging model).

@@ -1,4 +1,4 @@
-"""Seed 000's CUB-200 experiment (Sánchez and Laguna, arXiv 2401.16347): bird photos, their
+"""PCMC's CUB-200 experiment (Sánchez and Laguna, arXiv 2401.16347): bird photos, their
 descriptions and their species' class embedding coordinated in one space, evaluated on all
 six pairs and on fused queries, plus zero-shot species classification of the photos.
 
@@ -24,7 +24,7 @@ not in this repository: compare the final table of `launch/evaluate.py` against 
 
 Variants (`--config=configs/cub.py:VARIANT`):
   (none)      N-way contrastive (PCMC) on the three pairs.
-  regression  seed 000's similarity regression (PCMR) instead.
+  regression  similarity regression (PCMR) instead.
   tiny        tiny from-scratch towers on 32 x 32 images, for tests on small files in the
               real layout.
 """

@@ -1,4 +1,4 @@
-"""Seed 000's Flickr8k experiment (Sánchez and Laguna, arXiv 2401.16347): image, written
+"""PCMC's Flickr8k experiment (Sánchez and Laguna, arXiv 2401.16347): image, written
 caption and spoken caption coordinated in one space, evaluated on all six pairs and on
 fused queries (two modalities as one query).
 
@@ -27,7 +27,7 @@ text); its numbers are in the paper, not in this repository: compare the final t
 
 Variants (`--config=configs/flickr8k.py:VARIANT`):
   (none)      N-way contrastive (PCMC): InfoNCE on the three pairs.
-  regression  seed 000's similarity regression (PCMR) instead.
+  regression  similarity regression (PCMR) instead.
   tiny        tiny from-scratch towers (32 x 32 images, a two-convolution speech tower), for
               tests on small files in the real layout.
 """

@@ -10,7 +10,7 @@ Variants (`--config=configs/image_text.py:VARIANT`):
   clip     both towers and the projection from a local CLIP checkpoint folder
            (`--config.model.towers.image.path` and `.text.path`; the tokenizer comes with it).
   flickr30k  the same on flickr30k_karpathy.
-  align_fuse seed 001 (ALBEF/TCL-style): GPO pooling, momentum encoders with 65,536-entry
+  align_fuse ALBEF/TCL-style alignment: GPO pooling, momentum encoders with 65,536-entry
            queues, ITC + IMS + LMIM (image patches pooled to a 4 x 4 grid) + image-text
            matching with hard negatives in a 6-layer fusion encoder over the text tokens;
            evaluation re-ranks the top 128 with the matching head.
@@ -29,7 +29,7 @@ from configs import recipes, sizes, variants
 from xmodal_jax import schema
 
 VARIANTS = ("clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g")
-# Seed 001's fusion encoder over the text tokens, by tower size.
+# The ALBEF fusion encoder over the text tokens, by tower size.
 FUSION = {"B": dict(width=768, num_layers=6, num_heads=12, mlp_dim=3072, dtype="bfloat16"),
           "tiny": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64, dtype="float32")}
 

@@ -13,9 +13,9 @@ def retrieval_eval(every, **options):
 
 
 def align_fuse(config, *, fusion, rerank_k, distill_ramp_steps):
-  """Seed 001 (docs/methods.md) on `config`, TCL's weighting: (ITC both ways + IMS + LMIM) /
-  3 + matching; GPO pooling on every tower, 16 local features, distillation alpha 0.4, the
-  fusion encoders `fusion` (pairs and sizes), and an evaluator re-ranking the top
+  """ALBEF/TCL-style alignment (docs/methods.md) on `config`, TCL's weighting: (ITC both ways
+  + IMS + LMIM) / 3 + matching; GPO pooling on every tower, 16 local features, distillation
+  alpha 0.4, the fusion encoders `fusion` (pairs and sizes), and an evaluator re-ranking the top
   `rerank_k` with their matching heads as often as retrieval is evaluated."""
   config.loss.weights = dict(contrastive=0.0, regression=0.0, itc=1 / 3, ims=1 / 3,
                              lmim=1 / 3, itm=1.0)

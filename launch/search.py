@@ -8,7 +8,7 @@ against every other exported modality (or --gallery) by cosine and prints the to
 keys with their scores and, when the dataset has text, each item's text. The search is
 exact, shard by shard, unless the export has a FAISS index of the gallery modality
 (launch/export.py --index) and --exact is not given. With --rerank=N and a
-model with a fusion encoder for the pair (seed 001), the top N are re-scored by the matching
+model with a fusion encoder for the pair (ALBEF), the top N are re-scored by the matching
 head and listed again; the candidates' tokens are recomputed from just those items of the
 export's split (exports hold embeddings, not tokens).
 """

@@ -13,8 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Test programs are tiny and run a few steps, so compiling them dominates the suite: XLA's CPU
-# backend compiles them without LLVM's costlier optimizations (the same numbers; seed 001's
-# 4-step fixture 52 -> 44 s). A run of hundreds of steps is faster without (trained_run).
+# backend compiles them without LLVM's costlier optimizations (the same numbers; the alignment
+# recipe's 4-step fixture 52 -> 44 s). A run of hundreds of steps is faster without (trained_run).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 

@@ -1,5 +1,5 @@
-"""Seed 001: ITC / IMS / LMIM / matching against NumPy formulas, the queue kept in place on 8
-devices, hard negatives, the queue's FIFO order, the EMA formula, checkpoint restore of
+"""ALBEF-style alignment: ITC / IMS / LMIM / matching against NumPy formulas, the queue kept
+in place on 8 devices, hard negatives, the queue's FIFO order, the EMA formula, checkpoint restore of
 queues, 8 devices against 1, and re-ranking."""
 
 import functools

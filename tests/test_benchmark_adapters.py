@@ -185,7 +185,7 @@ def test_cub200(tmp_path):
 
 
 @pytest.mark.slow
-def test_seed_000_configs_train_on_files_in_the_real_layouts(tmp_path):
+def test_pcmc_paper_configs_train_on_files_in_the_real_layouts(tmp_path):
   """configs/flickr8k.py:tiny and configs/cub.py:tiny train and evaluate every pair and
   fused query (CUB's attributes by species, and zero-shot species from the photos) on
   builds of small files in the Flickr8k Audio and CUB layouts; the full configs validate."""
@@ -413,7 +413,7 @@ def test_image_text_align_fuse_trains_on_flickr30k_files(tmp_path):
     np.testing.assert_array_equal(found[row][1], tokens["text"]["valid"][row])
 
 
-def test_seed_000_full_configs_count_the_published_parameters(tmp_path):
+def test_pcmc_paper_full_configs_count_the_published_parameters(tmp_path):
   """The full configs' models from folders holding only the published architectures'
   config.json (CLIP ViT-B/32, wav2vec 2.0 base), no weights: CLIP's 151,277,313 parameters
   (towers, both projections, logit scale; ours adds the heads' zero biases, 2 x 512), the

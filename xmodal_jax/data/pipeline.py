@@ -282,7 +282,8 @@ def index_shuffle(index, seed, stream, max_index):
                     tf.fill(shape, tf.constant(seed, tf.int64)),
                     tf.broadcast_to(tf.cast(stream, tf.int64), shape)], axis=-1)
   return tf.raw_ops.RandomIndexShuffle(
-      index=index, seed=seeds, max_index=tf.broadcast_to(tf.cast(max_index, tf.int64), shape), rounds=4)
+      index=index, seed=seeds, rounds=4,
+      max_index=tf.broadcast_to(tf.cast(max_index, tf.int64), shape))
 
 
 def record_reader(reader, cache):

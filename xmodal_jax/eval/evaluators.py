@@ -98,7 +98,7 @@ def retrieval_validate(options, config, where):
                        f"{list(config.modalities)}")
 
 
-# --- Re-ranked retrieval through a fusion pair's matching head (seed 001) --------------------
+# --- Re-ranked retrieval through a fusion pair's matching head (ALBEF) ----------------------
 
 
 def rerank_pairs(options, model):

@@ -1,6 +1,6 @@
 """One query against an embedding export (launch/search.py): read and encode the query with
 the run's model, take each gallery modality's top hits, and re-rank candidates with a
-fusion pair's matching head (seed 001).
+fusion pair's matching head (ALBEF).
 
 Exports hold embeddings, not tokens: re-ranking recomputes the candidates' tokens from just
 their items of the export's split.

@@ -1,4 +1,4 @@
-"""Re-ranking (seed 001): re-score each query's top-k by embedding similarity with the fusion
+"""Re-ranking (ALBEF): re-score each query's top-k by embedding similarity with the fusion
 encoder's matching head and report the re-ranked retrieval beside the embedding one."""
 
 import time

@@ -1,4 +1,4 @@
-"""Seed 001's alignment objectives (docs/methods.md; TCL / ALBEF forms): ITC and IMS against
+"""ALBEF-style alignment objectives (docs/methods.md; TCL / ALBEF forms): ITC and IMS against
 momentum embeddings and a queue with positive-aware targets, and LMIM between a sample's
 global vector and its local features.
 

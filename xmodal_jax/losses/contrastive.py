@@ -1,4 +1,4 @@
-"""N-way contrastive coordination (seed 000, PCMC): a CLIP or SigLIP loss on every pair.
+"""N-way contrastive coordination (PCMC): a CLIP or SigLIP loss on every pair.
 
 Every function here takes this device's rows. Inside `shard_map` with `axis_name`, rows are
 scored against the whole global batch of the other modality and the value equals the

@@ -76,7 +76,7 @@ class Objective:
   validate: Callable[[Any], None] = no_options
 
 
-# --- Seed 000: every pair of modalities, per device ------------------------------------------
+# --- PCMC / PCMR: every pair of modalities, per device ------------------------------------------
 
 
 def pairwise_options(loss_config, inputs):
@@ -117,7 +117,7 @@ def validate_regression(config):
                            impl=config.loss.impl, where="config.loss.regression.")
 
 
-# --- Seed 001: alignment on the global batch -------------------------------------------------
+# --- ALBEF-style alignment on the global batch -------------------------------------------------
 
 
 def queued(inputs, query, key, keys=None):
@@ -146,8 +146,8 @@ def itc_term(inputs, loss_config):
 def intra_modal(loss_config, modalities):
   """The modalities the within-modality terms (ims, lmim) run on: config.loss.
   intra_modalities, or all when it is empty. Without a second view that varies what
-  retrieval should ignore, these terms reward it (docs/methods.md, "Seed 001 on this data":
-  on the digit data, the speaker of each audio clip)."""
+  retrieval should ignore, these terms reward it (docs/methods.md, "The alignment recipe on
+  this data": on the digit data, the speaker of each audio clip)."""
   chosen = loss_config.intra_modalities or list(modalities)
   return [m for m in modalities if m in chosen]
 

@@ -1,4 +1,4 @@
-"""Similarity regression (seed 000, PCMR): regress cross-modal similarities to a target.
+"""Similarity regression (PCMR): regress cross-modal similarities to a target.
 
 For a pair (m, n), S_ij = z_m,i . z_n,j is regressed to T_ii = 1 and, for i != j,
 T_ij = min(sg((Z_m Z_m^T + Z_n Z_n^T) / 2)_ij, 1 - margin) (target="intra") or 0 ("zero").

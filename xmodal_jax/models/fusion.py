@@ -1,4 +1,4 @@
-"""The fusion encoder of seed 001 (ALBEF's): one modality's tokens attend to themselves and,
+"""ALBEF's fusion encoder: one modality's tokens attend to themselves and,
 by cross-attention, to another modality's tokens; a 2-way head on the first token says
 whether the two are a matching pair."""
 

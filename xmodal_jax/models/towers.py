@@ -50,8 +50,8 @@ class MultiModalModel(nn.Module):
   both are one scalar per pair of modalities instead, {pair: scalar} (per-pair temperatures).
   With `local_features` > 0, a local head per modality projects up to that many pooled runs of
   tokens (a grid of cells for patch towers) into the embedding space (LMIM); `fusion` holds a
-  FusionEncoder per pair "a:b" (a's tokens attend to b's) for matching and re-ranking (seed
-  001).
+  FusionEncoder per pair "a:b" (a's tokens attend to b's) for matching and re-ranking
+  (ALBEF).
   """
   towers: Mapping[str, nn.Module]
   embed_dim: int

@@ -7,7 +7,7 @@
                it (replicated when none does);
   "replicate"  a full copy on every device;
   a tuple      a PartitionSpec, one entry per dimension: a mesh axis name or None.
-Seed 001's queues are not subject to rules: their rows are split over the batch axes.
+The momentum queues are not subject to rules: their rows are split over the batch axes.
 """
 
 import re

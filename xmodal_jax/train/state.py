@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 @flax.struct.dataclass
 class TrainState:
-  """step, params, optimizer state; with seed 001's momentum objectives also the EMA copy of
+  """step, params, optimizer state; with momentum objectives (ITC, IMS) also the EMA copy of
   the params and the queues {modality: {"emb": [Q, D], "ids": [Q]}, "pointer": []}."""
   step: jnp.ndarray
   params: Any

@@ -266,7 +266,7 @@ CUB_ATTRIBUTES = 312
 class Cub200(records.RecordBuilder):
   """CUB-200-2011 (Wah et al., 2011): 11,788 photos of 200 bird species, each with the 10
   descriptions of Reed et al. (2016) and its species' 312 attributes (the share of its
-  photos annotators marked with each, 0-1) as a class embedding: seed 000's image / text /
+  photos annotators marked with each, 0-1) as a class embedding: PCMC's image / text /
   class-embedding experiment. Split: the dataset's own train_test_split.txt (5,994 / 5,794
   images); "label" is the species ("Black footed Albatross"), for zero-shot classification.
 
