@@ -7,6 +7,12 @@
 evaluation pipeline prepares them, any batch size), its params as .npz and a JSON file
 describing inputs, output and preprocessing (xmodal_jax/eval/embedding_fn.py); loading it
 needs jax and NumPy only (docs/guide.md, "Taking the model elsewhere").
+
+--to=hf: Hugging Face folders. A text and an image modality whose towers are CLIP's
+(`clip_text`, and a `vit` with CLIP's vision options, or both from a CLIP folder) become one
+folder `transformers.CLIPModel.from_pretrained` loads, with the tokenizer and the image
+preprocessing; with --modalities naming other towers, each becomes {out}/{modality}/ in its
+family's layout (CLIP text or vision, ViT, BERT) with its head as projection.safetensors.
 """
 
 import json
@@ -25,9 +31,11 @@ import jax
 from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax.eval import embedding_fn
 from xmodal_jax import experiment as experiment_lib
+from xmodal_jax.pretrained import to_hf
 
-FORMATS = ("jax",)
-_TO = flags.DEFINE_enum("to", None, FORMATS, "What to write: jax (jax.export functions).")
+FORMATS = ("jax", "hf")
+_TO = flags.DEFINE_enum("to", None, FORMATS,
+                        "What to write: jax (jax.export functions) or hf (Hugging Face folders).")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _MODALITIES = flags.DEFINE_list("modalities", None, "Modalities to convert (default: all).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -50,6 +58,14 @@ def main(argv):
   example = experiment.source.abstract_batch(2)
   params = jax.device_get(experiment.state.params)
   if jax.process_index() != 0:
+    return
+  if _TO.value == "hf":
+    try:
+      for line in to_hf.write_run(experiment.model, params, config.modalities, modalities,
+                                  _OUT.value):
+        print(line)
+    except ValueError as e:  # a tower without a Hugging Face layout: the message says which
+      raise app.UsageError(str(e)) from e
     return
   for modality in modalities:
     options = json.loads(config.modalities[modality].to_json_best_effort())

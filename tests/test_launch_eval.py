@@ -199,6 +199,12 @@ def test_converted_embedding_functions_embed_as_the_model(trained_run, short_exp
     described = json.load(f)
   assert described["inputs"]["input_ids"]["shape"][0] == "batch"
   assert described["preprocessing"]["kind"] == "text"
+  # This run's small from-scratch towers have no Hugging Face layout: said, nothing written.
+  refused = run_launcher("convert.py", args + ["--to=hf", "--modalities=text",
+                                               f"--out={tmp_path / 'hf'}"], check=False)
+  assert refused.returncode and "the text tower: TextTransformer has no Hugging Face" in (
+      refused.stderr), refused.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "hf" / "text" / "model.safetensors")
 
 
 def test_faiss_flat_index_returns_the_exact_top_10(short_export):

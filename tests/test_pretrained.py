@@ -40,12 +40,12 @@ def run_ours(folder, inputs, **kwargs):
   return {"tokens": out["last_hidden_state"], "pooled": out["pooler_output"]}
 
 
-def assert_close(ours, reference):
+def assert_close(ours, reference, tolerance=TOLERANCE):
   reference = reference.detach().numpy()
   assert ours.shape == reference.shape
   error = float(np.max(np.abs(np.asarray(ours) - reference)))
   print(f"max abs error {error:.2e}")
-  assert error < TOLERANCE, error
+  assert error < tolerance, error
 
 
 def token_inputs(vocab, rng, lengths=(7, 4, 9)):
@@ -358,3 +358,108 @@ def test_clip_towers_with_projection_reproduce_clip_embeddings_and_logits(tmp_pa
     towers.build_model(ml_collections.ConfigDict(dict(embed_dim=4, towers=dict(
         text=dict(name="pretrained", path=folder, part="text", projection=True)))),
         loader=pretrained.Loader())
+
+
+def perturbed(params, seed):
+  """Every leaf moved away from its init (zero biases, unit scales), float32."""
+  rng = np.random.default_rng(seed)
+  return {k: perturbed(v, seed + i) if isinstance(v, dict) else
+          np.asarray(v, np.float32) + 0.1 * rng.normal(size=np.shape(v)).astype(np.float32)
+          for i, (k, v) in enumerate(params.items())}
+
+
+def test_clip_towers_leave_as_a_folder_clip_model_loads(tmp_path):
+  """A run's CLIP-layout towers and trained heads (with biases, which CLIP's projections
+  lack) -> a CLIPModel folder: no missing or unexpected keys, CLIP's normalized features and
+  logit scale are our model's, and the run's tokenizer and image preprocessing come along."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.pretrained import to_hf  # pylint: disable=g-import-not-at-top
+  trunk = dict(width=32, num_layers=2, num_heads=4, mlp_dim=37, activation="quick_gelu",
+               layer_norm_eps=1e-5)
+  model_config = schema.defaults().model
+  model_config.update(embed_dim=8, towers=dict(
+      text=dict(name="clip_text", vocab_size=14, max_positions=16, eos_token_id=3, **trunk),
+      image=dict(name="vit", image_size=(16, 16), patch_size=4, patch_bias=False,
+                 pre_norm=True, final_norm="pooled", pooler="cls", pooling="pooler",
+                 **trunk)))
+  ours, _ = towers.build_model(model_config)
+  rng = np.random.default_rng(4)
+  ids, mask = token_inputs(14, rng)
+  ids[np.arange(3), mask.sum(1) - 1] = 3  # digit_words' end of text
+  pixels = rng.normal(size=(3, 16, 16, 3)).astype(np.float32)
+  batch = {"text": {"input_ids": ids, "attention_mask": mask}, "image": {"pixels": pixels}}
+  params = perturbed(jax.device_get(ours.init(jax.random.key(0), batch, train=False)["params"]),
+                     0)
+  assert np.abs(params["heads_text"]["bias"]).min() > 0  # the bias must move, not vanish
+  expected = ours.apply({"params": params}, batch, train=False)
+  modalities = {"text": schema.modality(dict(kind="text", feature="text", max_length=16,
+                                             tokenizer="digit_words")),
+                "image": schema.modality(dict(kind="image", feature="image", image_size=16))}
+  printed = to_hf.write_run(ours, params, modalities, ["text", "image"], str(tmp_path))
+  assert printed == [f"text + image: a CLIPModel folder -> {tmp_path}"]
+  clip, info = transformers.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
+  assert not any(info.values()), info  # missing, unexpected, mismatched keys, errors
+  with torch.no_grad():
+    text = clip.text_projection(clip.text_model(
+        input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).pooler_output)
+    image = clip.visual_projection(clip.vision_model(
+        pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).pooler_output)
+  for name, reference in (("text", text), ("image", image)):
+    assert_close(expected[name], reference / reference.norm(dim=-1, keepdim=True), 1e-5)
+  np.testing.assert_allclose(clip.logit_scale.item(), params["logit_scale"], rtol=1e-6)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  assert tokenizer("one two three")["input_ids"] == [2, 5, 6, 7, 3]
+  processor = transformers.CLIPImageProcessor.from_pretrained(tmp_path)
+  image = rng.integers(0, 256, size=(24, 16, 3), dtype=np.uint8)
+  processed = processor(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  mean, std = np.array(modalities["image"].mean), np.array(modalities["image"].std)
+  np.testing.assert_allclose(processed, (image[4:20] / 255 - mean) / std, atol=1e-5)
+  # GPO pooling has no place in CLIP's layout: named, not dropped.
+  model_config.towers.image.pooling = "gpo"
+  gpo, _ = towers.build_model(model_config)
+  with pytest.raises(ValueError, match="the vision tower: PatchTransformer with {'pooling'"):
+    to_hf.clip_folder(ours.towers["text"], params["towers_text"], gpo.towers["image"],
+                      params["towers_image"],
+                      {"text": params["heads_text"], "vision": params["heads_image"]},
+                      params["logit_scale"], tmp_path / "gpo")
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "clip_vision"])
+def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path, family):
+  """tower_folder writes a folder transformers loads with no missing or unexpected keys and
+  whose outputs are the tower's; load_hf reads every param back unchanged."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import text, vision  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.pretrained import to_hf  # pylint: disable=g-import-not-at-top
+  trunk = dict(width=32, num_layers=2, num_heads=4, mlp_dim=37)
+  rng = np.random.default_rng(5)
+  if family == "bert":
+    tower = text.BertTextEncoder(vocab_size=99, max_positions=20, **trunk)
+    ids, mask = token_inputs(99, rng)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    torch_inputs = {k: torch.tensor(v) for k, v in inputs.items()}
+    model_class = transformers.BertModel
+  else:
+    options = dict(patch_bias=False, pre_norm=True, final_norm="pooled", pooler="cls",
+                   layer_norm_eps=1e-5) if family == "clip_vision" else {}
+    tower = vision.PatchTransformer(image_size=(16, 16), patch_size=4, **trunk, **options)
+    pixels = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+    inputs = {"pixels": pixels}
+    torch_inputs = {"pixel_values": torch.tensor(pixels.transpose(0, 3, 1, 2))}
+    model_class = (transformers.CLIPVisionModel if family == "clip_vision"
+                   else transformers.ViTModel)
+  params = perturbed(jax.device_get(tower.init(jax.random.key(0), inputs, train=False)
+                                    ["params"]), 1)
+  to_hf.tower_folder(tower, params, str(tmp_path), family)
+  model, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+  assert not any(info.values()), info
+  ours = tower.apply({"params": params}, inputs, train=False)
+  with torch.no_grad():
+    reference = model.eval()(**torch_inputs)
+  assert_close(ours["pooled"], reference.pooler_output)
+  _, loaded = load_hf(str(tmp_path))
+  flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
+  assert flat(loaded).keys() == flat(params).keys()
+  for path, value in flat(params).items():
+    np.testing.assert_array_equal(flat(loaded)[path], value, err_msg=str(path))

@@ -15,7 +15,7 @@ ALLOWED = {
     "parallel": {"parallel"},
     "models": {"models"},
     "losses": {"losses", "parallel"},
-    "pretrained": {"pretrained", "models"},
+    "pretrained": {"pretrained", "models", "tokenizers"},
     "data": {"data", "tokenizers", "files"},
     "eval": {"eval", "parallel", "models", "files"},
     "train": {"train", "eval", "losses", "models", "pretrained", "parallel", "files"},
