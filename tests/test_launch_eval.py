@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fixtures
-from conftest import run_launcher, start_launchers
+from conftest import run_launcher, run_train, start_launchers
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,40 @@ def numpy_ranks(query, gallery, query_ids, gallery_ids):
     positive = scores[i][gallery_ids == query_ids[i]].max()
     ranks.append(1 + int((scores[i] > positive).sum()))
   return np.array(ranks)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_run_writes_metrics_checkpoints_and_resumes_when_done(trained_run):
+  """The shared run (here, with the tests that read it: one build per worker) logged,
+  checkpointed and evaluated; a changed config is refused; a finished run only evaluates."""
+  args, workdir, printed = trained_run
+  assert "test/audio->text" not in printed and "audio->text" in printed  # The table.
+  assert "1 device;" in printed
+  records = read_metrics(workdir)
+  assert [r["step"] for r in records if "train/loss" in r] == [100, 200, 300]
+  final = records[-1]
+  assert final["step"] == 300
+  for pair in ("audio->video", "audio->text", "video->audio", "video->text", "text->audio",
+               "text->video"):
+    for metric in ("R@1", "R@5", "R@10", "MedR", "MnR"):
+      assert f"test/{pair}/{metric}" in final
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "300"))
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  # The run's config is saved with it; resuming with one that changes the run stops first.
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["batch_size"] == 256
+  changed = run_train(args + ["--config.batch_size=128"], devices=2, check=False)
+  assert changed.returncode != 0 and "batch_size: 256 -> 128" in changed.stderr
+  # Re-running a finished run restores it and only evaluates; the files stay as they were.
+  again = run_train(args, devices=2).stdout  # on another layout than it trained on
+  assert "Resuming from the checkpoint of step 300" in again and "2 devices;" in again
+  assert "step 100/300" not in again and "audio->text" in again
+  assert read_metrics(workdir) == records
 
 
 def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, tmp_path):
