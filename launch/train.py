@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import common  # launch/common.py
 from xmodal_jax import experiment
-from xmodal_jax.train import nonfinite, preemption
+from xmodal_jax.train import nonfinite, preemption, run_lock
 
 NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
 
@@ -41,6 +41,8 @@ def main(argv):
   try:
     experiment.train(common.CONFIG.value, common.WORKDIR.value,
                      allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+  except run_lock.WorkdirLocked as e:
+    sys.exit(f"error: {e}")
   except nonfinite.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(NONFINITE_EXIT_STATUS)

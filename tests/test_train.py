@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,3 +159,35 @@ def test_metrics_file_survives_a_torn_last_line_and_names_a_corrupt_one(tmp_path
   path.write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
   with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
     metrics_lib.MetricWriter(str(tmp_path), start_step=2)
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from xmodal_jax.train import run_lock
+with run_lock.hold(sys.argv[1]):
+  print("held", flush=True)
+  time.sleep(600)
+"""
+
+
+def test_a_second_run_in_a_workdir_is_refused_until_the_first_ends(tmp_path):
+  """While a process holds the workdir, train.py exits naming its PID and writes nothing;
+  once the holder is SIGKILLed (no clean-up), the lock is free again."""
+  from xmodal_jax.train import run_lock  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, workdir],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    proc = run_train([f"--config={CONFIG}:tiny", f"--workdir={workdir}"], check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"another run trains here (host {socket.gethostname()}, PID {holder.pid}" in (
+        proc.stderr)
+    assert os.listdir(workdir) == [run_lock.LOCK_FILE]  # no config.json, no checkpoints
+  finally:
+    holder.kill()
+    holder.wait()
+  with run_lock.hold(workdir):  # a killed holder leaves no stale lock
+    second = subprocess.run([sys.executable, "-c", HOLD_THE_LOCK, workdir], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+  assert second.returncode and f"PID {os.getpid()}" in second.stderr, second.stderr[-2000:]

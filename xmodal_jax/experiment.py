@@ -7,6 +7,7 @@ the train state's shapes and shardings. `setup` adds a workdir: it initializes o
 the state. `compile_train_step` lowers the same assembly for devices that may not be here.
 """
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -22,7 +23,7 @@ from xmodal_jax.eval import embed
 from xmodal_jax.losses import objectives
 from xmodal_jax.models import towers
 from xmodal_jax.parallel import sharding
-from xmodal_jax.train import (aot, checkpoint, embedding_cache, loop, optimizer,
+from xmodal_jax.train import (aot, checkpoint, embedding_cache, loop, optimizer, run_lock,
                               state as state_lib, step as step_lib)
 
 
@@ -147,10 +148,13 @@ def setup(config, workdir, *, step=None, require_checkpoint=False):
 
 
 def train(config, workdir, *, allow_config_change=False):
-  """Trains `config` in `workdir` (resuming from its newest checkpoint); returns the last
-  evaluation's metrics (train/loop.py)."""
-  return loop.train_and_evaluate(setup(config, workdir), workdir,
-                                 allow_config_change=allow_config_change)
+  """Trains `config` in `workdir` (resuming from its newest checkpoint), holding the
+  workdir's lock (train/run_lock.py) on the first process; returns the last evaluation's
+  metrics (train/loop.py)."""
+  first = jax.process_index() == 0
+  with run_lock.hold(workdir) if first else contextlib.nullcontext():
+    return loop.train_and_evaluate(setup(config, workdir), workdir,
+                                   allow_config_change=allow_config_change)
 
 
 def compile_train_step(config, devices):
