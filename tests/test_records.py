@@ -252,6 +252,19 @@ def test_integer_and_string_ids_are_not_merged(tmp_path):
     builder.download_and_prepare()
 
 
+def test_a_split_name_that_would_leave_the_data_dir_is_refused(tmp_path):
+  """A split becomes part of file names: one with a path in it stops the build at its line,
+  before anything is written."""
+  path = tmp_path / "items.jsonl"
+  write_manifest(path, [{"id": 1, "split": "train", "caption": "fine"},
+                        {"id": 2, "split": "x/../../../escaped/pwn", "caption": "hostile"}])
+  with pytest.raises(ValueError, match=r"items.jsonl:2: \"split\": 'x/../../../escaped/pwn': "
+                     "expected ASCII letters, digits and _"):
+    records.manifest_builder("splits", str(path), {"caption": "text"},
+                             data_dir=str(tmp_path / "tfds")).download_and_prepare()
+  assert sorted(os.listdir(tmp_path)) == ["items.jsonl"]
+
+
 def test_audio_formats_decode_to_the_same_signal(tmp_path):
   """wav is exact; flac is lossless; mp3 and Opus (.ogg) keep the waveform up to codec
   delay and loss; all resampled to the asked rate."""

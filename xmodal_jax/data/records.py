@@ -163,6 +163,9 @@ def read_sidecar(data_dir):
     return json.load(f)
 
 
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
 def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data_dir=None,
                      beam=False, file_format="tfrecord"):
   """A builder for the JSONL `manifest` (paths relative to its folder) as dataset `name`.
@@ -177,6 +180,9 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
     if not isinstance(record.get("split"), str) or not record.get("split"):
       raise ValueError(f"{manifest}:{line_number}: missing \"split\" (a string such as "
                        f"\"train\")")
+    if not SPLIT_NAME.fullmatch(record["split"]):
+      raise ValueError(f"{manifest}:{line_number}: \"split\": {record['split']!r}: expected "
+                       "ASCII letters, digits and _ (the split names the dataset's files)")
     if "tar" in record:
       records.extend(manifest_lib.expand_shards(manifest, line_number, record, modalities,
                                                   base_dir))
