@@ -51,8 +51,9 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
               passes over 10M clips) and 3.3M AudioCaps rows (66 passes: more would
               memorize its 49.8k clips; it is there for captions about sounds, which
               VALOR's audio-visual captions rarely give). Builds: AudioCaps by its adapter
-              (python -m xmodal_jax.data.build --adapter=audiocaps ...), WebVid and VALOR
-              by the manifest builder (one line per clip, as :pod shows), all in
+              (python -m xmodal_jax.data.build --dataset=audiocaps ...), WebVid (as
+              webvid_clips: TFDS has its own builder named webvid) and VALOR by the
+              manifest builder (one line per clip, as :pod shows), all in
               config.data.data_dir. Evaluation: retrieval on VALOR's test (every pair),
               AudioCaps' test (audio-text) and MSR-VTT's 1k-A test (video-text, its
               adapter).
@@ -72,6 +73,8 @@ VARIANTS = ("tiny", "regression", "sigmoid", "align_fuse", "pod", "mixture")
 # The mixture's sources: (weight, modalities the source provides; None: all three).
 MIXTURE = {"audiocaps": (0.05, ("audio", "text")), "webvid": (0.35, ("video", "text")),
            "valor": (0.60, None)}
+# Each source's dataset name (a manifest-built dataset is named apart from TFDS's builders).
+MIXTURE_DATASETS = {"audiocaps": "audiocaps", "webvid": "webvid_clips", "valor": "valor"}
 
 
 def tower(name, **kwargs):
@@ -193,7 +196,7 @@ def mixture(config, tiny):
   data_dir = config.data.get_ref("data_dir")
   slices = {"audiocaps": "train[:40%]", "webvid": "train[40%:80%]", "valor": "train[80%:]"}
   config.data.sources = {
-      name: dict(name="digit_sequences" if tiny else name, data_dir=data_dir,
+      name: dict(name="digit_sequences" if tiny else MIXTURE_DATASETS[name], data_dir=data_dir,
                  split=slices[name] if tiny else "train", weight=weight,
                  features={m: m for m in modalities} if modalities else {})
       for name, (weight, modalities) in MIXTURE.items()}

@@ -238,7 +238,7 @@ def test_esc50(tmp_path):
   assert len(out["test"]["1-100-A-0"][0]["audio"]) == 3_200  # 0.2 s at 16 kHz
 
 
-def test_ucf101(tmp_path):
+def test_ucf101_split1(tmp_path):
   manual = tmp_path / "files"
   lists = manual / "ucfTrainTestlist"
   lists.mkdir(parents=True)
@@ -252,7 +252,7 @@ def test_ucf101(tmp_path):
       (test if group == 1 else train).append(clip + (f" {index}" if group == 8 else ""))
   (lists / "trainlist01.txt").write_text("\n".join(train) + "\n")
   (lists / "testlist01.txt").write_text("\n".join(test) + "\n")
-  out = build("ucf101", manual, tmp_path / "tfds", video_frames=2, frame_size=16)
+  out = build("ucf101_split1", manual, tmp_path / "tfds", video_frames=2, frame_size=16)
   assert {s: sorted(items) for s, items in out.items()} == {
       "train": ["v_ApplyEyeMakeup_g08_c01", "v_YoYo_g08_c01"],
       "test": ["v_ApplyEyeMakeup_g01_c01", "v_YoYo_g01_c01"]}

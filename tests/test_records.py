@@ -265,6 +265,23 @@ def test_a_split_name_that_would_leave_the_data_dir_is_refused(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["items.jsonl"]
 
 
+def test_dataset_names_stay_apart_from_tfds_builders(tmp_path):
+  """A manifest named as a registered dataset would be read with that dataset's code: refused.
+  Our adapters' names collide with none of TFDS's (no "already registered" traceback when
+  TFDS loads its own)."""
+  path = tmp_path / "items.jsonl"
+  write_manifest(path, [{"id": 1, "split": "train", "caption": "a clip"}])
+  for name in ("webvid", "ucf101", "audiocaps"):
+    with pytest.raises(ValueError, match=f"--name='{name}' is a registered TFDS dataset"):
+      records.manifest_builder(name, str(path), {"caption": "text"},
+                               data_dir=str(tmp_path / "tfds"))
+  loaded = subprocess.run(
+      [sys.executable, "-c", "import tensorflow_datasets as tfds; "
+       "import xmodal_jax.data.pipeline; tfds.list_builders(with_community_datasets=False)"],
+      cwd=REPO, capture_output=True, text=True, check=True)
+  assert "already registered" not in loaded.stderr, loaded.stderr[-2000:]
+
+
 def test_audio_formats_decode_to_the_same_signal(tmp_path):
   """wav is exact; flac is lossless; mp3 and Opus (.ogg) keep the waveform up to codec
   delay and loss; all resampled to the asked rate."""

@@ -173,6 +173,10 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
   (`webdataset`); `file_format` "tfrecord" or "array_record" (random access, no copy)."""
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise ValueError(f"--name={name!r}: expected lower_snake_case (letters, digits, _)")
+  if name in tfds.list_builders(with_community_datasets=False):
+    raise ValueError(f"--name={name!r} is a registered TFDS dataset (ours or TFDS's): it "
+                     "would be read with that dataset's code, not from your manifest; "
+                     "choose another name")
   lines = manifest_lib.read_manifest(manifest)
   base_dir = encoding.folder_of(manifest)
   records = []

@@ -47,7 +47,7 @@ def _words(camel_case):
   return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", camel_case)
 
 
-class Ucf101(records.RecordBuilder):
+class Ucf101Split1(records.RecordBuilder):
   """UCF-101 (Soomro et al., 2012): 13,320 YouTube action clips in 101 classes; train/test
   split 1 of the official three (9,537 / 3,783 clips), as zero-shot video classification
   usually reports. The label is the class name in words ("Apply Eye Makeup").
@@ -136,4 +136,4 @@ class ImageFolder(records.RecordBuilder):
     return splits
 
 
-ADAPTERS = {cls.name: cls for cls in (Esc50, Ucf101, ImageFolder)}
+ADAPTERS = {cls.name: cls for cls in (Esc50, Ucf101Split1, ImageFolder)}
