@@ -10,6 +10,10 @@ CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file
                                          lock_config=True)
 WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
+ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Go on although the config differs from the run's "
+    "({workdir}/config.json): train.py in what shapes the run (batch size, model, data, "
+    "schedule), the launchers that read a run in its model or input preprocessing.")
 
 DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", distributed.MODES, "Join JAX's distributed runtime: 'auto' when "

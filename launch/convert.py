@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 
-from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
+from common import ALLOW_CONFIG_CHANGE, CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax.eval import embedding_fn
 from xmodal_jax import experiment as experiment_lib
 from xmodal_jax.pretrained import to_hf
@@ -48,7 +48,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   join_runtime()
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
-                                    require_checkpoint=True)
+                                    require_checkpoint=True,
+                                    allow_config_change=ALLOW_CONFIG_CHANGE.value)
   config = experiment.config
   modalities = _MODALITIES.value or list(config.modalities)
   unknown = sorted(set(modalities) - set(config.modalities))

@@ -32,7 +32,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
+from common import ALLOW_CONFIG_CHANGE, CONFIG, WORKDIR, join_runtime  # launch/common.py
 import jax
 from xmodal_jax import files
 from xmodal_jax.eval import evaluators, retrieval
@@ -83,9 +83,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
+  out_folder = os.path.dirname(_OUT.value or "") or "."
+  if _OUT.value and (not files.exists(out_folder) or files.isdir(_OUT.value)):
+    raise app.UsageError(f"--out={_OUT.value}: expected a file path in an existing folder "
+                         "(checked before evaluating, so the results have a place)")
   join_runtime()
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
-                                    require_checkpoint=True)
+                                    require_checkpoint=True,
+                                    allow_config_change=ALLOW_CONFIG_CHANGE.value)
   split = _SPLIT.value or experiment.config.data.eval_split
   results = evaluators.run_entries(experiment.config, experiment.embedder,
                                    experiment.state.params, split=_SPLIT.value)

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 from jax.experimental import multihost_utils
 
-from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
+from common import ALLOW_CONFIG_CHANGE, CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax import files
 from xmodal_jax.eval import export, index
 from xmodal_jax import experiment as experiment_lib
@@ -49,7 +49,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   join_runtime()
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=_STEP.value,
-                                    require_checkpoint=True)
+                                    require_checkpoint=True,
+                                    allow_config_change=ALLOW_CONFIG_CHANGE.value)
   config = experiment.config
   split = _SPLIT.value or config.data.eval_split
   # What the shards are written with: a resume with any other value is refused.

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from common import CONFIG, WORKDIR, join_runtime  # launch/common.py
+from common import ALLOW_CONFIG_CHANGE, CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax.eval import export, index, query
 from xmodal_jax.models import towers
 from xmodal_jax import experiment as experiment_lib
@@ -77,7 +77,8 @@ def main(argv):
     if gallery not in meta["dims"]:
       raise app.UsageError(f"--gallery={gallery}: the export has {exported.modalities}")
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=meta["step"],
-                                    require_checkpoint=True)
+                                    require_checkpoint=True,
+                                    allow_config_change=ALLOW_CONFIG_CHANGE.value)
   config, embedder, params = experiment.config, experiment.embedder, experiment.state.params
   problems = query.export_mismatches(meta, WORKDIR.value, config.model)
   if problems and not _ALLOW_OTHER_EXPORT.value:

@@ -17,7 +17,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before tf.data loads: its INFO is noise.
 
-from absl import app, flags, logging
+from absl import app, logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,11 +28,6 @@ from xmodal_jax.train import nonfinite, preemption, run_lock
 
 NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
 
-_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
-    "allow_config_change", False, "Resume even though the config differs from the run's "
-    "({workdir}/config.json) in what shapes the run (batch size, model, data, schedule).")
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -40,7 +35,7 @@ def main(argv):
   common.join_runtime()
   try:
     experiment.train(common.CONFIG.value, common.WORKDIR.value,
-                     allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+                     allow_config_change=common.ALLOW_CONFIG_CHANGE.value)
   except run_lock.WorkdirLocked as e:
     sys.exit(f"error: {e}")
   except nonfinite.NonFiniteError as e:

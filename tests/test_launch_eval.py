@@ -292,6 +292,26 @@ def test_search_errors_name_the_flag(trained_run, short_export):
   assert proc.returncode and "--gallery=image" in proc.stderr
 
 
+def test_readers_refuse_another_model_and_create_nothing(trained_run, tmp_path):
+  """evaluate.py with a config that prepares text otherwise than the run did stops, naming
+  the field (export, search and convert share the check); a misspelt workdir is named and
+  left uncreated."""
+  args, _, _ = trained_run
+  proc = run_launcher("evaluate.py", args + ["--config.modalities.text.max_length=10"],
+                      check=False)
+  assert proc.returncode and "modalities.text.max_length: 8 -> 10" in proc.stderr, (
+      proc.stderr[-2000:])
+  assert "--allow_config_change" in proc.stderr
+  misspelt = tmp_path / "runs" / "avt_typo"
+  proc = run_launcher("evaluate.py", [a for a in args if not a.startswith("--workdir")]
+                      + [f"--workdir={misspelt}"], check=False)
+  assert proc.returncode and f"{misspelt}: no checkpoints folder" in proc.stderr
+  assert not os.path.exists(tmp_path / "runs")
+  proc = run_launcher("evaluate.py", args + [f"--out={tmp_path}/no/such/eval.json"],
+                      check=False)
+  assert proc.returncode and "expected a file path in an existing folder" in proc.stderr
+
+
 def test_search_with_an_audio_file(trained_run, short_export):
   """A real recording as the query: it is read, checked and encoded by the audio tower."""
   from xmodal_jax.data.builders import digit_sequences  # pylint: disable=g-import-not-at-top

@@ -17,14 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax import parallel, pretrained as pretrained_lib, schema, tokenizers
+from xmodal_jax import files, parallel, pretrained as pretrained_lib, schema, tokenizers
 from xmodal_jax.data import source as source_lib
 from xmodal_jax.eval import embed
 from xmodal_jax.losses import objectives
 from xmodal_jax.models import towers
 from xmodal_jax.parallel import sharding
-from xmodal_jax.train import (aot, checkpoint, embedding_cache, loop, optimizer, run_lock,
-                              state as state_lib, step as step_lib)
+from xmodal_jax.train import (aot, checkpoint, embedding_cache, loop, optimizer, run_config,
+                              run_lock, state as state_lib, step as step_lib)
 
 
 @dataclasses.dataclass
@@ -127,12 +127,19 @@ def placed(abstract, shardings):
                       abstract, shardings)
 
 
-def setup(config, workdir, *, step=None, require_checkpoint=False):
+def setup(config, workdir, *, step=None, require_checkpoint=False, allow_config_change=False):
   """Assembles `config`, then restores checkpoint `step` of `workdir` (default: the newest)
-  or initializes a fresh state."""
+  or initializes a fresh state. With `require_checkpoint` (a launcher reading a trained run)
+  the workdir must hold checkpoints, nothing is created in it, and `config` must describe the
+  run's model and inputs (train/run_config.py) unless `allow_config_change`."""
   checkpoint.check_workdir(workdir)
+  if require_checkpoint and not files.exists(checkpoint.folder(workdir)):
+    raise FileNotFoundError(f"{workdir}: no checkpoints folder, so not a trained run's "
+                            "workdir (a misspelt --workdir?)")
   assembly = assemble(config)
-  manager = checkpoint.make_manager(workdir, assembly.config)
+  if require_checkpoint:
+    run_config.check_reading(workdir, assembly.config, allow_changes=allow_config_change)
+  manager = checkpoint.make_manager(workdir, assembly.config, create=not require_checkpoint)
   if step is None:
     step = manager.latest_step() or 0
   if step:  # Restored into shapes and shardings: nothing to initialize or compile.

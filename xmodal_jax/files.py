@@ -20,6 +20,10 @@ def exists(path):
   return _gfile().exists(path)
 
 
+def isdir(path):
+  return _gfile().isdir(path)
+
+
 def makedirs(path):
   _gfile().makedirs(path)
 

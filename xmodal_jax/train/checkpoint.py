@@ -20,17 +20,22 @@ def check_workdir(workdir):
                         "google-cloud-storage: pip install -e \".[gcs]\"") from e
 
 
-def make_manager(workdir, config):
-  """Saves every `checkpoint_every` steps, keeps the newest `keep_checkpoints`.
+def folder(workdir):
+  """The run's checkpoints folder."""
+  return os.path.join(files.absolute(workdir), "checkpoints")
+
+
+def make_manager(workdir, config, create=True):
+  """Saves every `checkpoint_every` steps, keeps the newest `keep_checkpoints`; `create`
+  makes the folder when absent (a reader passes False and checks it exists).
 
   Orbax finalizes a step's folder only once the save completed, so `latest_step()` always
   names a complete checkpoint, even after the process was killed mid-save.
   """
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.keep_checkpoints, save_interval_steps=config.checkpoint_every,
-      create=True)
-  return ocp.CheckpointManager(os.path.join(files.absolute(workdir), "checkpoints"),
-                               options=options)
+      create=create)
+  return ocp.CheckpointManager(folder(workdir), options=options)
 
 
 def restore(manager, state, step):

@@ -13,6 +13,10 @@ from xmodal_jax import files
 SHAPING = ("seed", "batch_size", "total_steps", "data.name", "data.train_split", "modalities",
            "model", "loss", "optimizer", "alignment")
 FILE = "config.json"
+# What a run's model and its inputs are: launchers that read a run (evaluate, export, search,
+# convert) must build the same model and prepare inputs the same way; the data they read and
+# everything about optimization may differ.
+READING = ("model", "modalities")
 
 
 def as_dict(config):
@@ -29,11 +33,11 @@ def flatten(tree, prefix=""):
   return out
 
 
-def changes(saved, config):
-  """["field: saved -> now"] for the SHAPING fields that differ between the saved dict and
+def changes(saved, config, fields=SHAPING):
+  """["field: saved -> now"] for the `fields` that differ between the saved dict and
   `config`."""
   before, now = flatten(saved), flatten(as_dict(config))
-  shaping = lambda key: any(key == f or key.startswith(f + ".") for f in SHAPING)
+  shaping = lambda key: any(key == f or key.startswith(f + ".") for f in fields)
   keys = sorted(k for k in set(before) | set(now) if shaping(k) and before.get(k) != now.get(k))
   return [f"{k}: {before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}" for k in keys]
 
@@ -51,3 +55,16 @@ def check_and_save(workdir, config, *, resuming, allow_changes=False):
   if jax.process_index() == 0:
     files.makedirs(workdir)
     files.write_atomically(path, config.to_json_best_effort(indent=1, sort_keys=True))
+
+
+def check_reading(workdir, config, *, allow_changes=False):
+  """For a launcher that reads a trained run: stops when `config` builds another model or
+  prepares inputs otherwise than the run's saved config (unless `allow_changes`)."""
+  path = os.path.join(workdir, FILE)
+  if not files.exists(path):
+    return
+  different = changes(json.loads(files.read_text(path)), config, READING)
+  if different and not allow_changes:
+    raise ValueError(f"{path}: the run was trained with another model or input "
+                     "preprocessing than this config describes:\n  " + "\n  ".join(different)
+                     + "\nuse the run's config, or --allow_config_change to read it this way")
