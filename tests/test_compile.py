@@ -42,6 +42,9 @@ def test_tiny_step_compiles_for_a_v5e_slice_with_a_quarter_of_the_state_per_chip
   assert report.params == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   assert report.argument_bytes >= report.state_bytes and report.temp_bytes > 0
   assert report.flops > 0 and report.fits()
+  # AdamW's mu and nu: 8 bytes per parameter (and two step counters), printed.
+  assert 8 * report.params <= report.optimizer_bytes <= 8 * report.params + 64
+  assert "(optimizer: 8.00 bytes per parameter)" in aot.format_report(report)
 
 
 def compile_cli(*args):

@@ -1,12 +1,9 @@
 """Every config option with its default and meaning, in one place, and `resolve`: the one door
-a config passes before anything is built.
-
-`resolve(config, device_count)` rejects keys the schema does not know, fills every default,
-then runs each part's own checks against an explicit device count (the target topology's
-when compiling ahead of time, not this host's). Modules then read options directly; no
-default is restated in the code. `defaults()` is what a config file starts from, so that
-every option can be overridden on the command line. docs/config.md is generated from here
-(`python -m xmodal_jax.config_doc > docs/config.md`; a test keeps it current).
+a config passes before anything is built. It rejects unknown keys, fills every default, and runs
+each part's checks against an explicit device count (the target topology's when compiling ahead
+of time); modules then read options directly, restating no default. `defaults()` is what a
+config file starts from. docs/config.md is generated from here (`python -m
+xmodal_jax.config_doc > docs/config.md`; a test keeps it current).
 """
 
 import copy
@@ -195,12 +192,15 @@ COMMON = {
         "distill_ramp_steps": _o(0, "steps over which alpha ramps up linearly; 0: none"),
     },
     "optimizer": {
+        "name": _o("adamw", "adamw or adafactor (factored second moment)"),
         "learning_rate": _o(REQUIRED, "peak learning rate"),
+        "schedule": _o("warmup_cosine", "warmup_cosine, warmup_rsqrt or warmup_stable_decay"),
         "warmup_steps": _o(0, "linear warmup steps"),
-        "end_learning_rate_ratio": _o(0.0, "cosine decay ends at this fraction of the peak"),
-        "weight_decay": _o(0.0, "AdamW decoupled weight decay (not on 1-D parameters)"),
-        "b1": _o(0.9, "Adam beta1"),
-        "b2": _o(0.999, "Adam beta2"),
+        "cooldown_steps": _o(0, "rsqrt, stable_decay: linear decay over the last N steps"),
+        "rsqrt_timescale": _o(10_000, "rsqrt: peak / sqrt(1 + (step - warmup) / this)"),
+        "end_learning_rate_ratio": _o(0.0, "the schedule ends at this fraction of the peak"),
+        "weight_decay": _o(0.0, "decoupled weight decay (not on 1-D parameters)"),
+        "b1": _o(0.9, "Adam beta1; Adafactor's momentum (0: none)"), "b2": _o(0.999, "Adam beta2"),
         "grad_clip_norm": _o(1.0, "global gradient norm clip"),
     },
     "nonfinite": {

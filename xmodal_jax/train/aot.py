@@ -45,6 +45,7 @@ class Report:
   flops: float  # as XLA counts them: a loop's body once (see grad_accum_steps)
   compile_seconds: float
   grad_accum_steps: int = 1  # > 1: `flops` holds one micro-batch of the towers, not k
+  optimizer_bytes: int = 0  # the whole optimizer state, all shards (AdamW vs Adafactor)
 
   def fits(self):
     return self.hbm_bytes is None or self.total_bytes <= self.hbm_bytes
@@ -81,7 +82,9 @@ def report(compiled, devices, mesh, state, seconds, grad_accum_steps):
       state_bytes=shard_bytes(state), argument_bytes=memory.argument_size_in_bytes,
       temp_bytes=memory.temp_size_in_bytes, total_bytes=total, hbm_bytes=HBM_BYTES.get(kind),
       flops=float(cost.get("flops", 0.0)) if cost else 0.0, compile_seconds=seconds,
-      grad_accum_steps=grad_accum_steps)
+      grad_accum_steps=grad_accum_steps, optimizer_bytes=sum(
+          int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+          for x in jax.tree.leaves(state.opt_state)))
 
 
 def size(num_bytes):
@@ -93,7 +96,8 @@ def format_report(report):
   gib = size
   lines = [f"{report.devices} x {report.device_kind}, mesh {report.mesh}, "
            f"{report.params / 1e6:.2f}M parameters; per chip:",
-           f"  state (params, optimizer, EMA, queues)  {gib(report.state_bytes)}",
+           f"  state (params, optimizer, EMA, queues)  {gib(report.state_bytes)} (optimizer: "
+           f"{report.optimizer_bytes / max(report.params, 1):.2f} bytes per parameter)",
            f"  arguments (state + batch rows)          {gib(report.argument_bytes)}",
            f"  temporaries                             {gib(report.temp_bytes)}",
            f"  total                                   {gib(report.total_bytes)}"]

@@ -16,6 +16,7 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from xmodal_jax.parallel import sharding
@@ -37,6 +38,12 @@ def validate(config):
       ("b1", opt.b1, 0 <= opt.b1 < 1, "0 <= b1 < 1"),
       ("b2", opt.b2, 0 <= opt.b2 < 1, "0 <= b2 < 1"),
       ("grad_clip_norm", opt.grad_clip_norm, opt.grad_clip_norm > 0, "> 0"),
+      ("name", opt.name, opt.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+      ("schedule", opt.schedule, opt.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+      ("cooldown_steps", opt.cooldown_steps, opt.cooldown_steps >= 0
+       and opt.warmup_steps + opt.cooldown_steps <= config.total_steps,
+       f">= 0, with warmup_steps + cooldown_steps <= total_steps={config.total_steps}"),
+      ("rsqrt_timescale", opt.rsqrt_timescale, opt.rsqrt_timescale > 0, "> 0"),
   ]
   for name, value, ok, expected in checks:
     if not ok:
@@ -44,12 +51,38 @@ def validate(config):
   tower_rules(config.train_policy)
 
 
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("warmup_cosine", "warmup_rsqrt", "warmup_stable_decay")
+
+
 def learning_rate_schedule(opt, total_steps):
-  """`config.optimizer`'s warmup-cosine schedule over `total_steps`."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
-      decay_steps=max(total_steps, opt.warmup_steps + 1),
-      end_value=opt.learning_rate * opt.end_learning_rate_ratio)
+  """`config.optimizer`'s schedule over `total_steps`, from 0 up to the peak in
+  `warmup_steps` (linear) and then: warmup_cosine, a cosine decay to the end value;
+  warmup_rsqrt, peak / sqrt(1 + (step - warmup) / rsqrt_timescale) (big_vision's); or
+  warmup_stable_decay, the peak held. The last two end with a linear cooldown to the end
+  value over `cooldown_steps` (none when 0). The end value is end_learning_rate_ratio x peak."""
+  peak, warmup = opt.learning_rate, opt.warmup_steps
+  end = peak * opt.end_learning_rate_ratio
+  if opt.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=end)
+  cooldown_start = total_steps - opt.cooldown_steps
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    rate = jnp.float32(peak)
+    if opt.schedule == "warmup_rsqrt":
+      rate = peak * jax.lax.rsqrt(1 + jnp.maximum(step - warmup, 0) / opt.rsqrt_timescale)
+    if opt.cooldown_steps:
+      left = jnp.clip((total_steps - step) / opt.cooldown_steps, 0.0, 1.0)
+      at_start = rate if opt.schedule == "warmup_stable_decay" else (
+          peak * jax.lax.rsqrt(1 + max(cooldown_start - warmup, 0) / opt.rsqrt_timescale))
+      rate = jnp.where(step >= cooldown_start, end + (at_start - end) * left, rate)
+    if warmup:
+      rate = jnp.where(step < warmup, peak * step / warmup, rate)
+    return rate
+  return schedule
 
 
 def tower_rules(train_policy):
@@ -122,16 +155,30 @@ def has_frozen(rules):
   return any(trainable != "all" for trainable, _ in rules.values())
 
 
+def adafactor(rate, opt, decay_mask):
+  """big_vision's Adafactor: a factored second moment (a row and a column mean of g^2 per
+  matrix of 128+ on each side, so O(n + m) state instead of O(nm)), momentum b1 on the
+  scaled update when b1 > 0 (a full-size first moment), decoupled weight decay."""
+  parts = [optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=128)]
+  if opt.b1:
+    parts.append(optax.ema(opt.b1, debias=True))
+  if opt.weight_decay:
+    parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
+  return optax.chain(*parts, optax.scale_by_learning_rate(rate))
+
+
 def make_optimizer(opt, total_steps, rules):
-  """The optax transformation of `config.optimizer` over `total_steps`; biases, norms and
-  scalars get no decay. With frozen parameters or learning-rate multipliers (`rules`,
-  tower_rules of config.train_policy), AdamW runs per multiplier group
-  (optax.multi_transform): frozen ones get no state."""
+  """The optax transformation of `config.optimizer` over `total_steps` (AdamW or
+  Adafactor); biases, norms and scalars get no decay. With frozen parameters or
+  learning-rate multipliers (`rules`, tower_rules of config.train_policy), the optimizer
+  runs per multiplier group (optax.multi_transform): frozen ones get no state."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
   schedule = learning_rate_schedule(opt, total_steps)
 
   def adamw(scale):
     rate = schedule if scale == 1.0 else lambda step: scale * schedule(step)
+    if opt.name == "adafactor":
+      return adafactor(rate, opt, decay_mask)
     return optax.adamw(rate, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
   if all(rule == ("all", 1.0) for rule in rules.values()):
