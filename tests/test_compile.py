@@ -63,3 +63,17 @@ def test_compile_launcher_names_what_does_not_fit():
       proc.stderr.lower(), proc.stderr[-2000:]
   with pytest.raises(ValueError, match=r"--topology='v9z:1x1': cannot describe it"):
     aot.topology_devices("v9z:1x1")
+
+
+def test_compiling_needs_no_tokenizer_when_the_tower_states_its_vocabulary():
+  """configs/image_text.py:L as its docstring compiles it: no tokenizer is set, and shapes
+  need only the text tower's vocab_size; training still asks for one."""
+  from configs import image_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
+  config = image_text.get_config("L")
+  config.update_from_flattened_dict({"mesh.fsdp": 1, "batch_size": 8, "eval_batch_size": 8})
+  assembly = experiment.assemble(config, jax.devices()[:1], read_data=False)
+  embedding = assembly.abstract_state.params["towers_text"]["token_embedding"]["embedding"]
+  assert embedding.shape[0] == 49408
+  with pytest.raises(ValueError, match="config.modalities.text.tokenizer is unset"):
+    schema.resolve(config, 1)

@@ -71,7 +71,7 @@ def build_model_and_optimizer(config, shapes_only=False):
   take their vocabulary size from their tokenizers. `shapes_only`: pretrained towers from
   their folders' config.json, no weights read (no params)."""
   vocab_sizes = {name: len(tokenizers.load(m.tokenizer))
-                 for name, m in config.modalities.items() if m.kind == "text"}
+                 for name, m in config.modalities.items() if m.kind == "text" and m.tokenizer}
   model, pretrained = towers.build_model(
       config.model, vocab_sizes, loader=pretrained_lib.Loader(shapes_only=shapes_only))
   tx = optimizer.make_optimizer(config.optimizer, config.total_steps,
@@ -93,7 +93,7 @@ def assemble(config, devices=None, *, read_data=True):
   nothing is read: no dataset (a features modality states its shape) and no pretrained
   weights (their folders' config.json)."""
   devices = devices or jax.devices()
-  config = schema.resolve(config, len(devices))
+  config = schema.resolve(config, len(devices), read_data=read_data)
   inputs = source_lib.input_config(config)
   rates = source_lib.tower_sample_rates(config.model)
   source = (source_lib.Source.open(inputs, rates) if read_data

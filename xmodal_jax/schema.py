@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from xmodal_jax import parallel
+from xmodal_jax import parallel, tokenizers
 from xmodal_jax.data import mixture
 from xmodal_jax.eval import evaluators
 from xmodal_jax.losses import objectives
@@ -294,19 +294,6 @@ def evaluator(kind, **options):
   return ml_collections.ConfigDict(entry)
 
 
-def resolve_tokenizers(config):
-  """Each text modality without a `tokenizer` takes its pretrained tower's folder (a Hugging
-  Face model folder holds its tokenizer)."""
-  for name, modality in config.modalities.items():
-    if modality.kind != "text" or modality.tokenizer:
-      continue
-    tower = config.model.towers[name]
-    if tower.get("name") != "pretrained":
-      raise ValueError(f"config.modalities.{name}.tokenizer is unset and its tower is not "
-                       "pretrained: name a tokenizer (a shipped name or a Hugging Face folder)")
-    modality.tokenizer = tower.path
-
-
 def check(config, device_count):
   """The cross-field checks of a filled config, each part checking its own slice."""
   modalities = list(config.modalities)
@@ -340,11 +327,12 @@ def check(config, device_count):
   sharding.check_rules(config.sharding)
 
 
-def resolve(config, device_count):
-  """The config as every module reads it: filled, tokenizers resolved, checked for
-  `device_count` devices, and locked."""
+def resolve(config, device_count, *, read_data=True):
+  """The config as every module reads it: filled, checked for `device_count` devices,
+  tokenizers resolved (without `read_data`, a tower that states its vocab_size needs none),
+  and locked."""
   config = fill_defaults(config)
   check(config, device_count)
-  resolve_tokenizers(config)
+  tokenizers.resolve(config, required=read_data)
   config.lock()
   return config

@@ -19,3 +19,18 @@ def load(name_or_path):
         f"tokenizer {name_or_path!r}: no such folder (expected a Hugging Face tokenizer folder "
         f"or one of {sorted(SHIPPED)})")
   return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def resolve(config, *, required=True):
+  """Each text modality without a `tokenizer` takes its pretrained tower's folder (a Hugging
+  Face model folder holds its tokenizer). Unless `required` (compiling without data needs
+  only the vocabulary size), a tower that states its vocab_size may go without one."""
+  for name, modality in config.modalities.items():
+    if modality.kind != "text" or modality.tokenizer:
+      continue
+    tower = config.model.towers[name]
+    if tower.get("name") == "pretrained":
+      modality.tokenizer = tower.path
+    elif required or not tower.get("vocab_size"):
+      raise ValueError(f"config.modalities.{name}.tokenizer is unset and its tower is not "
+                       "pretrained: name a tokenizer (a shipped name or a Hugging Face folder)")

@@ -53,7 +53,10 @@ def abstract_batch(config, batch_size, builder=None):
         raise ValueError(f"config.modalities.{name}: a features modality takes its shape "
                          "from its `shape` or the dataset, and neither is available")
       shape = tuple(m.shape or builder.info.features[m.feature].shape)
-    one = preprocess.preprocess_one(name, m, preprocess.missing_value(m.kind, shape))
+    if m.kind == "text" and not m.tokenizer:  # compiling without data: the text op's shapes
+      one = {k: np.zeros((1, m.max_length), np.int32) for k in ("input_ids", "attention_mask")}
+    else:
+      one = preprocess.preprocess_one(name, m, preprocess.missing_value(m.kind, shape))
     batch[name] = {k: (batch_size,) + v.shape[1:] + (v.dtype,) for k, v in one.items()}
     masks[name] = (batch_size, np.bool_)
   batch |= {"_mask": masks, "_id": (batch_size, np.int64)}
