@@ -191,3 +191,37 @@ def test_a_second_run_in_a_workdir_is_refused_until_the_first_ends(tmp_path):
     second = subprocess.run([sys.executable, "-c", HOLD_THE_LOCK, workdir], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
   assert second.returncode and f"PID {os.getpid()}" in second.stderr, second.stderr[-2000:]
+
+
+def test_peak_flops_and_throughput_from_a_faked_clock():
+  assert metrics_lib.peak_flops("TPU v5 lite") == 197e12
+  assert metrics_lib.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics_lib.peak_flops("cpu") is None
+  now = [10.0]
+  throughput = metrics_lib.Throughput(256, 197e12, chips=4, clock=lambda: now[0])
+  throughput.flops = 1e15
+  assert throughput.pop() == {}  # not started: the first step compiles
+  throughput.start()
+  for _ in range(4):
+    throughput.add_step()
+  now[0] = 12.0
+  got = throughput.pop()
+  assert got["examples_per_s"] == pytest.approx(4 / 2 * 256)
+  assert got["mfu"] == pytest.approx(2 * 1e15 / (4 * 197e12))
+
+
+def test_logged_steps_carry_throughput_mfu_and_a_profile(digit_data_dir, tmp_path, monkeypatch):
+  """A tiny run on a device kind faked to a 1 TFLOP/s peak: every logged step has
+  examples/s and MFU (the step's FLOPs from XLA), and steps 2-3 are traced into
+  {workdir}/profile."""
+  monkeypatch.setattr(metrics_lib, "peak_flops", lambda kind: 1e12)
+  config = tiny_config(digit_data_dir)
+  config.update_from_flattened_dict({"total_steps": 4, "log_every": 2, "profile": (2, 3),
+                                     "evals.retrieval.every": 4})
+  experiment_lib.train(config, str(tmp_path))
+  logged = [r for r in read_metrics(str(tmp_path)) if "train/loss" in r]
+  assert [r["step"] for r in logged] == [2, 4]
+  for record in logged:
+    assert record["train/examples_per_s"] > 0 and 0 < record["train/mfu"] < 10, record
+  traces = [os.path.join(d, f) for d, _, names in os.walk(tmp_path / "profile") for f in names]
+  assert any(t.endswith(".xplane.pb") for t in traces), traces

@@ -17,7 +17,7 @@ from xmodal_jax.data import mixture
 from xmodal_jax.eval import evaluators
 from xmodal_jax.losses import objectives
 from xmodal_jax.parallel import sharding
-from xmodal_jax.train import embedding_cache, nonfinite, optimizer
+from xmodal_jax.train import embedding_cache, metrics, nonfinite, optimizer
 
 REQUIRED = "(required)"
 
@@ -134,8 +134,8 @@ COMMON = {
     "batch_size": _o(REQUIRED, "global training batch (all devices and hosts)"),
     "eval_batch_size": _o(REQUIRED, "global evaluation batch"),
     "total_steps": _o(REQUIRED, "training steps"),
-    "grad_accum_steps": _o(1, "k: the towers run on k micro-batches in turn (gradient "
-                           "caching: the same loss and gradients, 1/k of the activations)"),
+    "grad_accum_steps": _o(1, "k micro-batches per step (gradient caching: same gradients)"),
+    "profile": _o((0, 0), "(first, last) step traced by jax.profiler into {workdir}/profile"),
     "log_every": _o(50, "steps between logged train metrics"),
     "checkpoint_every": _o(250, "steps between checkpoints"),
     "keep_checkpoints": _o(2, "checkpoints kept (the newest is what a re-run resumes)"),
@@ -323,6 +323,7 @@ def check(config, device_count):
   optimizer.validate(config)
   embedding_cache.validate(config)
   nonfinite.validate(config.nonfinite)
+  metrics.validate_profile(config.profile)
   parallel.mesh_shape(config.mesh, device_count)
   sharding.check_rules(config.sharding)
 

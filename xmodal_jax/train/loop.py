@@ -21,6 +21,41 @@ def evaluate(experiment, params, writer=None, step=None, *, final=False):
   return metrics
 
 
+def step_flops(train_fn, state, batch):
+  """The train step's FLOPs as XLA counts them before partitioning (all devices; a loop's
+  body, such as gradient caching's, once), or None when the backend gives none."""
+  cost = train_fn.lower(state, batch).cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+def announce(start_step, state, batch_size):
+  """The run's first lines: where it resumes, its size and devices."""
+  if start_step:
+    print(f"Resuming from the checkpoint of step {start_step}.", flush=True)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  devices = jax.device_count()
+  print(f"{num_params / 1e6:.2f}M parameters; {devices} device{'s' * (devices > 1)}; global "
+        f"batch {batch_size}", flush=True)
+
+
+def timed_step(train_fn, state, batch, step, first, throughput, profiler):
+  """One train step, traced when config.profile names it. The first of a session also counts
+  the step's FLOPs (for MFU, on chips of known peak) and starts the throughput clock once it
+  has run, so the compile is not counted."""
+  profiler.before(step)
+  if first and throughput.peak:
+    throughput.flops = step_flops(train_fn, state, batch)
+  state, train_metrics = train_fn(state, batch)
+  profiler.after(step)
+  if first:
+    jax.block_until_ready(train_metrics)
+    throughput.start()
+  else:
+    throughput.add_step()
+  return state, train_metrics
+
+
 def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
   """Trains an experiment set up in `workdir` (xmodal_jax/experiment.py), from its state's
   step on (with the same config in what shapes the run, unless `allow_config_change`);
@@ -29,12 +64,7 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
   state, start_step = experiment.state, experiment.step
   run_config.check_and_save(workdir, config, resuming=bool(start_step),
                             allow_changes=allow_config_change)
-  if start_step:
-    print(f"Resuming from the checkpoint of step {start_step}.", flush=True)
-  num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  devices = jax.device_count()
-  print(f"{num_params / 1e6:.2f}M parameters; {devices} device{'s' * (devices > 1)}; global "
-        f"batch {config.batch_size}", flush=True)
+  announce(start_step, state, config.batch_size)
 
   writer = metrics_lib.MetricWriter(workdir, start_step)
   train_fn = step_lib.jit_train_step(config, experiment.model, experiment.tx, mesh,
@@ -44,11 +74,17 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
   schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)
   guard = nonfinite.Guard(config.nonfinite, manager)
   tally = metrics_lib.SourceTally(experiment.source.mixture_names)
+  throughput = metrics_lib.Throughput(
+      config.batch_size, metrics_lib.peak_flops(jax.devices()[0].device_kind),
+      jax.device_count())
+  profiler = metrics_lib.Profiler(config.profile, workdir)
   eval_metrics = None
   with preemption.Watch().installed() as watch:
     for step in range(start_step + 1, config.total_steps + 1):
+      batch = parallel.shard_batch(next(batches), mesh)
       with jax.set_mesh(mesh):  # kernels such as Pallas attention run per device
-        state, train_metrics = train_fn(state, parallel.shard_batch(next(batches), mesh))
+        state, train_metrics = timed_step(train_fn, state, batch, step, step == start_step + 1,
+                                          throughput, profiler)
       guard.after(step, train_metrics["nonfinite"])
       tally.add(train_metrics)
       last = step == config.total_steps
@@ -57,6 +93,7 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
         train_metrics = jax.device_get(train_metrics)
         named = {k: v for k, v in train_metrics.items() if k not in tally.KEYS}
         named |= tally.pop(train_metrics)
+        named |= throughput.pop()
         writer.write(step, {f"train/{k}": v for k, v in named.items()}
                      | {"train/learning_rate": schedule(step),
                         "train/nonfinite_steps": guard.total})

@@ -117,6 +117,78 @@ class Progress:
             f"{rate:.2f} steps/s  eta {left / 60:.1f} min")
 
 
+def validate_profile(profile):
+  """config.profile: (first, last) steps to trace, 1 <= first <= last, or (0, 0) for none."""
+  ok = (isinstance(profile, (tuple, list)) and len(profile) == 2
+        and all(isinstance(s, int) for s in profile)
+        and (tuple(profile) == (0, 0) or 1 <= profile[0] <= profile[1]))
+  if not ok:
+    raise ValueError(f"config.profile={profile!r}: expected (first, last) steps with "
+                     "1 <= first <= last, or (0, 0) for no trace")
+
+
+class Profiler:
+  """Traces steps first..last (config.profile) with jax.profiler into {workdir}/profile,
+  for TensorBoard's profile plugin or Perfetto."""
+
+  def __init__(self, profile, workdir):
+    self.first, self.last = profile
+    self.folder = os.path.join(workdir, "profile")
+
+  def before(self, step):
+    if self.first and step == self.first:
+      jax.profiler.start_trace(self.folder)
+
+  def after(self, step):
+    if self.first and step == self.last:
+      jax.profiler.stop_trace()
+      print(f"profile of steps {self.first}-{self.last} -> {self.folder}", flush=True)
+
+
+# Peak dense bfloat16 FLOP/s per chip by jax's device_kind; GPU kinds match by prefix
+# ("NVIDIA H100 80GB HBM3"; SXM parts' figures).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+              "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
+
+
+def peak_flops(device_kind):
+  """The chip's peak FLOP/s, or None where unknown (CPUs, other chips)."""
+  if device_kind in PEAK_FLOPS:
+    return PEAK_FLOPS[device_kind]
+  return next((v for k, v in PEAK_FLOPS.items()
+               if k.startswith("NVIDIA") and device_kind.startswith(k)), None)
+
+
+class Throughput:
+  """examples/s over the steps since the last log and, given the step's FLOPs on chips of
+  known peak, MFU: the model's FLOP/s over the chips' peak. Starts its clock at `start()`
+  (after the first step, so the compile is not counted)."""
+
+  def __init__(self, batch_size, peak_per_chip=None, chips=1, clock=time.perf_counter):
+    self.batch_size, self.clock, self.flops = batch_size, clock, None  # flops: set per step
+    self.peak = peak_per_chip * chips if peak_per_chip else None
+    self.since, self.steps = None, 0
+
+  def start(self):
+    self.since, self.steps = self.clock(), 0
+
+  def add_step(self):
+    self.steps += self.since is not None
+
+  def pop(self):
+    """{"examples_per_s", ["mfu"]} since the last pop ({} before start or with no step)."""
+    if self.since is None or not self.steps:
+      return {}
+    now = self.clock()
+    steps_per_s = self.steps / max(now - self.since, 1e-9)
+    out = {"examples_per_s": steps_per_s * self.batch_size}
+    if self.flops and self.peak:
+      out["mfu"] = steps_per_s * self.flops / self.peak
+    self.since, self.steps = now, 0
+    return out
+
+
 class SourceTally:
   """A mixture's per-source train metrics: the rows each source gave since the last log
   (summed on the devices, no wait per step), turned at a log into
