@@ -96,7 +96,7 @@ def sharded_state(config, mesh_shape):
   from xmodal_jax.parallel import sharding  # pylint: disable=g-import-not-at-top
   from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
   config = schema.resolve(config, jax.device_count())
-  model, _, tx = experiment.build_model_and_optimizer(config)
+  model, _, tx, _, _ = experiment.build_model_and_optimizer(config)
   mesh = parallel.make_mesh(shape=mesh_shape)
   batch = random_batch(config, config.batch_size, seed=0)
   create = experiment.state_creator(config, model, tx)

@@ -224,7 +224,7 @@ def test_lmim_gradients_are_finite_when_a_local_run_is_all_padding():
   del config.modalities["audio"], config.model.towers["audio"]
   config.model.fusion.pairs = ["text:video"]
   config = schema.resolve(config, jax.device_count())
-  model, _, _ = experiment.build_model_and_optimizer(config)
+  model, *_ = experiment.build_model_and_optimizer(config)
   rng = np.random.default_rng(0)
   batch = {"video": {"frames": rng.random((4, 4, 8, 8, 1)).astype(np.float32)},
            "text": {"input_ids": np.full((4, 8), 5, np.int32),

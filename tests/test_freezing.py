@@ -26,7 +26,8 @@ def by_path(tree):
 
 @pytest.mark.slow  # compiles a train step (9 s); the full suite runs it
 def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
-  """Tiny default config: text frozen (tower and head) with rank-2 LoRA adapters, video
+  """Tiny default config: text frozen (its tower; the head, fresh from its initializer, still
+  trains) with rank-2 LoRA adapters, video
   training only its LayerNorms (and head), audio at 0.1x the learning rate, one temperature
   per pair of modalities. Two steps on 8 devices (data=2 x fsdp=4)."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
@@ -61,7 +62,7 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
     if path.endswith(("/lora_a", "/lora_b")):  # only the adapters train in the text tower
       assert path.startswith("towers_text/") and moved and not frozen[path], path
       continue
-    if path.startswith(("towers_text/", "heads_text/")) or (
+    if path.startswith("towers_text/") or (
         path.startswith("towers_video/") and "/ln_" not in path):
       assert not moved, path  # bit for bit, signs of zeros included
       assert frozen[path]
@@ -76,7 +77,7 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
     elif path.startswith("logit_scale/"):  # each pair's own scale, with its own gradient
       np.testing.assert_allclose(step_one, lr, rtol=1e-3)
       assert f"logit_scale/{path.split('/')[1]}" in metrics
-    elif path.startswith(("towers_video/", "heads_video/")) and not frozen[path]:
+    elif path.startswith(("towers_video/", "heads_video/", "heads_text/")) and not frozen[path]:
       np.testing.assert_allclose(np.median(step_one), lr, rtol=1e-3, err_msg=path)
   assert any(p.startswith("towers_video/") and "/ln_" in p and not np.array_equal(
       after[p], before[p]) for p in after)
@@ -86,17 +87,18 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
 
 def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():
   """The default experiment's state (params + AdamW's mu and nu), from shapes only: freezing
-  text removes its mu and nu, 2 x its parameters' bytes."""
+  the text tower removes its mu and nu, 2 x its parameters' bytes (its head, fresh from
+  its initializer, keeps training)."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   sizes = {}
   for trainable in ("all", "none"):
     config = audio_video_text.get_config()
     config.train_policy.text = dict(trainable=trainable)
     config = schema.resolve(config, jax.device_count())
-    model, _, tx = experiment.build_model_and_optimizer(config)
+    model, _, tx, _, _ = experiment.build_model_and_optimizer(config)
     example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
     state = jax.eval_shape(experiment.state_creator(config, model, tx), example)
-    text = nbytes({k: v for k, v in state.params.items() if k.endswith("_text")})
+    text = nbytes(state.params["towers_text"])
     sizes[trainable] = (nbytes(state.params) + nbytes(state.opt_state), text)
   (full, text), (frozen, _) = sizes["all"], sizes["none"]
   assert text > 0 and full - frozen == 2 * text
@@ -120,7 +122,7 @@ def test_a_pattern_matching_no_parameter_is_an_error_showing_a_path():
   config = audio_video_text.get_config("tiny")
   config.train_policy.text = dict(trainable=("trunk/encoder/block99/.*",))
   config = schema.resolve(config, jax.device_count())
-  model, _, tx = experiment.build_model_and_optimizer(config)
+  model, _, tx, _, _ = experiment.build_model_and_optimizer(config)
   example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
   with pytest.raises(ValueError, match=r"matches no parameter of the tower \(its paths look "
                      r"like '.+/.+'\)"):
@@ -167,7 +169,7 @@ def test_cached_frozen_tower_trains_the_others_exactly_as_running_it(digit_data_
     config.log_every = 1
     config.evals = {}  # the steps are what differs
     config.modalities.video.augment = False
-    config.train_policy.video = dict(trainable="none", cache_embeddings=cached)
+    config.train_policy.video = dict(trainable="none", head="freeze", cache_embeddings=cached)
     workdir = tmp_path / f"cached_{cached}"
     experiment_lib.train(config, str(workdir))
     with open(workdir / "metrics.jsonl") as f:
@@ -195,3 +197,52 @@ def test_a_cache_needs_a_frozen_unaugmented_tower_without_token_objectives(chang
     node[leaf[1]] = value
   with pytest.raises(ValueError, match=f"cache_embeddings.*{message}"):
     schema.resolve(config, jax.device_count())
+
+
+def test_a_run_starts_from_another_runs_towers_by_rules(digit_data_dir, tmp_path, capsys):
+  """LiT/ImageBind-style binding: the video and text towers of a trained run, mapped by
+  config.init's rules, the video tower frozen, a new audio tower. Every loaded path holds the
+  source checkpoint's bytes and every other path the initializer's; training moves the
+  fresh heads (a frozen tower's random head would project its space at random forever) but
+  not the frozen tower. Rules that send a path nowhere or to another shape name both."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.train import warm_start  # pylint: disable=g-import-not-at-top
+  saved_params = lambda workdir: warm_start.saved_params(warm_start.item_folder(workdir))
+
+  def config(**init):
+    c = audio_video_text.get_config("tiny")
+    c.update_from_flattened_dict({"data.data_dir": digit_data_dir, "total_steps": 2,
+                                  "checkpoint_every": 2})
+    c.evals = {}  # nothing to evaluate here
+    c.init.update(init)
+    return c
+  source = str(tmp_path / "source")
+  experiment_lib.train(config(), source)
+  saved = saved_params(source)
+  rules = [(r"(towers_(video|text)/.*)", r"\1")]
+  lit = config(checkpoint=source, rules=rules)
+  lit.train_policy.video = dict(trainable="none")
+  start = experiment_lib.setup(lit, str(tmp_path / "lit"))
+  fresh = by_path(experiment_lib.setup(config(), str(tmp_path / "fresh")).state.params)
+  params = by_path(start.state.params)
+  assert "Initialized from" in capsys.readouterr().out
+  for path, value in params.items():
+    loaded = path.startswith(("towers_video", "towers_text"))
+    np.testing.assert_array_equal(value, saved[path] if loaded else fresh[path], path)
+  assert not np.array_equal(fresh["towers_video/trunk/pos_embedding"],
+                            saved["towers_video/trunk/pos_embedding"])  # the test can tell
+  experiment_lib.train(lit, str(tmp_path / "lit"))
+  printed = capsys.readouterr().out
+  assert "M trainable, " in printed and "M frozen)" in printed
+  trained = saved_params(str(tmp_path / "lit"))
+  for path in params:
+    moved = not np.array_equal(trained[path], params[path])
+    assert moved != path.startswith("towers_video/"), path  # frozen exactly, the rest trains
+
+  text_fc = "towers_text/trunk/encoder/block0/mlp/fc{}/kernel"
+  for bad, message in [
+      ([(r"towers_audio/(.*)", r"towers_none/\1")], "which .* does not hold"),
+      ([(text_fc.format(2), text_fc.format(1))], r"\(64, 32\) cannot take .*fc1/kernel "
+       r"\(32, 64\)")]:
+    with pytest.raises(ValueError, match=message):
+      experiment.assemble(config(checkpoint=source, rules=bad), jax.devices()[:1])

@@ -24,7 +24,7 @@ from xmodal_jax.losses import objectives
 from xmodal_jax.models import towers
 from xmodal_jax.parallel import sharding
 from xmodal_jax.train import (aot, checkpoint, embedding_cache, loop, optimizer, run_config,
-                              run_lock, state as state_lib, step as step_lib)
+                              run_lock, state as state_lib, step as step_lib, warm_start)
 
 
 @dataclasses.dataclass
@@ -41,6 +41,8 @@ class Assembly:
   abstract_state: Any
   shardings: Any
   example: Any
+  rules: dict  # what trains: optimizer.tower_rules
+  init_plan: Any = None  # config.init's warm_start.Plan
 
 
 @dataclasses.dataclass
@@ -57,6 +59,7 @@ class Experiment:
   step: int
   manager: Any
   embedder: embed.Embedder
+  rules: dict
 
   def train_batches(self, start_step):
     """The training input from `start_step` on, with cached towers' embeddings in place."""
@@ -66,17 +69,27 @@ class Experiment:
     return batches
 
 
-def build_model_and_optimizer(config, shapes_only=False):
-  """(model, pretrained params by path, optax optimizer) of a resolved config; text towers
-  take their vocabulary size from their tokenizers. `shapes_only`: pretrained towers from
-  their folders' config.json, no weights read (no params)."""
+def build_model_and_optimizer(config, shapes_only=False, example=None):
+  """(model, pretrained params by path, optax optimizer, tower rules, config.init's plan)
+  of a resolved config; text towers take their vocabulary size from their tokenizers.
+  `shapes_only`: pretrained towers from their folders' config.json, no weights read (no
+  params); `example`, a batch, is needed with config.init. A head loaded (CLIP's
+  projection, or by config.init) freezes with its tower."""
   vocab_sizes = {name: len(tokenizers.load(m.tokenizer))
                  for name, m in config.modalities.items() if m.kind == "text" and m.tokenizer}
   model, pretrained = towers.build_model(
       config.model, vocab_sizes, loader=pretrained_lib.Loader(shapes_only=shapes_only))
-  tx = optimizer.make_optimizer(config.optimizer, config.total_steps,
-                                optimizer.tower_rules(config.train_policy))
-  return model, pretrained, tx
+  plan = None
+  if config.init.checkpoint:
+    shapes = jax.eval_shape(lambda batch: model.init(jax.random.key(0), batch, train=False,
+                                                    method=model.init_all)["params"], example)
+    plan = warm_start.make_plan(config.init, {
+        sharding.path_name(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(shapes)})
+  loaded_heads = {m for m in config.modalities
+                  if (f"heads_{m}",) in pretrained or (plan and plan.loads_head(m))}
+  rules = optimizer.tower_rules(config.train_policy, loaded_heads)
+  tx = optimizer.make_optimizer(config.optimizer, config.total_steps, rules)
+  return model, pretrained, tx, rules, plan
 
 
 def state_creator(config, model, tx):
@@ -98,12 +111,14 @@ def assemble(config, devices=None, *, read_data=True):
   rates = source_lib.tower_sample_rates(config.model)
   source = (source_lib.Source.open(inputs, rates) if read_data
             else source_lib.Source(inputs, None, rates))
-  model, pretrained, tx = build_model_and_optimizer(config, shapes_only=not read_data)
-  mesh = parallel.make_mesh(devices, shape=config.mesh)
   example = source.abstract_batch(1)
+  model, pretrained, tx, rules, plan = build_model_and_optimizer(
+      config, shapes_only=not read_data, example=example)
+  mesh = parallel.make_mesh(devices, shape=config.mesh)
   abstract = jax.eval_shape(state_creator(config, model, tx), example)
   shardings = sharding.state_shardings(abstract, mesh, config.sharding)
-  return Assembly(config, source, model, pretrained, tx, mesh, abstract, shardings, example)
+  return Assembly(config, source, model, pretrained, tx, mesh, abstract, shardings, example,
+                  rules, plan)
 
 
 def fresh_state(assembly):
@@ -116,8 +131,12 @@ def fresh_state(assembly):
     replicated = jax.sharding.NamedSharding(assembly.mesh, jax.sharding.PartitionSpec())
     state = state.replace(params=towers.insert_pretrained(
         state.params, jax.device_put(assembly.pretrained, replicated)))
-    if state.momentum_params is not None:  # The EMA starts from the loaded weights too.
-      state = state.replace(momentum_params=jax.tree.map(jnp.copy, state.params))
+  if assembly.init_plan:
+    params, line = warm_start.load(assembly.init_plan, state.params)
+    print(line, flush=True)
+    state = state.replace(params=params)
+  if (assembly.pretrained or assembly.init_plan) and state.momentum_params is not None:
+    state = state.replace(momentum_params=jax.tree.map(jnp.copy, state.params))  # the EMA too
   return state
 
 
@@ -151,7 +170,8 @@ def setup(config, workdir, *, step=None, require_checkpoint=False, allow_config_
     state = fresh_state(assembly)
   return Experiment(assembly.config, assembly.source, assembly.model, assembly.tx,
                     assembly.mesh, state, assembly.shardings, step, manager,
-                    embed.Embedder(assembly.source, assembly.model, assembly.mesh))
+                    embed.Embedder(assembly.source, assembly.model, assembly.mesh),
+                    assembly.rules)
 
 
 def train(config, workdir, *, allow_config_change=False):
@@ -175,7 +195,7 @@ def compile_train_step(config, devices):
                        embedding_cache.abstract(
                            config, assembly.source.abstract_batch(config.batch_size)))
   train_fn = step_lib.jit_train_step(config, assembly.model, assembly.tx, mesh,
-                                     assembly.shardings)
+                                     assembly.shardings, assembly.rules)
   state = placed(assembly.abstract_state, assembly.shardings)
   start = time.perf_counter()
   compiled = aot.lower_and_compile(train_fn, state, batch, devices, mesh)

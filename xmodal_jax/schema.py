@@ -113,9 +113,10 @@ MODALITY_KINDS = {
 }
 
 TRAIN_POLICY = {
-    "trainable": _o("all", "\"all\", \"none\" (the tower and its head frozen), or a "
-                    "tuple of regexes on the tower's parameter paths that train (and its "
-                    "head)"),
+    "trainable": _o("all", "\"all\", \"none\" (the tower frozen), or a tuple of regexes on "
+                    "the tower's parameter paths that train"),
+    "head": _o("auto", "auto: the head trains unless its tower is frozen and the head was "
+               "loaded or cached; train; freeze (with trainable=\"none\")"),
     "lr_multiplier": _o(1.0, "scales the learning rate of the tower's trainable parameters "
                         "and its head"),
     "cache_embeddings": _o(False, "a frozen, non-augmenting tower's training embeddings are "
@@ -168,6 +169,12 @@ COMMON = {
     },
     "train_policy": Entries(lambda entry, where: TRAIN_POLICY,
                             "{modality: options}: what of each tower trains and how fast"),
+    "init": {
+        "checkpoint": _o("", "another run's workdir or checkpoint folder to start from"),
+        "rules": _o([], "(regex on our param path, the checkpoint's path); none: the same "
+                    "paths (train/warm_start.py)"),
+        "skip": _o([], "regexes on our param paths left to their initializer"),
+    },
     "loss": {
         "weights": _o({"contrastive": 1.0}, "{objective name: weight} "
                       "(xmodal_jax/losses/objectives.py: OBJECTIVES)"),

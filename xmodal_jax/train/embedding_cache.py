@@ -27,9 +27,10 @@ def validate(config):
   for modality in cached_modalities(config):
     where = f"config.train_policy.{modality}.cache_embeddings"
     tower, options = config.model.towers[modality], config.modalities[modality]
-    if config.train_policy[modality].trainable != "none" or tower.get("lora_rank"):
-      raise ValueError(f"{where}: only a frozen tower's embeddings can be cached (set "
-                       "trainable=\"none\" and no lora_rank)")
+    policy = config.train_policy[modality]
+    if policy.trainable != "none" or policy.head == "train" or tower.get("lora_rank"):
+      raise ValueError(f"{where}: only a frozen tower's embeddings, its head's included, can "
+                       "be cached (set trainable=\"none\", head auto or freeze, no lora_rank)")
     if options.augment or options.kind == "text":
       raise ValueError(f"{where}: config.modalities.{modality} must not augment (set "
                        "augment=False; text modalities pick captions, so they cannot be "

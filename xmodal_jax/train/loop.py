@@ -29,14 +29,18 @@ def step_flops(train_fn, state, batch):
   return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
-def announce(start_step, state, batch_size):
-  """The run's first lines: where it resumes, its size and devices."""
+def announce(start_step, state, batch_size, rules):
+  """The run's first lines: where it resumes, its size (and what of it is frozen), devices."""
   if start_step:
     print(f"Resuming from the checkpoint of step {start_step}.", flush=True)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  frozen = sum(x.size for x, f in zip(jax.tree.leaves(state.params), jax.tree.leaves(
+      optimizer.frozen(rules, state.params))) if f) if optimizer.has_frozen(rules) else 0
   devices = jax.device_count()
-  print(f"{num_params / 1e6:.2f}M parameters; {devices} device{'s' * (devices > 1)}; global "
-        f"batch {batch_size}", flush=True)
+  print(f"{num_params / 1e6:.2f}M parameters" + (
+      f" ({(num_params - frozen) / 1e6:.2f}M trainable, {frozen / 1e6:.2f}M frozen)"
+      if frozen else "") + f"; {devices} device{'s' * (devices > 1)}; global batch "
+      f"{batch_size}", flush=True)
 
 
 def timed_step(train_fn, state, batch, step, first, throughput, profiler):
@@ -64,11 +68,11 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
   state, start_step = experiment.state, experiment.step
   run_config.check_and_save(workdir, config, resuming=bool(start_step),
                             allow_changes=allow_config_change)
-  announce(start_step, state, config.batch_size)
+  announce(start_step, state, config.batch_size, experiment.rules)
 
   writer = metrics_lib.MetricWriter(workdir, start_step)
   train_fn = step_lib.jit_train_step(config, experiment.model, experiment.tx, mesh,
-                                     experiment.shardings)
+                                     experiment.shardings, experiment.rules)
   batches = experiment.train_batches(start_step)
   progress = metrics_lib.Progress(config.total_steps, start_step)
   schedule = optimizer.learning_rate_schedule(config.optimizer, config.total_steps)

@@ -85,8 +85,12 @@ def learning_rate_schedule(opt, total_steps):
   return schedule
 
 
-def tower_rules(train_policy):
-  """{modality: (trainable, lr_multiplier)} of config.train_policy, validated."""
+def tower_rules(train_policy, loaded_heads=()):
+  """{modality: (trainable, lr_multiplier, head_frozen)} of config.train_policy, validated.
+  With head="auto", a head freezes with its tower (trainable="none") only when it was loaded
+  (`loaded_heads`) or the tower's embeddings are cached (the cache holds the head's
+  outputs): a head fresh from its initializer otherwise trains, or the frozen tower's space
+  would be projected at random for the whole run."""
   rules = {}
   for modality, policy in train_policy.items():
     where = f"config.train_policy.{modality}"
@@ -108,7 +112,14 @@ def tower_rules(train_policy):
             and multiplier > 0):
       raise ValueError(f"{where}.lr_multiplier={multiplier!r}: expected a number > 0 (freeze "
                        "with trainable=\"none\")")
-    rules[modality] = (trainable, float(multiplier))
+    if policy.head not in ("auto", "train", "freeze"):
+      raise ValueError(f"{where}.head={policy.head!r}: expected auto, train or freeze")
+    if policy.head == "freeze" and trainable != "none":
+      raise ValueError(f"{where}.head=\"freeze\" needs trainable=\"none\" (a head trains "
+                       "with any part of its tower)")
+    rules[modality] = (trainable, float(multiplier), trainable == "none" and (
+        policy.head == "freeze" or (policy.head == "auto" and (
+            modality in loaded_heads or bool(policy.cache_embeddings)))))
   return rules
 
 
@@ -123,12 +134,14 @@ def learning_rate_multipliers(rules, params):
     modality = owners.get(names[0])
     if modality is None:
       return 1.0
-    trainable, scale = rules[modality]
+    trainable, scale, head_frozen = rules[modality]
     if names[-1] in LORA_PARAMS:
       return scale
+    if names[0].startswith("heads_"):
+      return 0.0 if head_frozen else scale
     if trainable == "none":
       return 0.0
-    if trainable == "all" or names[0].startswith("heads_"):
+    if trainable == "all":
       return scale
     inner = "/".join(names[1:])
     if any(re.fullmatch(pattern, inner) for pattern in trainable):
@@ -136,7 +149,7 @@ def learning_rate_multipliers(rules, params):
       return scale
     return 0.0
   tree = jax.tree_util.tree_map_with_path(multiplier, params)
-  for modality, (trainable, _) in rules.items():
+  for modality, (trainable, _, _) in rules.items():
     if isinstance(trainable, tuple) and modality not in matched:
       names = [sharding.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
       example = next((name.split("/", 1)[1] for name in names
@@ -152,7 +165,7 @@ def frozen(rules, params):
 
 
 def has_frozen(rules):
-  return any(trainable != "all" for trainable, _ in rules.values())
+  return any(trainable != "all" for trainable, _, _ in rules.values())
 
 
 def adafactor(rate, opt, decay_mask):
@@ -181,10 +194,10 @@ def make_optimizer(opt, total_steps, rules):
       return adafactor(rate, opt, decay_mask)
     return optax.adamw(rate, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
-  if all(rule == ("all", 1.0) for rule in rules.values()):
+  if all(rule[:2] == ("all", 1.0) for rule in rules.values()):
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw(1.0))
   label = lambda m: "frozen" if m == 0.0 else f"lr x{m:g}"
-  scales = {1.0} | {scale for _, scale in rules.values()}
+  scales = {1.0} | {scale for _, scale, _ in rules.values()}
   transforms = {"frozen": optax.set_to_zero()} | {label(s): adamw(s) for s in scales}
   return optax.chain(
       optax.clip_by_global_norm(opt.grad_clip_norm),

@@ -275,10 +275,11 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
                        momentum_params=momentum_params, queues=queues), metrics
 
 
-def jit_train_step(config, model, tx, mesh, shardings):
+def jit_train_step(config, model, tx, mesh, shardings, rules=None):
   """`config`'s train step, jitted: the state stays in `shardings` (and is donated), the
-  metrics come back replicated."""
-  rules = optimizer.tower_rules(config.train_policy)
+  metrics come back replicated. `rules`: what trains (the optimizer's tower_rules; default:
+  config.train_policy's with no head loaded)."""
+  rules = rules or optimizer.tower_rules(config.train_policy)
   return jax.jit(
       functools.partial(train_step, model=model, tx=tx, loss_config=config.loss, mesh=mesh,
                         seed=config.seed, alignment_config=config.alignment,
