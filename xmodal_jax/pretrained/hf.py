@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.pretrained.families import CONVERTERS, LEGACY_VIT_NAMES
+from xmodal_jax.pretrained.families import CONVERTERS
+from xmodal_jax.pretrained.families.vit import LEGACY_VIT_NAMES
 from xmodal_jax.pretrained.weights import Weights, canonical_names, read_weights
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "vit", "clip", "clip_text_model",

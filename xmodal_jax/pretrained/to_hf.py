@@ -1,6 +1,6 @@
 """Our towers -> Hugging Face folders, the inverse of `hf.convert`.
 
-The inverse is not written out per family: each family's converter (families.py) runs once
+The inverse is not written out per family: each family's converter (families/) runs once
 on checkpoint tensors that hold their own element numbers, so every parameter it returns says
 which elements of which checkpoint tensor it came from, and our values are written back
 there. One converter thus serves both directions, and a tensor that would be left unwritten
@@ -14,7 +14,7 @@ import numpy as np
 
 from xmodal_jax import tokenizers
 from xmodal_jax.models import text, vision
-from xmodal_jax.pretrained import families
+from xmodal_jax.pretrained.families import bert, clip, vit
 from xmodal_jax.pretrained.hf import flatten
 from xmodal_jax.pretrained.weights import Weights, canonical_names
 
@@ -84,8 +84,9 @@ def layout(tower, where):
     require(tower, where, pooling="eos")
     return ("CLIPTextConfig", trunk(tower) | dict(
         vocab_size=tower.vocab_size, max_position_embeddings=tower.max_positions,
-        eos_token_id=tower.eos_token_id, bos_token_id=None, pad_token_id=None, **dropouts(tower, "dropout", "attention_dropout")),
-            "CLIPTextModel", {}, families.clip_text_params)
+        eos_token_id=tower.eos_token_id, bos_token_id=None, pad_token_id=None,
+        **dropouts(tower, "dropout", "attention_dropout")),
+            "CLIPTextModel", {}, clip.clip_text_params)
   if isinstance(tower, text.BertTextEncoder):
     require(tower, where, positions_after_padding_id=False)
     if tower.pooling not in ("pooler", "cls", "mean"):
@@ -94,7 +95,7 @@ def layout(tower, where):
         vocab_size=tower.vocab_size, max_position_embeddings=tower.max_positions,
         type_vocab_size=tower.type_vocab_size, pad_token_id=tower.pad_token_id,
         **dropouts(tower)), "BertModel",
-            dict(add_pooling_layer=tower.pooling == "pooler"), families.bert_params)
+            dict(add_pooling_layer=tower.pooling == "pooler"), bert.bert_params)
   if type(tower) is vision.PatchTransformer:  # pylint: disable=unidiomatic-typecheck
     height, width = tower.input_size()
     if height != width or (tower.patch_stride and tuple(tower.patch_stride) != (
@@ -106,13 +107,13 @@ def layout(tower, where):
     if not tower.patch_bias:  # CLIP's vision tower
       require(tower, where, pre_norm=True, final_norm="pooled", pooler="cls", pooling="pooler")
       return ("CLIPVisionConfig", common | dropouts(tower, "dropout", "attention_dropout"),
-              "CLIPVisionModel", {}, families.clip_vision_params)
+              "CLIPVisionModel", {}, clip.clip_vision_params)
     require(tower, where, pre_norm=False, final_norm="tokens")
     pooler = tower.pooling == "pooler" and tower.pooler == "dense_tanh"
     if not pooler:
       require(tower, where, pooling="cls")
     return ("ViTConfig", common | dropouts(tower), "ViTModel",
-            dict(add_pooling_layer=pooler), families.vit_params)
+            dict(add_pooling_layer=pooler), vit.vit_params)
   raise ValueError(f"{where}: {type(tower).__name__} has no Hugging Face layout here (CLIP "
                    "text and vision, ViT and BERT do); launch/convert.py --to=jax exports it")
 
