@@ -9,6 +9,9 @@ Variants (`--config=configs/image_text.py:VARIANT`):
            local Hugging Face folder (a CLIP checkpoint holds one).
   clip     both towers and the projection from a local CLIP checkpoint folder
            (`--config.model.towers.image.path` and `.text.path`; the tokenizer comes with it).
+  siglip   both towers from a local SigLIP (or SigLIP 2) folder, e.g. siglip-base-patch16-224,
+           with the sigmoid loss starting from its scale and bias; embed_dim 768 (the
+           towers' width: --config.model.embed_dim=1152 for so400m), text padded to 64.
   flickr30k  the same on flickr30k_karpathy.
   align_fuse ALBEF/TCL-style alignment: GPO pooling, momentum encoders with 65,536-entry
            queues, ITC + IMS + LMIM (image patches pooled to a 4 x 4 grid) + image-text
@@ -28,7 +31,7 @@ import ml_collections
 from configs import recipes, sizes, variants
 from xmodal_jax import schema
 
-VARIANTS = ("clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g")
+VARIANTS = ("clip", "siglip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g")
 # The ALBEF fusion encoder over the text tokens, by tower size.
 FUSION = {"B": dict(width=768, num_layers=6, num_heads=12, mlp_dim=3072, dtype="bfloat16"),
           "tiny": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64, dtype="float32")}
@@ -51,7 +54,7 @@ def get_config(variant=""):
   if v.tiny:
     towers = dict(image=sizes.vit("tiny", image_size=32),
                   text=sizes.bert("tiny", vocab_size=64))
-  elif v.clip:
+  elif v.clip or v.siglip:
     towers = {name: dict(name="pretrained", path=placeholder(str), part=part, projection=True,
                          dtype="bfloat16", remat=False)
               for name, part in (("image", "vision"), ("text", "text"))}
@@ -75,6 +78,10 @@ def get_config(variant=""):
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
 
+  if v.siglip:  # its logit scale and bias replace these inits
+    config.model.update(embed_dim=768, logit_scale_init=2.3, logit_bias_init=-10.0)
+    config.loss.kind = "sigmoid"
+    config.modalities.text.max_length = 64
   if v.tiny:
     config.modalities.image.image_size = 32
     config.modalities.text.max_length = 16
@@ -97,9 +104,9 @@ def get_config(variant=""):
     for tower in config.model.towers.values():
       tower["fp8"] = True
   if v.L or v.g:
-    if v.tiny or v.clip or (v.L and v.g):
+    if v.tiny or v.clip or v.siglip or (v.L and v.g):
       raise ValueError("configs/image_text.py: :L and :g are sizes of their own; they do not "
-                       "combine with :tiny, :clip or each other")
+                       "combine with :tiny, :clip, :siglip or each other")
     pod = "L" if v.L else "g"
     config.model.towers = dict(
         image=sizes.vit(pod, dtype="bfloat16", remat=True),

@@ -463,3 +463,43 @@ def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path,
   assert flat(loaded).keys() == flat(params).keys()
   for path, value in flat(params).items():
     np.testing.assert_array_equal(flat(loaded)[path], value, err_msg=str(path))
+
+
+def test_siglip_towers_and_its_sigmoid_scale_and_bias(tmp_path):
+  """A SiglipModel folder: each tower through load_hf equals transformers' (last hidden
+  state and pooled output: the text head's, the vision attention-pooling head's), and with
+  projection=True our model's embeddings are SigLIP's, its logit scale and bias loaded."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from xmodal_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  config = transformers.SiglipConfig(
+      text_config=dict(vocab_size=99, max_position_embeddings=12, **SMALL),
+      vision_config=dict(image_size=16, patch_size=4, **SMALL))
+  model, folder = saved(transformers.SiglipModel(config), tmp_path)
+  rng = np.random.default_rng(6)
+  ids, mask = token_inputs(99, rng, lengths=(12, 5, 9))
+  pixels = rng.normal(size=(3, 3, 16, 16)).astype(np.float32)
+  with torch.no_grad():
+    text = model.text_model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    image = model.vision_model(pixel_values=torch.tensor(pixels))
+  ours = run_ours(folder, {"input_ids": ids, "attention_mask": mask}, part="text")
+  assert_close(ours["tokens"], text.last_hidden_state, 1e-5)
+  assert_close(ours["pooled"], text.pooler_output, 1e-5)
+  ours = run_ours(folder, {"pixel_values": pixels.transpose(0, 2, 3, 1)}, part="vision")
+  assert_close(ours["tokens"], image.last_hidden_state, 1e-5)
+  assert_close(ours["pooled"], image.pooler_output, 1e-5)
+
+  model_config = schema.defaults().model
+  model_config.update(embed_dim=32, logit_bias_init=-10.0, towers=dict(
+      text=dict(name="pretrained", path=folder, part="text", projection=True),
+      image=dict(name="pretrained", path=folder, part="vision", projection=True)))
+  joint, loaded = towers.build_model(model_config, loader=pretrained.Loader())
+  batch = {"text": {"input_ids": ids, "attention_mask": mask},
+           "image": {"pixels": pixels.transpose(0, 2, 3, 1)}}
+  params = towers.insert_pretrained(
+      joint.init(jax.random.key(0), batch, train=False)["params"], loaded)
+  out = joint.apply({"params": params}, batch, train=False)
+  for name, reference in (("text", text.pooler_output), ("image", image.pooler_output)):
+    assert_close(out[name], reference / reference.norm(dim=-1, keepdim=True), 1e-5)
+  np.testing.assert_allclose(params["logit_scale"], model.logit_scale.item(), rtol=1e-6)
+  np.testing.assert_allclose(params["logit_bias"], model.logit_bias.item(), rtol=1e-6)

@@ -66,11 +66,13 @@ class BertTextEncoder(transformer.TrunkOptions, kw_only=True):
 
 
 class CausalTextEncoder(transformer.TrunkOptions, kw_only=True):
-  """CLIP's text transformer as Hugging Face's CLIPTextModel computes it.
+  """CLIP's text transformer as Hugging Face's CLIPTextModel computes it, and SigLIP's.
 
   Token + position embeddings, causal pre-LN blocks, a final LayerNorm. `pooling="eos"` takes
   the end-of-text token: the first `eos_token_id` in each sequence, or (old CLIP configs with
-  eos_token_id=2) the highest token id, as transformers does.
+  eos_token_id=2) the highest token id, as transformers does. SigLIP's (SiglipTextModel):
+  `causal=False`, `pooling="last"` (the last position, padding or not) and its Dense head
+  `projection_size` wide on the pooled vector.
   """
   vocab_size: int
   width: int
@@ -79,6 +81,8 @@ class CausalTextEncoder(transformer.TrunkOptions, kw_only=True):
   activation: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   pooling: str = "eos"
+  causal: bool = True
+  projection_size: int = 0  # > 0: a Dense "head" on the pooled vector (SigLIP)
 
   @nn.compact
   def __call__(self, inputs, *, train):
@@ -88,10 +92,14 @@ class CausalTextEncoder(transformer.TrunkOptions, kw_only=True):
          + embed(self.max_positions, self.width, "position_embedding")(
              jnp.arange(ids.shape[1])[None]))
     x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
-    x = self.encoder(causal=True)(x, valid, train=train)
+    x = self.encoder(causal=self.causal)(x, valid, train=train)
     if self.pooling == "eos":
       end = ids if self.eos_token_id == 2 else (ids == self.eos_token_id).astype(jnp.int32)
       pooled = jnp.take_along_axis(x, jnp.argmax(end, axis=1)[:, None, None], axis=1)[:, 0]
+    elif self.pooling == "last":
+      pooled = x[:, -1]
     else:
       pooled = self.pool(x, valid, train=train, num_prefix_tokens=0)
+    if self.projection_size:
+      pooled = nn.Dense(self.projection_size, dtype=self.dtype, name="head")(pooled)
     return transformer.tower_output(pooled, x, valid)

@@ -172,9 +172,11 @@ def build_model(model_config, vocab_sizes=None, loader=None):
       if loader is None:
         raise ValueError(f"{where}.projection=True needs a loader "
                          "(xmodal_jax.pretrained.Loader)")
-      head, scale = loader.projection(tower_config, where, model_config.embed_dim)
+      head, scale, bias = loader.projection(tower_config, where, model_config.embed_dim)
       pretrained[(f"heads_{modality}",)] = head
       pretrained[()] = {"logit_scale": scale}  # every pair's, with per-pair temperatures
+      if bias is not None:  # SigLIP's; the model has one with config.model.logit_bias_init
+        pretrained[()]["logit_bias"] = bias
     tower, loaded = build_tower(tower_config, where, (vocab_sizes or {}).get(modality), loader)
     towers[modality] = tower
     for path, params in loaded.items():

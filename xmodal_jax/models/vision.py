@@ -7,7 +7,27 @@ import jax.numpy as jnp
 
 from xmodal_jax.models import pooling, transformer
 
-POOLERS = ("dense_tanh", "cls", "prefix_mean")
+POOLERS = ("dense_tanh", "cls", "prefix_mean", "map")
+
+
+class AttentionPool(nn.Module):
+  """SigLIP's multihead attention pooling (MAP): a learned probe attends to the tokens, then
+  a LayerNorm'd MLP is added to it; the probe's output is the pooled vector."""
+  num_heads: int
+  mlp_dim: int
+  activation: str = "gelu"
+  layer_norm_eps: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    probe = self.param("probe", nn.initializers.normal(0.02), (1, 1, tokens.shape[-1]))
+    probe = jnp.broadcast_to(probe, (tokens.shape[0],) + probe.shape[1:]).astype(tokens.dtype)
+    x = transformer.Attention(self.num_heads, self.dtype, name="attn")(probe, tokens)
+    y = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln")(x)
+    x = x + transformer.MlpBlock(self.mlp_dim, dtype=self.dtype, activation=self.activation,
+                                 name="mlp")(y, train=False)
+    return x[:, 0]
 
 
 class PatchTransformer(transformer.TrunkOptions, kw_only=True):
@@ -17,7 +37,8 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
   tanh(Dense([CLS]))), CLIP's vision tower (no patch bias, LayerNorm before the blocks,
   `final_norm="pooled"`: LayerNorm on the pooled vector only) and the Audio Spectrogram
   Transformer (one channel, overlapping patches via `patch_stride`, [CLS] + distillation
-  tokens, pooler = their mean). `pooling="pooler"` selects the family's pooled output;
+  tokens, pooler = their mean) and SigLIP's vision tower (no prefix token, pooler = "map",
+  an attention-pooling head). `pooling="pooler"` selects the family's pooled output;
   cls / mean / gpo pool the last tokens (mean and gpo over patches only).
   """
   width: int
@@ -72,6 +93,9 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
       pooled = jnp.tanh(nn.Dense(self.width, dtype=self.dtype, name="pooler")(x[:, 0]))
     elif self.pooler == "prefix_mean":
       pooled = x[:, :self.num_prefix_tokens].mean(axis=1)
+    elif self.pooler == "map":
+      pooled = AttentionPool(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
+                             self.dtype, name="map_head")(x)
     else:
       pooled = x[:, 0]
     if self.final_norm == "pooled":

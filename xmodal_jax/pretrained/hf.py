@@ -20,9 +20,10 @@ from xmodal_jax.pretrained.families.vit import LEGACY_VIT_NAMES
 from xmodal_jax.pretrained.weights import Weights, canonical_names, read_weights
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "vit", "clip", "clip_text_model",
-            "clip_vision_model", "audio-spectrogram-transformer", "wav2vec2", "hubert",
-            "whisper")
+            "clip_vision_model", "siglip", "siglip_text_model", "siglip_vision_model",
+            "audio-spectrogram-transformer", "wav2vec2", "hubert", "whisper")
 CLIP_PARTS = ("text", "vision")
+TWO_TOWER_FAMILIES = ("clip", "siglip")  # one folder, a text and a vision tower
 
 class HFModule(nn.Module):
   """A tower called as transformers calls the model: inputs by their Hugging Face names
@@ -91,15 +92,15 @@ def convert(path, read_tensors, part, overrides, shapes_only=False):
                      f"{FAMILIES}")
   if "dtype" in overrides:
     overrides["dtype"] = jnp.dtype(overrides["dtype"])
-  if model_type == "clip":
+  if model_type in TWO_TOWER_FAMILIES:
     if part not in CLIP_PARTS:
-      raise ValueError(f"{path}: a CLIP model folder holds two towers; pass part='text' or "
-                       f"part='vision' (got {part!r})")
-    model_type = f"clip_{part}_model"
+      raise ValueError(f"{path}: a {model_type.upper()} model folder holds two towers; pass "
+                       f"part='text' or part='vision' (got {part!r})")
+    model_type = f"{model_type}_{part}_model"
     config = getattr(config, f"{part}_config")
     prefixes = (f"{part}_model.",)
   elif part is not None:
-    raise ValueError(f"{path}: part={part!r} only applies to CLIP model folders")
+    raise ValueError(f"{path}: part={part!r} only applies to CLIP and SigLIP model folders")
   elif model_type == "whisper":  # WhisperForConditionalGeneration nests the model in "model."
     prefixes = ("model.",)
   else:
@@ -124,9 +125,20 @@ def convert(path, read_tensors, part, overrides, shapes_only=False):
 
 def projection(path, tensors, part, embed_dim):
   """CLIP's projection of `part` ("text" or "vision") from a CLIPModel folder's `tensors`, as
-  params of our head (Dense [W, P] with a zero bias), and its logit scale (stored as the
-  log, as ours): the model starts from CLIP's joint space. `embed_dim` must be CLIP's
-  projection_dim."""
+  params of our head (Dense [W, P] with a zero bias), its logit scale (stored as the log, as
+  ours) and logit bias (None: CLIP has none): the model starts from CLIP's joint space.
+  `embed_dim` must be CLIP's projection_dim. A SiglipModel's towers end in its joint space
+  (the text tower's head, the vision tower's pooling head): our head is the identity, and
+  the sigmoid loss's bias comes too."""
+  if "logit_bias" in tensors:
+    width = tensors[f"{part}_model.post_layernorm.weight" if part == "vision" else
+                    f"{part}_model.head.weight"].shape[0]
+    if width != embed_dim:
+      raise ValueError(f"{path}: SigLIP's {part} tower gives {width} dims but "
+                       f"config.model.embed_dim={embed_dim}")
+    head = {"kernel": np.eye(width, dtype=np.float32), "bias": np.zeros(width, np.float32)}
+    return (head, np.asarray(tensors["logit_scale"], np.float32).reshape(()),
+            np.asarray(tensors["logit_bias"], np.float32).reshape(()))
   name = {"text": "text_projection.weight", "vision": "visual_projection.weight"}.get(part)
   if name is None or name not in tensors:
     raise ValueError(f"{path}: projection=True needs a CLIPModel folder with "
@@ -137,7 +149,7 @@ def projection(path, tensors, part, embed_dim):
     raise ValueError(f"{path}: CLIP projects to {weight.shape[0]} dims but "
                      f"config.model.embed_dim={embed_dim}")
   head = {"kernel": weight.T.astype(np.float32), "bias": np.zeros(embed_dim, np.float32)}
-  return head, np.asarray(tensors["logit_scale"], np.float32).reshape(())
+  return head, np.asarray(tensors["logit_scale"], np.float32).reshape(()), None
 
 
 class Loader:
@@ -172,7 +184,7 @@ class Loader:
 
   def projection(self, options, where, embed_dim):
     """(head params, logit scale) of CLIP's projection for the config entry `where`; with
-    shapes_only, (None, None) once config.json's projection_dim is checked."""
+    shapes_only, (None, None, None) once config.json's projection_dim is checked."""
     path = options.get("path")
     if not path:
       raise ValueError(f"{where}: projection=True needs path=<a CLIPModel folder>")
@@ -182,7 +194,7 @@ class Loader:
       if getattr(config, "projection_dim", embed_dim) != embed_dim:
         raise ValueError(f"{path}: CLIP projects to {config.projection_dim} dims but "
                          f"config.model.embed_dim={embed_dim}")
-      return None, None
+      return None, None, None
     return projection(path, self.tensors(path), options.get("part"), embed_dim)
 
 

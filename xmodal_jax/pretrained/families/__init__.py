@@ -4,7 +4,7 @@ on; `to_hf` runs the same converters to write folders back out."""
 
 import numpy as np
 
-from xmodal_jax.pretrained.families import bert, clip, vit, wav2vec2, whisper
+from xmodal_jax.pretrained.families import bert, clip, siglip, vit, wav2vec2, whisper
 
 
 def token_example(tower):
@@ -25,6 +25,10 @@ CONVERTERS = {
                         token_example),
     "clip_vision_model": (lambda c, o, p, w: clip.clip_vision_tower(c, o),
                           clip.clip_vision_params, pixel_example),
+    "siglip_text_model": (lambda c, o, p, w: siglip.siglip_text_tower(c, o),
+                          siglip.siglip_text_params, token_example),
+    "siglip_vision_model": (lambda c, o, p, w: siglip.siglip_vision_tower(c, o),
+                            siglip.siglip_vision_params, pixel_example),
     "vit": (lambda c, o, p, w: vit.vit_tower(c, o, w), vit.vit_params, pixel_example),
     "audio-spectrogram-transformer": (
         lambda c, o, p, w: vit.ast_tower(c, o, p), vit.ast_params,
