@@ -101,3 +101,17 @@ def trained_run(digit_data_dir, tmp_path_factory):
           "--config.log_every=100", "--config.optimizer.warmup_steps=30"]
   proc = run_train(args, devices=1, fast_compile=False)
   return args, workdir, proc.stdout
+
+
+# The suite runs as `-n 2 --dist loadfile`: each file goes whole to the next free worker, in
+# collection order. Handing out the longest files first (their measured totals, longest
+# first) keeps one worker from starting a 2-minute file when the other is nearly done.
+LONGEST_FIRST = ("test_launch_eval.py", "test_train.py", "test_benchmark_adapters.py",
+                 "test_alignment.py", "test_remote_storage.py", "test_multiprocess.py",
+                 "test_freezing.py", "test_mixture.py", "test_records.py", "test_pretrained.py",
+                 "test_nonfinite.py", "test_grad_cache.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
