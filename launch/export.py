@@ -28,6 +28,7 @@ from common import ALLOW_CONFIG_CHANGE, CONFIG, WORKDIR, join_runtime  # launch/
 from xmodal_jax import files
 from xmodal_jax.eval import export, index
 from xmodal_jax import experiment as experiment_lib
+from xmodal_jax.train import checkpoint
 
 _SPLIT = flags.DEFINE_string("split", None, "Split to export (default: config's eval split).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -55,6 +56,7 @@ def main(argv):
   split = _SPLIT.value or config.data.eval_split
   # What the shards are written with: a resume with any other value is refused.
   signature = {"workdir": files.absolute(WORKDIR.value), "step": experiment.step,
+               "checkpoint": checkpoint.identity(WORKDIR.value, experiment.step),
                "split": split, "dataset": config.data.name,
                "eval_batch_size": config.eval_batch_size,
                "process_count": jax.process_count(), "shard_rows": _SHARD_ROWS.value,

@@ -134,7 +134,8 @@ def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, t
 
 def test_export_resumes_and_refuses_to_mix(trained_run, short_export, tmp_path):
   """A copy of the suite's export, as if killed before its last shard was complete,
-  resumes with that shard alone; another batch size is refused."""
+  resumes with that shard alone; another batch size, or another checkpoint at the same step,
+  is refused."""
   from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
   args, _, _ = trained_run
   out = str(tmp_path / "emb")
@@ -148,11 +149,18 @@ def test_export_resumes_and_refuses_to_mix(trained_run, short_export, tmp_path):
   assert printed.count("export: shard") == 1  # Only the missing shard was computed again.
   np.testing.assert_allclose(export.read_export(out).embeddings("text"), first, atol=1e-6)
   os.remove(os.path.join(out, "meta.json"))
+  # The run's checkpoint replaced by another model's at the same step: its commit differs.
+  with open(os.path.join(out, "signature.json")) as f:
+    signature = json.load(f)
+  assert signature["checkpoint"].startswith("step 300, committed at ")
+  signature["checkpoint"] = "step 300, committed at 1 ns"
+  with open(os.path.join(out, "signature.json"), "w") as f:
+    json.dump(signature, f)
   proc = run_launcher("export.py", args + [f"--out={out}", "--shard_rows=500",
                                            "--config.eval_batch_size=256"],
                       devices=2, check=False)
   assert proc.returncode and "holds shards of another export" in proc.stderr
-  assert "eval_batch_size" in proc.stderr
+  assert "['checkpoint', 'eval_batch_size']" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_two_processes_write_the_rows_of_one(trained_run, short_export, tmp_path):

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state under {workdir}/checkpoints/."""
 
 import importlib
+import json
 import os
 
 import jax
@@ -52,3 +53,11 @@ def restore(manager, state, step):
 def save(manager, step, state, *, force=False):
   """Saves asynchronously when `step` is due (or `force`); returns whether it saved."""
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def identity(workdir, step):
+  """What tells step `step`'s checkpoint from another saved at the same step (a rerun, a
+  replaced folder): its step and Orbax's commit time, from the step's metadata file."""
+  path = os.path.join(folder(workdir), str(step), "_CHECKPOINT_METADATA")
+  meta = json.loads(files.read_text(path)) if files.exists(path) else {}
+  return f"step {step}, committed at {meta.get('commit_timestamp_nsecs', 'unknown')} ns"
