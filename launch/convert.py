@@ -12,7 +12,7 @@ needs jax and NumPy only (docs/guide.md, "Taking the model elsewhere").
 (`clip_text`, and a `vit` with CLIP's vision options, or both from a CLIP folder) become one
 folder `transformers.CLIPModel.from_pretrained` loads, with the tokenizer and the image
 preprocessing; with --modalities naming other towers, each becomes {out}/{modality}/ in its
-family's layout (CLIP text or vision, ViT, BERT) with its head as projection.safetensors.
+family's layout (CLIP text or vision, ViT, BERT, AST) with its head as projection.safetensors.
 """
 
 import json

@@ -425,12 +425,12 @@ def test_clip_towers_leave_as_a_folder_clip_model_loads(tmp_path):
                       params["logit_scale"], tmp_path / "gpo")
 
 
-@pytest.mark.parametrize("family", ["vit", "bert", "clip_vision"])
+@pytest.mark.parametrize("family", ["vit", "bert", "clip_vision", "ast"])
 def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path, family):
   """tower_folder writes a folder transformers loads with no missing or unexpected keys and
   whose outputs are the tower's; load_hf reads every param back unchanged."""
   import jax  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.models import text, vision  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import audio, text, vision  # pylint: disable=g-import-not-at-top
   from xmodal_jax.pretrained import to_hf  # pylint: disable=g-import-not-at-top
   trunk = dict(width=32, num_layers=2, num_heads=4, mlp_dim=37)
   rng = np.random.default_rng(5)
@@ -440,6 +440,13 @@ def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path,
     inputs = {"input_ids": ids, "attention_mask": mask}
     torch_inputs = {k: torch.tensor(v) for k, v in inputs.items()}
     model_class = transformers.BertModel
+  elif family == "ast":
+    tower = audio.SpectrogramTransformer(num_mels=16, max_frames=24, patch_size=4,
+                                         patch_stride=(4, 4), **trunk)
+    spectrogram = rng.normal(size=(2, 24, 16)).astype(np.float32)
+    inputs = {"spectrogram": spectrogram}
+    torch_inputs = {"input_values": torch.tensor(spectrogram)}
+    model_class = transformers.ASTModel
   else:
     options = dict(patch_bias=False, pre_norm=True, final_norm="pooled", pooler="cls",
                    layer_norm_eps=1e-5) if family == "clip_vision" else {}

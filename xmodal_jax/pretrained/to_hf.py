@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from xmodal_jax import tokenizers
-from xmodal_jax.models import text, vision
+from xmodal_jax.models import audio, text, vision
 from xmodal_jax.pretrained.families import bert, clip, vit
 from xmodal_jax.pretrained.hf import flatten
 from xmodal_jax.pretrained.weights import Weights, canonical_names
@@ -96,6 +96,13 @@ def layout(tower, where):
         type_vocab_size=tower.type_vocab_size, pad_token_id=tower.pad_token_id,
         **dropouts(tower)), "BertModel",
             dict(add_pooling_layer=tower.pooling == "pooler"), bert.bert_params)
+  if isinstance(tower, audio.SpectrogramTransformer):
+    require(tower, where, num_prefix_tokens=2, patch_bias=True, pre_norm=False,
+            final_norm="tokens")
+    return ("ASTConfig", trunk(tower) | dict(
+        patch_size=tower.patch_size, frequency_stride=tower.patch_stride[0],
+        time_stride=tower.patch_stride[1], max_length=tower.max_frames,
+        num_mel_bins=tower.num_mels, **dropouts(tower)), "ASTModel", {}, vit.ast_params)
   if type(tower) is vision.PatchTransformer:  # pylint: disable=unidiomatic-typecheck
     height, width = tower.input_size()
     if height != width or (tower.patch_stride and tuple(tower.patch_stride) != (
@@ -115,7 +122,8 @@ def layout(tower, where):
     return ("ViTConfig", common | dropouts(tower), "ViTModel",
             dict(add_pooling_layer=pooler), vit.vit_params)
   raise ValueError(f"{where}: {type(tower).__name__} has no Hugging Face layout here (CLIP "
-                   "text and vision, ViT and BERT do); launch/convert.py --to=jax exports it")
+                   "text and vision, ViT, BERT and AST do); launch/convert.py --to=jax "
+                   "exports it")
 
 
 def model_shapes(model_class, config, **kwargs):
@@ -251,15 +259,23 @@ def write_run(model, params, modality_configs, modalities, out):
     tensors = tower_folder(model.towers[modality], params[f"towers_{modality}"], folder,
                            f"the {modality} tower")
     projection_file(params[f"heads_{modality}"], folder)
-    preprocessing(modality_configs[modality], folder)
+    preprocessing(modality_configs[modality], folder, model.towers[modality])
     lines.append(f"{modality}: {len(tensors)} tensors in its family's layout, and "
                  f"projection.safetensors -> {folder}")
   return lines
 
 
-def preprocessing(modality_config, out):
-  """The text's tokenizer, or an image's preprocessor_config.json, beside the weights."""
+def preprocessing(modality_config, out, tower=None):
+  """The text's tokenizer, or an image's or an AST's preprocessor_config.json, beside the
+  weights."""
   if modality_config.kind == "text":
     tokenizers.load(modality_config.tokenizer).save_pretrained(out)
   elif modality_config.kind == "image":
     image_processor_config(modality_config, modality_config.image_size, out)
+  elif isinstance(tower, audio.SpectrogramTransformer):  # as ASTFeatureExtractor reads it
+    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
+      json.dump(dict(feature_extractor_type="ASTFeatureExtractor", feature_size=1,
+                     sampling_rate=tower.sample_rate, num_mel_bins=tower.num_mels,
+                     max_length=tower.max_frames, mean=tower.mean, std=tower.std,
+                     do_normalize=True, padding_value=0.0, return_attention_mask=False), f,
+                indent=2)
