@@ -198,6 +198,7 @@ class AudioTransformer(transformer.TrunkOptions, SpecAugmentOptions, kw_only=Tru
   Input: {"waveform": float[B, N]}. Each spectrogram is standardized over its own time and
   frequency, so the tower does not depend on recording gain.
   """
+  DROPS_TOKENS: ClassVar[bool] = True
   sample_rate: int
   width: int
   patch_frames: int = 8
@@ -217,7 +218,7 @@ class AudioTransformer(transformer.TrunkOptions, SpecAugmentOptions, kw_only=Tru
     patches = spec[:, :num_patches * self.patch_frames].reshape(
         batch, num_patches, self.patch_frames * mels)
     tokens = nn.Dense(self.width, dtype=self.dtype, name="patch_embedding")(patches)
-    return self.trunk()(tokens, train=train)
+    return self.trunk()(tokens, train=train, token_seed=inputs.get("token_seed"))
 
 
 class SpectrogramTransformer(vision.PatchTransformer, SpecAugmentOptions, kw_only=True):
@@ -255,4 +256,5 @@ class SpectrogramTransformer(vision.PatchTransformer, SpecAugmentOptions, kw_onl
     spec = inputs["spectrogram"] if "spectrogram" in inputs else self.spectrogram(
         inputs["waveform"])
     spec = self.augment(spec, train)
-    return self.encode(jnp.swapaxes(spec, 1, 2)[..., None], train=train)
+    return self.encode(jnp.swapaxes(spec, 1, 2)[..., None], train=train,
+                       token_seed=inputs.get("token_seed"))

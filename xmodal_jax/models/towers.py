@@ -149,6 +149,10 @@ def build_tower(tower_config, where, vocab_size=None, loader=None):
                      f"{sorted(TOWERS) + list(BUILT_TOWERS)}")
   if vocab_size is not None and "vocab_size" in TOWERS[name].__dataclass_fields__:
     kwargs["vocab_size"] = vocab_size
+  if kwargs.get("token_drop_rate") and not getattr(TOWERS[name], "DROPS_TOKENS", False):
+    dropping = sorted(n for n, t in TOWERS.items() if getattr(t, "DROPS_TOKENS", False))
+    raise ValueError(f"{where}.token_drop_rate: {name!r} towers do not drop tokens (these "
+                     f"do: {dropping}, and frames through its image tower)")
   try:
     return TOWERS[name](**kwargs), {}
   except TypeError as e:

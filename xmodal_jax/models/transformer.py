@@ -237,6 +237,9 @@ class TrunkOptions(nn.Module):
   # LoRA adapters of this rank on every block's attention and MLP products (0: none); with
   # the tower's trainable="none" only they train (train/optimizer.py).
   lora_rank: int = 0
+  # FLIP: in training, each example keeps a random (1 - rate) of its patch tokens (towers
+  # whose class sets DROPS_TOKENS; drawn from the rows' token_seed, see drop_tokens).
+  token_drop_rate: float = 0.0
 
   def encoder(self, **kwargs):
     """An Encoder with these options (and family-specific `kwargs`: norm, causal,
@@ -258,6 +261,22 @@ class TrunkOptions(nn.Module):
     options = {f.name: getattr(self, f.name) for f in dataclasses.fields(TrunkOptions)
                if f.name not in ("parent", "name")}
     return TokenEncoder(**options, name="trunk")
+
+
+def drop_tokens(x, valid, seeds, rate, num_prefix):
+  """FLIP's token dropping: each row keeps its `num_prefix` tokens and round((1 - rate) n) of
+  the other n, in their order, chosen by a uniform draw from its own uint32 seed (a row's,
+  not the batch's: micro-batching and resuming draw the same). x [B, L, W], valid [B, L]."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"token_drop_rate={rate}: expected 0 <= rate < 1")
+  n = x.shape[1] - num_prefix
+  keep = max(1, int(round((1.0 - rate) * n)))
+  scores = jax.vmap(lambda s: jax.random.uniform(jax.random.key(s), (n,)))(seeds)
+  kept = jnp.sort(jnp.argsort(scores, axis=1)[:, :keep], axis=1) + num_prefix
+  take = lambda a: jnp.concatenate(
+      [a[:, :num_prefix], jnp.take_along_axis(a, kept.reshape(kept.shape + (1,) * (
+          a.ndim - 2)), axis=1)], axis=1)
+  return take(x), take(valid)
 
 
 def tower_output(pooled, tokens, valid, grid=None):
@@ -282,13 +301,16 @@ class TokenEncoder(TrunkOptions):
   """
 
   @nn.compact
-  def __call__(self, tokens, valid=None, *, train):
+  def __call__(self, tokens, valid=None, *, train, token_seed=None):
     batch, length, width = tokens.shape
     cls = self.param("cls", nn.initializers.normal(0.02), (1, 1, width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, width)), tokens], axis=1)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, length + 1, width))
     if valid is not None:
       valid = jnp.concatenate([jnp.ones((batch, 1), bool), valid.astype(bool)], axis=1)
+    if train and self.token_drop_rate and token_seed is not None:
+      x, valid = drop_tokens(x, jnp.ones((batch, length + 1), bool) if valid is None
+                             else valid, token_seed, self.token_drop_rate, 1)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.astype(self.dtype))
     x = self.encoder()(x, valid, train=train)
     return tower_output(self.pool(x, valid, train=train), x, valid)

@@ -1,6 +1,6 @@
 """Image and video towers: ViT-style patch transformers and per-frame video encoders."""
 
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
   an attention-pooling head). `pooling="pooler"` selects the family's pooled output;
   cls / mean / gpo pool the last tokens (mean and gpo over patches only).
   """
+  DROPS_TOKENS: ClassVar[bool] = True
   width: int
   image_size: Sequence[int] = (224, 224)
   patch_size: int = 16
@@ -60,11 +61,12 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
 
   def __call__(self, inputs, *, train):
     """{"pixels": float[B, H, W, C]} -> tower output."""
-    return self.encode(inputs["pixels"], train=train)
+    return self.encode(inputs["pixels"], train=train, token_seed=inputs.get("token_seed"))
 
   @nn.compact
-  def encode(self, images, *, train):
-    """Images as an array (video and audio towers call this directly)."""
+  def encode(self, images, *, train, token_seed=None):
+    """Images as an array (video and audio towers call this directly); `token_seed`
+    uint32[B] draws each image's kept patches when training with token_drop_rate."""
     height, width = self.input_size()
     if images.ndim != 4 or tuple(images.shape[1:]) != (height, width, self.num_channels):
       raise ValueError(f"{type(self).__name__}: expected inputs [B, {height}, {width}, "
@@ -83,6 +85,10 @@ class PatchTransformer(transformer.TrunkOptions, kw_only=True):
         [jnp.broadcast_to(prefix, (batch,) + prefix.shape[1:]).astype(patches.dtype), patches],
         axis=1)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+    if train and self.token_drop_rate and token_seed is not None:
+      x, _ = transformer.drop_tokens(x, jnp.ones(x.shape[:2], bool), token_seed,
+                                     self.token_drop_rate, self.num_prefix_tokens)
+      grid = None  # the kept patches no longer tile the image
     if self.pre_norm:
       x = nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype, name="ln_pre")(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x).astype(self.dtype)
@@ -109,6 +115,7 @@ class VideoTransformer(transformer.TrunkOptions, kw_only=True):
   Attention runs jointly over space and time (T * H/p * W/p tokens), with a learned position
   for every (frame, patch).
   """
+  DROPS_TOKENS: ClassVar[bool] = True
   width: int
   patch_size: int = 4
 
@@ -122,7 +129,7 @@ class VideoTransformer(transformer.TrunkOptions, kw_only=True):
     patches = nn.Conv(self.width, (1, p, p), strides=(1, p, p), padding="VALID",
                       dtype=self.dtype, name="patch_embedding")(frames)
     tokens = patches.reshape(batch, -1, self.width)
-    return self.trunk()(tokens, train=train)
+    return self.trunk()(tokens, train=train, token_seed=inputs.get("token_seed"))
 
 
 class FrameVideoEncoder(nn.Module):
@@ -149,8 +156,12 @@ class FrameVideoEncoder(nn.Module):
                        f"(num_frames={self.num_frames}), got shape {frames.shape}")
     batch, length = frames.shape[:2]
     valid = inputs.get("frame_mask", jnp.ones((batch, length), bool)).astype(bool)
+    seed = inputs.get("token_seed")
+    if seed is not None:  # each frame of a clip its own draw
+      seed = (seed[:, None] * jnp.uint32(length) + jnp.arange(length, dtype=jnp.uint32))
+      seed = seed.reshape(-1)
     per_frame = self.image.encode(
-        frames.reshape((batch * length,) + frames.shape[2:]), train=train)
+        frames.reshape((batch * length,) + frames.shape[2:]), train=train, token_seed=seed)
     x = per_frame["pooled"].reshape(batch, length, -1)
     if self.temporal == "transformer":
       width = x.shape[-1]

@@ -233,6 +233,7 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
   update those keys join the queues (both see the whole global batch once per step).
   """
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
+  batch = with_token_seeds(batch, model, rng)
   extra, momentum_params, queues = {}, state.momentum_params, state.queues
   if queues is not None:
     momentum_params = state_lib.ema(momentum_params, state.params, alignment_config.momentum)
@@ -273,6 +274,25 @@ def train_step(state, batch, *, model, tx, loss_config, mesh, seed, alignment_co
                                 queues)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                        momentum_params=momentum_params, queues=queues), metrics
+
+
+def drop_rate(tower):
+  """The tower's token_drop_rate (a frames tower's is its image tower's)."""
+  return getattr(getattr(tower, "image", tower), "token_drop_rate", 0.0)
+
+
+def with_token_seeds(batch, model, rng):
+  """`batch` with a uint32 token_seed per row for towers that drop tokens: a hash of the
+  step's key and the row's item id, so a row draws the same tokens in any micro-batch, on
+  any device count and after a resume."""
+  dropping = [m for m, t in model.towers.items() if drop_rate(t) and m in batch
+              and "cached_embedding" not in batch[m]]
+  if not dropping:
+    return batch
+  key = jax.random.fold_in(rng, 0x746F6B)  # apart from the dropout draws
+  seeds = jax.vmap(lambda i: jax.random.bits(jax.random.fold_in(key, i), dtype=jnp.uint32))(
+      batch["_id"].astype(jnp.uint32))
+  return dict(batch, **{m: dict(batch[m], token_seed=seeds) for m in dropping})
 
 
 def jit_train_step(config, model, tx, mesh, shardings, rules=None):
