@@ -199,6 +199,7 @@ def test_a_cache_needs_a_frozen_unaugmented_tower_without_token_objectives(chang
     schema.resolve(config, jax.device_count())
 
 
+@pytest.mark.slow  # trains the tiny config twice (about 25 s); the full suite runs it
 def test_a_run_starts_from_another_runs_towers_by_rules(digit_data_dir, tmp_path, capsys):
   """LiT/ImageBind-style binding: the video and text towers of a trained run, mapped by
   config.init's rules, the video tower frozen, a new audio tower. Every loaded path holds the

@@ -46,6 +46,7 @@ def dropping():
   return fixtures.sharded_state(config, dict(data=2, fsdp=4))
 
 
+@pytest.mark.slow  # builds a sharded state (20 s); the full suite runs it
 def test_evaluation_ignores_the_rate_and_training_drops(dropping):
   _, model, _, _, batch, _, state = dropping
   plain = at_rate(model, 0.0)

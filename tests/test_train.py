@@ -210,6 +210,7 @@ def test_peak_flops_and_throughput_from_a_faked_clock():
   assert got["mfu"] == pytest.approx(2 * 1e15 / (4 * 197e12))
 
 
+@pytest.mark.slow  # trains the tiny config (about 20 s); the full suite runs it
 def test_logged_steps_carry_throughput_mfu_and_a_profile(digit_data_dir, tmp_path, monkeypatch):
   """A tiny run on a device kind faked to a 1 TFLOP/s peak: every logged step has
   examples/s and MFU (the step's FLOPs from XLA), and steps 2-3 are traced into
