@@ -38,13 +38,18 @@ def item_folder(checkpoint):
   raise FileNotFoundError(f"{where}: neither a run's workdir nor an Orbax checkpoint folder")
 
 
-def parameter_shapes(folder):
-  """{path: shape} of the params saved in the Orbax item `folder`."""
+def params_metadata(folder):
+  """The Orbax item `folder`'s params as a tree of array metadata (shape, dtype)."""
   tree = ocp.StandardCheckpointer().metadata(files.absolute(folder)).item_metadata.tree
   if "params" not in tree:
     raise ValueError(f"{folder}: the checkpoint holds no params (keys {sorted(tree)})")
+  return tree["params"]
+
+
+def parameter_shapes(folder):
+  """{path: shape} of the params saved in the Orbax item `folder`."""
   return {sharding.path_name(path): tuple(meta.shape)
-          for path, meta in jax.tree_util.tree_leaves_with_path(tree["params"])}
+          for path, meta in jax.tree_util.tree_leaves_with_path(params_metadata(folder))}
 
 
 @dataclasses.dataclass
@@ -102,8 +107,8 @@ def make_plan(init, target_shapes):
 def saved_params(folder):
   """{path: np.ndarray} of the params saved in the Orbax item `folder` (nothing else of
   the state is read)."""
-  meta = ocp.StandardCheckpointer().metadata(files.absolute(folder)).item_metadata.tree
-  abstract = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta["params"])}
+  abstract = {"params": jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                                     params_metadata(folder))}
   restored = ocp.PyTreeCheckpointer().restore(
       files.absolute(folder), args=ocp.args.PyTreeRestore(
           item=abstract, partial_restore=True,

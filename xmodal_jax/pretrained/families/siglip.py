@@ -1,31 +1,23 @@
 """SigLIP's two towers (SiglipTextModel, SiglipVisionModel; a SiglipModel folder holds both,
-with the sigmoid loss's scale and bias). SigLIP 2 folders of the same layout load too."""
+with the sigmoid loss's scale and bias). SigLIP 2 folders (model_type siglip2) are not read."""
 
 import numpy as np
 
-from xmodal_jax.models import text, vision
-from xmodal_jax.pretrained.families.clip import clip_block
-from xmodal_jax.pretrained.weights import (activation, attention, conv, dense, embedding,
-                                           layer_norm)
+from xmodal_jax.models import vision
+from xmodal_jax.pretrained.families.clip import clip_block, clip_text_params, clip_text_tower
+from xmodal_jax.pretrained.weights import activation, attention, conv, dense, layer_norm
 
 
 def siglip_text_tower(config, overrides):
-  kwargs = dict(
-      vocab_size=config.vocab_size, width=config.hidden_size,
-      num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
-      mlp_dim=config.intermediate_size, max_positions=config.max_position_embeddings,
-      activation=activation(config), layer_norm_eps=config.layer_norm_eps, causal=False,
-      pooling="last", projection_size=getattr(config, "projection_size", config.hidden_size),
-      attention_dropout=config.attention_dropout)
-  return text.CausalTextEncoder(**(kwargs | overrides))
+  """CLIP's text tower without its causal mask, pooled at the last position, with SigLIP's
+  text head."""
+  siglip = dict(causal=False, pooling="last",
+                projection_size=getattr(config, "projection_size", config.hidden_size))
+  return clip_text_tower(config, siglip | overrides)
 
 
 def siglip_text_params(w, tower):
-  encoder = {f"block{i}": clip_block(w, i, tower.num_heads) for i in range(tower.num_layers)}
-  encoder["ln_final"] = layer_norm(w, "final_layer_norm")
-  return {"token_embedding": embedding(w, "embeddings.token_embedding.weight"),
-          "position_embedding": embedding(w, "embeddings.position_embedding.weight"),
-          "encoder": encoder, "head": dense(w, "head")}
+  return clip_text_params(w, tower) | {"head": dense(w, "head")}
 
 
 def siglip_vision_tower(config, overrides):
