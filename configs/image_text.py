@@ -9,7 +9,7 @@ Variants (`--config=configs/image_text.py:VARIANT`):
            local Hugging Face folder (a CLIP checkpoint holds one).
   clip     both towers and the projection from a local CLIP checkpoint folder
            (`--config.model.towers.image.path` and `.text.path`; the tokenizer comes with it).
-  siglip   both towers from a local SigLIP (or SigLIP 2) folder, e.g. siglip-base-patch16-224,
+  siglip   both towers from a local SigLIP folder (not SigLIP 2), e.g. siglip-base-patch16-224,
            with the sigmoid loss starting from its scale and bias; embed_dim 768 (the
            towers' width: --config.model.embed_dim=1152 for so400m), text padded to 64.
   flickr30k  the same on flickr30k_karpathy.
