@@ -8,7 +8,8 @@ setuptools.setup(
     description="Learn one embedding space shared by M modalities and retrieve across them.",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["xmodal_jax", "xmodal_jax.*"]),
-    package_data={"xmodal_jax.data.builders": ["digit_sequences_assets/**/*"]},
+    package_data={"xmodal_jax.data.builders": ["digit_sequences_assets/**/*"],
+                  "xmodal_jax.serve": ["page.html"]},
     include_package_data=True,
     install_requires=[
         "jax>=0.6",
@@ -47,6 +48,10 @@ setuptools.setup(
             "trustme>=1.1",
             "google-cloud-storage>=2.14",
             "faiss-cpu>=1.8",  # export indexes against exact search
+            # The retrieval service, queried over HTTP and its page driven by Debian's
+            # chromium (.ci/run installs the browser); workers share built fixtures by a lock.
+            "fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9", "httpx>=0.27",
+            "selenium>=4.20", "filelock>=3.12",
         ],
         # Workdirs and exports on gs:// (data on gs:// needs nothing more): Orbax asks Cloud
         # Storage whether the bucket has a hierarchical namespace before it lists checkpoints.
@@ -55,6 +60,8 @@ setuptools.setup(
         # Dataflow/Spark/Flink elsewhere.
         "beam": ["apache-beam>=2.60"],
         "faiss": ["faiss-cpu>=1.8"],  # launch/export.py --index (eval/index.py)
+        # launch/serve.py: the retrieval service and its search page.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.30", "python-multipart>=0.0.9"],
         "bench": ["faiss-cpu>=1.8"],  # benchmarks/search.py's reference
         "gpu": ["jax[cuda12]"],
         # libtpu matching the installed jax: launch/compile.py compiles for TPU topologies on

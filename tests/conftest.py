@@ -1,6 +1,8 @@
 """Shared fixtures. Tests never reach a network: hubs are offline, datasets are built here."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -48,12 +50,35 @@ CONFIG = os.path.join(REPO, "configs", "audio_video_text.py")
 
 
 @pytest.fixture(scope="session")
-def digit_data_dir(tmp_path_factory):
+def shared_tmp(tmp_path_factory, worker_id):
+  """A folder every pytest-xdist worker of this session shares (without xdist: this
+  session's own)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if worker_id != "master" else base
+
+
+def built_once(folder, build):
+  """build(folder) run by the first worker to ask, the others waiting for it; returns what
+  it returned (JSON), also to the others."""
+  import filelock  # pylint: disable=g-import-not-at-top
+  done = folder / "built.json"
+  with filelock.FileLock(f"{folder}.lock"):
+    if not done.exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      done.write_text(json.dumps(build(str(folder))))
+  return json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def digit_data_dir(shared_tmp):
   """A data_dir holding the embedded digit_sequences dataset, built once per session."""
   from xmodal_jax.data.builders import digit_sequences
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  digit_sequences.DigitSequences(data_dir=data_dir).download_and_prepare()
-  return data_dir
+
+  def build(data_dir):
+    digit_sequences.DigitSequences(data_dir=data_dir).download_and_prepare()
+    return data_dir
+  return built_once(shared_tmp / "digits", build)
 
 
 def run_launcher(name, args, *, devices=1, fast_compile=True, timeout=600, check=True):
@@ -85,22 +110,35 @@ def run_train(args, **kwargs):
 
 
 @pytest.fixture(scope="session")
-def trained_run(digit_data_dir, tmp_path_factory):
+def trained_run(digit_data_dir, shared_tmp):
   """The default config with cls pooling, cut to 300 steps on 1 device through
   launch/train.py (51 s; 94 s on 2 simulated devices, which share the same 2 cores): enough
-  to retrieve (text->video R@1 about 46%), so search results mean something. The tests that
-  read it run on 2 devices.
+  to retrieve (text->video R@1 about 46%), so search results mean something. Trained once
+  for all workers; the tests that read it run on 2 devices.
   Returns (the run's launcher args, config and workdir, workdir, train.py's stdout); shared
   by the launcher tests, which only read it (or resume it when it is finished)."""
-  workdir = str(tmp_path_factory.mktemp("trained_run"))
-  # cls pooling: GPO (the default's) adds 40 s to this run; the launchers do not care.
-  args = [f"--config={CONFIG}", f"--config.data.data_dir={digit_data_dir}",
-          *[f"--config.model.towers.{m}.pooling=cls" for m in ("audio", "video", "text")],
-          f"--workdir={workdir}", "--config.total_steps=300",
-          "--config.evals.retrieval.every=300", "--config.checkpoint_every=300",
-          "--config.log_every=100", "--config.optimizer.warmup_steps=30"]
-  proc = run_train(args, devices=1, fast_compile=False)
-  return args, workdir, proc.stdout
+  def build(workdir):
+    # cls pooling: GPO (the default's) adds 40 s to this run; the launchers do not care.
+    args = [f"--config={CONFIG}", f"--config.data.data_dir={digit_data_dir}",
+            *[f"--config.model.towers.{m}.pooling=cls" for m in ("audio", "video", "text")],
+            f"--workdir={workdir}", "--config.total_steps=300",
+            "--config.evals.retrieval.every=300", "--config.checkpoint_every=300",
+            "--config.log_every=100", "--config.optimizer.warmup_steps=30"]
+    return [args, workdir, run_train(args, devices=1, fast_compile=False).stdout]
+  return tuple(built_once(shared_tmp / "trained_run", build))
+
+
+@pytest.fixture(scope="session")
+def short_export(trained_run, shared_tmp):
+  """launch/export.py of the trained run's test split (1,000 rows, 2 shards) with a flat
+  FAISS index; built once for all workers. Tests copy it before changing it."""
+  args, _, _ = trained_run
+
+  def build(out):
+    run_launcher("export.py", args + [f"--out={out}", "--shard_rows=500", "--index=flat"],
+                 devices=2)  # eval batches of 512: 2 shards
+    return out
+  return built_once(shared_tmp / "export", build)
 
 
 # The suite runs as `-n 2 --dist loadfile`: each file goes whole to the next free worker, in

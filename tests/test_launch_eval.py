@@ -16,15 +16,6 @@ from conftest import run_launcher, run_train, start_launchers
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def short_export(trained_run, tmp_path_factory):
-  args, _, _ = trained_run
-  out = str(tmp_path_factory.mktemp("export"))
-  run_launcher("export.py", args + [f"--out={out}", "--shard_rows=500", "--index=flat"],
-               devices=2)  # eval batches of 512: 2 shards
-  return out
-
-
 # A downstream reader with NumPy and pyarrow only: finds rows by key across the shards.
 READ_WITH_NUMPY_AND_PYARROW = """
 import json, sys

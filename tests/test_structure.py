@@ -19,6 +19,7 @@ ALLOWED = {
     "data": {"data", "tokenizers", "files"},
     "eval": {"eval", "parallel", "models", "files"},
     "train": {"train", "eval", "losses", "models", "pretrained", "parallel", "files"},
+    "serve": {"serve", "eval", "models", "files"},
 }
 TOP_LEVEL = {"schema", "experiment", "tokenizers", "files"}
 MAX_LINES = 350

@@ -1,10 +1,12 @@
 """Reading media files into the raw arrays a dataset feature holds (int16 samples, uint8
-frames), for builders and queries. Decoding goes through FFmpeg (PyAV): wav, flac, ogg, mp3,
-mp4, ... all take the same path. A `source` is a local file's path or a file's bytes (read
-through any filesystem, or out of a tar shard)."""
+frames), for builders and queries, and writing stored arrays back as files a browser plays
+(WAV, WebM). Decoding goes through FFmpeg (PyAV): wav, flac, ogg, mp3, mp4, ... all take the
+same path. A `source` is a local file's path or a file's bytes (read through any filesystem,
+or out of a tar shard)."""
 
 import io
 import os
+import wave
 
 import numpy as np
 
@@ -116,3 +118,38 @@ def read_video(path, shape):
   area-resized to H x W, RGB (C = 3) or luma (C = 1)."""
   num_frames, height, width, channels = shape
   return resize_frames(decode_video(path, num_frames, channels), height, width)
+
+
+def encode_wav(samples, sample_rate):
+  """The bytes of a mono 16-bit WAV file holding int16 `samples` at `sample_rate` Hz."""
+  buffer = io.BytesIO()
+  with wave.open(buffer, "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(int(sample_rate))
+    f.writeframes(np.asarray(samples, "<i2").tobytes())
+  return buffer.getvalue()
+
+
+def encode_webm(frames, frame_rate):
+  """The bytes of a WebM (VP8) file showing uint8 frames [T, H, W, C] (C = 3 or 1) at
+  `frame_rate` per second; odd heights and widths lose their last row or column (VP8's
+  4:2:0 chroma needs even sizes)."""
+  import av  # pylint: disable=g-import-not-at-top
+  frames = np.asarray(frames, np.uint8)
+  if frames.ndim != 4 or frames.shape[-1] not in (1, 3) or not len(frames):
+    raise ValueError(f"frames of shape {frames.shape}: expected [T, H, W, 1 or 3], T > 0")
+  height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+  if not height or not width:
+    raise ValueError(f"frames of {frames.shape[1]}x{frames.shape[2]} pixels are too small")
+  frames = np.ascontiguousarray(np.broadcast_to(
+      frames[:, :height, :width], (len(frames), height, width, 3)))
+  buffer = io.BytesIO()
+  with av.open(buffer, "w", format="webm") as container:
+    stream = container.add_stream("libvpx", rate=int(frame_rate))
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.options = {"crf": "10", "b:v": "1M"}
+    for frame in frames:
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode(None))
+  return buffer.getvalue()

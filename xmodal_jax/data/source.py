@@ -12,8 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from xmodal_jax.data import (eval_input, media, mixed_input, mixture, pipeline, preprocess,
-                             records)
+from xmodal_jax.data import (encoding, eval_input, items, media, mixed_input, mixture,
+                             pipeline, preprocess, records)
 
 # The slice of the config the input pipeline reads.
 INPUT_KEYS = ("seed", "batch_size", "eval_batch_size", "data", "modalities")
@@ -77,6 +77,7 @@ class Source:
     self.config, self.builder = config, builder
     self.sample_rates = dict(sample_rates or {})
     self.mixed = list(mixed)  # [(builder, split, {modality: feature})] of a mixture
+    self._items = {}
 
   @property
   def mixture_names(self):
@@ -138,14 +139,16 @@ class Source:
     per builder and split."""
     return _item_labels(self.builder, split, feature)
 
+  def items(self, split):
+    """The ItemReader (data/items.py) of `split`: items' captions and media by id."""
+    if split not in self._items:
+      self._items[split] = items.ItemReader(self.builder, split, self.config.modalities,
+                                            self.sample_rates)
+    return self._items[split]
+
   def item_texts(self, split, ids):
     """{id: [captions]} for `ids` when the dataset has a text feature, else {}."""
-    texts = [m.feature for m in self.config.modalities.values() if m.kind == "text"]
-    if not texts:
-      return {}
-    ds = eval_input.keep_items(pipeline.read_in_order(self.builder, split), sorted(set(ids)))
-    return {int(ex["id"]): [c.decode("utf-8") for c in np.atleast_1d(ex[texts[0]])]
-            for ex in ds.as_numpy_iterator()}
+    return self.items(split).captions(ids)
 
   @staticmethod
   def prepare(modality, options, raw):
@@ -154,25 +157,37 @@ class Source:
 
   def read_query(self, kind, path_or_text):
     """(modality name, raw value as the dataset feature holds it) of a query of `kind`
-    (text, audio, image or video: a text, or a file's path)."""
+    (text, audio, image or video: a text, or a file's path), read by the config's first
+    modality of that kind."""
     names = [n for n, m in self.config.modalities.items() if m.kind == kind]
     if not names:
       raise ValueError(f"the config has no {kind} modality to encode the query with")
-    name = names[0]
+    return names[0], self.read_value(names[0], path_or_text)
+
+  def read_value(self, name, value):
+    """The raw value, as the dataset feature holds it, of modality `name`'s query `value`:
+    a text, or a file (its path, or its bytes). ValueError where a file does not decode."""
     modality = self.config.modalities[name]
-    if kind != "text" and not os.path.exists(path_or_text):
-      raise FileNotFoundError(f"{path_or_text}: no such file")
-    if kind == "audio":
+    if modality.kind == "text":
+      if not isinstance(value, str) or not value.strip():
+        raise ValueError("expected a non-empty text")
+      return value
+    if isinstance(value, str) and not os.path.exists(value):
+      raise FileNotFoundError(f"{value}: no such file")
+    if modality.kind == "audio":
       built = records.read_sidecar(self.builder.data_dir).get("options", {})
       rate = self.sample_rates.get(name) or built.get("sample_rate")
       if not rate:
         raise ValueError(f"neither config.model.towers.{name}.sample_rate nor the dataset "
                          "says which sample rate the model takes")
-      return name, media.decode_audio(path_or_text, rate)
-    if kind == "image":
-      with open(path_or_text, "rb") as f:
-        return name, f.read()
-    if kind == "video":
-      return name, media.read_video(path_or_text, (modality.num_frames, modality.frame_size,
-                                                   modality.frame_size, modality.channels))
-    return name, path_or_text
+      return media.decode_audio(value, rate)
+    if modality.kind == "image":
+      try:
+        return encoding.encode_image(value, "query", "query", None)
+      except encoding.BadRecord as e:
+        raise ValueError(e.reason) from e
+    if modality.kind == "video":
+      return media.read_video(value, (modality.num_frames, modality.frame_size,
+                                      modality.frame_size, modality.channels))
+    raise ValueError(f"{name!r} is a {modality.kind} modality: queries are texts, audio, "
+                     "image or video files")

@@ -76,6 +76,15 @@ class Embedder:
                                                           tokens=tokens))
     return self._embed_fns[tokens]
 
+  def embed_one(self, params, modality, inputs, *, tokens=False):
+    """(float32[1, D], (tokens, valid) or None) of one prepared input of `modality`
+    (Source.prepare); compiled once per modality and `tokens`."""
+    with jax.set_mesh(self.mesh):
+      out = self.embed_fn((modality,) if tokens else ())(params, {modality: inputs})
+    out = jax.tree.map(np.asarray, out)
+    found = out["tokens"].get(modality)
+    return out["emb"][modality], (found["tokens"], found["valid"]) if found else None
+
   def batches(self, params, split, *, tokens=(), ids=None):
     """Yields, per eval batch of `split` (only items `ids` when given), {"emb", "tokens",
     "_mask", "_id"} as NumPy on every host, padding rows removed."""

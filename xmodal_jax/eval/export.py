@@ -188,6 +188,15 @@ class Export:
       yield shard["start"], (np.load(path, mmap_mode="r") if os.path.exists(path)
                              else files.load_arrays(path))
 
+  def rows_with(self, modality):
+    """Yields (export rows int64[n], float32 [n, D]) per shard: the rows that have
+    `modality`."""
+    mask = self.mask(modality)
+    for start, emb in self.shard_embeddings(modality):
+      keep = np.flatnonzero(mask[start:start + len(emb)])
+      if len(keep):
+        yield start + keep, np.ascontiguousarray(np.asarray(emb[keep], np.float32))
+
   def embeddings(self, modality):
     """float32 [N, D] of every row: all of it in memory (tests, small exports)."""
     return np.concatenate([np.asarray(e, np.float32)

@@ -37,19 +37,10 @@ def ivf_pq_shape(count, dim):
   return lists, sub, bits
 
 
-def _rows(export, modality):
-  """Yields (export rows int64[n], float32 [n, D]) of the rows that have `modality`."""
-  mask = export.mask(modality)
-  for start, emb in export.shard_embeddings(modality):
-    keep = np.flatnonzero(mask[start:start + len(emb)])
-    if len(keep):
-      yield start + keep, np.ascontiguousarray(np.asarray(emb[keep], np.float32))
-
-
 def _training_rows(export, modality, count):
   """An evenly strided sample of at most TRAIN_ROWS of the modality's rows."""
   stride = -(-count // TRAIN_ROWS)
-  return np.concatenate([emb[::stride] for _, emb in _rows(export, modality)])[:TRAIN_ROWS]
+  return np.concatenate([emb[::stride] for _, emb in export.rows_with(modality)])[:TRAIN_ROWS]
 
 
 def build(export, modality, kind, log=print):
@@ -65,7 +56,7 @@ def build(export, modality, kind, log=print):
     index = faiss.index_factory(dim, f"IVF{lists},PQ{sub}x{bits}", faiss.METRIC_INNER_PRODUCT)
     index.train(_training_rows(export, modality, count))
     index.nprobe = min(lists, 16)
-  for rows, emb in _rows(export, modality):
+  for rows, emb in export.rows_with(modality):
     index.add_with_ids(emb, rows.astype(np.int64))
   files.makedirs(os.path.dirname(path(export, modality)))
   files.write_atomically(path(export, modality),

@@ -8,7 +8,6 @@ their items of the export's split.
 
 import json
 
-import jax
 import numpy as np
 
 from xmodal_jax import files
@@ -30,12 +29,8 @@ def export_mismatches(meta, workdir, model_config):
 def encode_query(embedder, params, modality, raw):
   """(embedding float32[1, D], (tokens [1, L, W], valid [1, L])) of one raw query
   (Source.read_query), prepared as evaluation prepares examples."""
-  model = embedder.model
-  inputs = {modality: embedder.source.prepare(modality, embedder.config.modalities[modality],
-                                              raw)}
-  out = model.apply({"params": params}, inputs, train=False, local_features=False,
-                    method="details")
-  return np.asarray(out["emb"][modality]), jax.tree.map(np.asarray, out["tokens"][modality])
+  inputs = embedder.source.prepare(modality, embedder.config.modalities[modality], raw)
+  return embedder.embed_one(params, modality, inputs, tokens=True)
 
 
 def top_hits(query_emb, exported, gallery, depth, faiss_index=None):
@@ -47,16 +42,11 @@ def top_hits(query_emb, exported, gallery, depth, faiss_index=None):
     found = rows[0] >= 0
     scores, rows = scores[0][found], rows[0][found]
   else:
-    mask = exported.mask(gallery)
     scores, rows = np.zeros([0], np.float32), np.zeros([0], np.int64)
-    for start, emb in exported.shard_embeddings(gallery):
-      keep = np.flatnonzero(mask[start:start + len(emb)])
-      if not len(keep):
-        continue
-      top_scores, top = search.topk(query_emb, np.asarray(emb[keep], np.float32),
-                                    min(depth, len(keep)))
+    for shard_rows, emb in exported.rows_with(gallery):
+      top_scores, top = search.topk(query_emb, emb, min(depth, len(emb)))
       scores = np.concatenate([scores, top_scores[0]])
-      rows = np.concatenate([rows, start + keep[top[0]]])
+      rows = np.concatenate([rows, shard_rows[top[0]]])
     order = np.lexsort((rows, -scores))[:depth]  # by score, ties by row: as search.topk
     scores, rows = scores[order], rows[order]
   ids = exported.ids()

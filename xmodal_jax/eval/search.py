@@ -70,25 +70,38 @@ def _topk(queries, gallery, *, k, chunk, mesh, size):
                        check_vma=False)(queries, gallery)
 
 
-def topk(queries, gallery, k, *, mesh=None, chunk_size=65_536, query_block=4096):
-  """Exact top-k inner-product search: (float32[Q, k] scores, int64[Q, k] gallery indices).
+class Gallery:
+  """Gallery rows sharded over `mesh` (default: all devices) once, for many searches: each
+  device scans its rows in chunks of at most `chunk_size`."""
 
-  The gallery's rows are sharded over `mesh` (default: all devices) and scanned in chunks
-  of at most `chunk_size` rows per device; queries go `query_block` at a time.
-  """
-  gallery = np.asarray(gallery, np.float32)
-  queries = np.asarray(queries, np.float32)
+  def __init__(self, gallery, *, mesh=None, chunk_size=65_536):
+    self.size = len(gallery)
+    self.mesh = mesh or gallery_mesh()
+    self.rows, self.chunk = padded_gallery(np.asarray(gallery, np.float32), self.mesh,
+                                           chunk_size)
+
+  def topk(self, queries, k, *, query_block=4096):
+    """Exact top-k by inner product: (float32[Q, k] scores, int64[Q, k] gallery indices),
+    queries `query_block` at a time."""
+    if not 1 <= k <= self.size:
+      raise ValueError(f"topk: k={k}; expected 1 to the gallery's {self.size} items")
+    queries = np.asarray(queries, np.float32)
+    scores, index = [], []
+    for start in range(0, len(queries), query_block):
+      s, i = _topk(jnp.asarray(queries[start:start + query_block]), self.rows, k=k,
+                   chunk=self.chunk, mesh=self.mesh, size=self.size)
+      scores.append(np.asarray(s))
+      index.append(np.asarray(i).astype(np.int64))
+    return np.concatenate(scores), np.concatenate(index)
+
+
+def topk(queries, gallery, k, *, mesh=None, chunk_size=65_536, query_block=4096):
+  """Exact top-k inner-product search of `queries` in `gallery` (a Gallery made for them):
+  (float32[Q, k] scores, int64[Q, k] gallery indices)."""
   if k > len(gallery):
     raise ValueError(f"topk: k={k} is larger than the gallery ({len(gallery)} items)")
-  mesh = mesh or gallery_mesh()
-  sharded, chunk = padded_gallery(gallery, mesh, chunk_size)
-  scores, index = [], []
-  for start in range(0, len(queries), query_block):
-    s, i = _topk(jnp.asarray(queries[start:start + query_block]), sharded, k=k, chunk=chunk,
-                 mesh=mesh, size=len(gallery))
-    scores.append(np.asarray(s))
-    index.append(np.asarray(i).astype(np.int64))
-  return np.concatenate(scores), np.concatenate(index)
+  return Gallery(gallery, mesh=mesh, chunk_size=chunk_size).topk(queries, k,
+                                                                 query_block=query_block)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "mesh"))

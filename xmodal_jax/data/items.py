@@ -1,0 +1,118 @@
+"""A split's items read back one at a time by id, for showing search results: their captions,
+and their stored media as files a browser plays (docs/guide.md, "Serving an export").
+
+Records are read by position through the split's random-access copy (data/random_access.py,
+written once where missing). The first lookup reads only the "id" and "has_" fields of every
+record, once, to find each item's first record with a modality.
+"""
+
+import threading
+
+import numpy as np
+import tensorflow as tf
+
+from xmodal_jax.data import media, pipeline, records
+
+VIDEO_FRAME_RATE = 4  # stored frames are a uniform sample of the clip, shown 4 per second
+MIN_VIDEO_SIZE = 128  # smaller frames are repeated (nearest neighbour) to at least this
+_IMAGE_TYPES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG", "image/png"),
+                (b"GIF8", "image/gif"), (b"BM", "image/bmp"))
+
+
+def image_type(data):
+  """The MIME type of encoded image bytes, from their first bytes."""
+  if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    return "image/webp"
+  return next((kind for magic, kind in _IMAGE_TYPES if data.startswith(magic)),
+              "application/octet-stream")
+
+
+class ItemReader:
+  """The items of `split` of a prepared dataset (`builder`), by their int64 id.
+  `modalities`: {name: config.modalities entry} of the modalities it shows; `sample_rates`:
+  {audio modality: Hz} where the tower states it (else the dataset's build rate)."""
+
+  def __init__(self, builder, split, modalities, sample_rates=None):
+    self.split = split
+    self._builder, self._modalities = builder, modalities
+    self._features = builder.info.features
+    built = records.read_sidecar(builder.data_dir).get("options", {})
+    self._rates = {name: (sample_rates or {}).get(name) or built.get("sample_rate")
+                   for name, m in modalities.items() if m.kind == "audio"}
+    self._reader = None
+    self._first = None  # {feature: {item id: first position holding it}}
+    self._lock = threading.Lock()
+
+  def _positions(self):
+    with self._lock:
+      if self._first is None:
+        self._reader = pipeline.random_access_reader(self._builder, self.split, 1)
+        # Datasets built from records say which items have a modality (has_ features);
+        # in the others, every item has every feature.
+        features = sorted({m.feature for m in self._modalities.values()})
+        flagged = [f for f in features if f"has_{f}" in self._features]
+        spec = {"id": tf.io.FixedLenFeature([], tf.int64)}
+        spec |= {f"has_{f}": tf.io.FixedLenFeature([], tf.int64) for f in flagged}
+        first = {f: {} for f in [None] + features}
+        position = 0
+        for batch in self._reader.dataset().batch(4096).map(
+            lambda s: tf.io.parse_example(s, spec)).as_numpy_iterator():
+          for i, item in enumerate(batch["id"].tolist()):
+            for f in [None] + features:
+              if f not in flagged or batch[f"has_{f}"][i]:
+                first[f].setdefault(item, position + i)
+          position += len(batch["id"])
+        self._first = first
+    return self._first
+
+  def has(self, item_id):
+    return int(item_id) in self._positions()[None]
+
+  def record(self, item_id, modality=None):
+    """The decoded record (NumPy) of the item's first record that has `modality` (any
+    record: None); KeyError where the split has none."""
+    feature = None if modality is None else self._modalities[modality].feature
+    position = self._positions()[feature].get(int(item_id))
+    if position is None:
+      what = "" if modality is None else f" with {modality!r}"
+      raise KeyError(f"split {self.split!r} has no item {item_id}{what}")
+    serialized = self._reader.read([position])[0]
+    return self._features.deserialize_example_np(serialized)
+
+  def captions(self, item_ids):
+    """{id: [captions]} of `item_ids` from the first text modality ({} without one)."""
+    text = [name for name, m in self._modalities.items() if m.kind == "text"]
+    if not text:
+      return {}
+    feature = self._modalities[text[0]].feature
+    found = {}
+    for item in set(int(i) for i in item_ids):
+      if item in self._positions()[feature]:
+        found[item] = [c.decode("utf-8") if isinstance(c, bytes) else str(c)
+                       for c in np.atleast_1d(self.record(item, text[0])[feature])]
+    return found
+
+  def media(self, item_id, modality):
+    """(bytes, MIME type) of the item's `modality` as a browser plays it: an image as
+    stored, audio as WAV, video frames as WebM, text as its captions, one per line."""
+    options = self._modalities[modality]
+    value = self.record(item_id, modality)[options.feature]
+    if options.kind == "image":
+      data = bytes(value)
+      return data, image_type(data)
+    if options.kind == "audio":
+      if not self._rates[modality]:
+        raise ValueError(f"neither config.model.towers.{modality}.sample_rate nor the "
+                         "dataset says at which rate its audio is stored")
+      return media.encode_wav(value, self._rates[modality]), "audio/wav"
+    if options.kind == "video":
+      frames = value  # uint8 [T, H, W, C] where the dataset stores arrays
+      if frames.dtype == object:  # JPEG frames (datasets built from records)
+        frames = np.stack([tf.io.decode_jpeg(f).numpy() for f in frames])
+      scale = -(-MIN_VIDEO_SIZE // min(frames.shape[1:3]))  # tiny frames shown larger
+      frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+      return media.encode_webm(frames, VIDEO_FRAME_RATE), "video/webm"
+    if options.kind == "text":
+      lines = [c.decode("utf-8") for c in np.atleast_1d(value)]
+      return "\n".join(lines).encode("utf-8"), "text/plain; charset=utf-8"
+    raise ValueError(f"{modality!r} is a {options.kind} modality: no media to show")
