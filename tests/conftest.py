@@ -142,12 +142,20 @@ def short_export(trained_run, shared_tmp):
 
 
 # The suite runs as `-n 2 --dist loadfile`: each file goes whole to the next free worker, in
-# collection order. Handing out the longest files first (their measured totals, longest
-# first) keeps one worker from starting a 2-minute file when the other is nearly done.
-LONGEST_FIRST = ("test_launch_eval.py", "test_train.py", "test_benchmark_adapters.py",
-                 "test_alignment.py", "test_remote_storage.py", "test_multiprocess.py",
-                 "test_freezing.py", "test_mixture.py", "test_records.py", "test_pretrained.py",
-                 "test_nonfinite.py", "test_grad_cache.py")
+# collection order (xdist's own reordering, by number of tests per file, is turned off).
+# Handing out the longest files first (their measured totals, longest first) keeps one worker
+# from starting a 2-minute file when the other is nearly done; the files that read the
+# trained run after the one that builds it, so that no worker waits for it.
+LONGEST_FIRST = ("test_launch_eval.py", "test_remote_storage.py", "test_train.py",
+                 "test_benchmark_adapters.py", "test_alignment.py", "test_multiprocess.py",
+                 "test_export.py", "test_serve.py", "test_freezing.py", "test_mixture.py",
+                 "test_records.py", "test_pretrained.py", "test_nonfinite.py",
+                 "test_grad_cache.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's, on by default
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

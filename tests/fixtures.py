@@ -1,5 +1,6 @@
 """Test helpers: small media files in real formats written by the tests (nothing is
-downloaded), and random batches and sharded train states of a config."""
+downloaded), random batches and sharded train states of a config, and ranks written out
+plainly."""
 
 import itertools
 import os
@@ -104,3 +105,13 @@ def sharded_state(config, mesh_shape):
   shardings = sharding.state_shardings(jax.eval_shape(create, example), mesh, config.sharding)
   state = jax.jit(create, out_shardings=shardings)(example)
   return config, model, tx, mesh, batch, shardings, state
+
+
+def numpy_ranks(query, gallery, query_ids, gallery_ids):
+  """1 + #gallery items scoring strictly above the best positive, written out plainly."""
+  scores = query @ gallery.T
+  ranks = []
+  for i in range(len(query)):
+    positive = scores[i][gallery_ids == query_ids[i]].max()
+    ranks.append(1 + int((scores[i] > positive).sum()))
+  return np.array(ranks)

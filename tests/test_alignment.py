@@ -458,3 +458,42 @@ def test_eight_devices_give_the_single_device_losses(aligned_run):
   np.testing.assert_allclose(loss8, loss1, rtol=2e-5)
   for name in ("itc", "ims", "lmim", "itm"):
     np.testing.assert_allclose(metrics8[name], metrics1[name], rtol=2e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_the_service_reranks_a_text_query_by_the_matching_head(aligned_run, tmp_path):
+  """serve/searcher.py's re-ranked search: the exact top 6 of a caption, re-ordered by the
+  matching logits of the caption's tokens with each candidate's, as the evaluation pass
+  computes them (Embedder.split with tokens, embed.match_step)."""
+  from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.eval import embed, export  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.serve import searcher as searcher_lib  # pylint: disable=g-import-not-at-top
+  config, workdir, _ = aligned_run
+  experiment = experiment_lib.setup(config, workdir, require_checkpoint=True)
+  params, split = experiment.state.params, config.data.eval_split
+  out = str(tmp_path / "export")
+  signature = {"split": split, "step": experiment.step, "workdir": workdir,
+               "dataset": config.data.name}
+  export.write_shards(out, experiment.embedder, params, split, signature=signature,
+                      shard_rows=1000, log=lambda _: None)
+  export.finish(out, signature, "float32")
+  searcher = searcher_lib.Searcher(experiment, export.read_export(out), log=lambda _: None)
+  evaluated = experiment.embedder.split(params, split, tokens=("text", "video"))
+  query_row = 3
+  caption = experiment.source.item_texts(split, [evaluated.ids[query_row]])[
+      int(evaluated.ids[query_row])][0]
+  plain = searcher.search({"text": caption}, "video", k=6, exact=True)
+  reranked = searcher.search({"text": caption}, "video", k=6, exact=True, rerank=6)
+  assert "re-ranked by the matching head of text:video" in reranked["how"]
+  rows = np.array([hit["row"] for hit in plain["hits"]])
+  text, video = evaluated.tokens["text"], evaluated.tokens["video"]
+  logits = embed.match_step(
+      params, "text:video", np.repeat(text["tokens"][query_row][None], 6, 0),
+      np.repeat(text["valid"][query_row][None], 6, 0), video["tokens"][rows],
+      video["valid"][rows], model=experiment.model)
+  order = np.argsort(-np.asarray(logits), kind="stable")
+  assert [hit["row"] for hit in reranked["hits"]] == list(rows[order])
+  np.testing.assert_allclose([hit["score"] for hit in reranked["hits"]],
+                             np.asarray(logits)[order], atol=1e-4)
+  with pytest.raises(searcher_lib.QueryError, match="no fusion encoder"):
+    searcher.search({"audio": b"RIFF"}, "video", k=3, rerank=3)

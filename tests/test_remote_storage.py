@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import fixtures
 import gcs_emulator
 from conftest import CONFIG, REPO, run_launcher, xla_flags
-from test_launch_eval import numpy_ranks
 from xmodal_jax import files
 from xmodal_jax.data import pipeline, random_access
 from xmodal_jax.eval import export
@@ -160,7 +160,7 @@ def test_tiny_config_builds_trains_resumes_and_exports_under_gs(bucket):
   emb = {m: exported.embeddings(m) for m in exported.modalities}
   assert meta["step"] == 12 and meta["workdir"] == workdir and len(ids) == meta["count"]
   for q, g in [("audio", "text"), ("text", "video"), ("video", "audio")]:
-    ranks = numpy_ranks(emb[q], emb[g], ids, ids)
+    ranks = fixtures.numpy_ranks(emb[q], emb[g], ids, ids)
     assert final[f"test/{q}->{g}/R@1"] == pytest.approx(100 * np.mean(ranks <= 1))
     assert final[f"test/{q}->{g}/MnR"] == pytest.approx(np.mean(ranks), rel=1e-5)
 
