@@ -36,6 +36,9 @@ _QUERY_IMAGE = flags.DEFINE_string("query-image", None, "An image file (JPEG, PN
                                    "the query.")
 _QUERY_VIDEO = flags.DEFINE_string("query-video", None, "A video file (any format FFmpeg "
                                    "reads) as the query.")
+_QUERY_MODALITY = flags.DEFINE_string(
+    "query_modality", None, "The modality whose tower embeds the query (default: the "
+    "config's first of the query's kind; e.g. speech rather than sound).")
 _GALLERY = flags.DEFINE_list("gallery", None, "Modalities to search (default: all others).")
 _K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality.")
 _RERANK = flags.DEFINE_integer(
@@ -84,8 +87,13 @@ def main(argv):
   if problems and not _ALLOW_OTHER_EXPORT.value:
     raise app.UsageError(f"--export={_EXPORT.value}: " + "; ".join(problems)
                          + " (--allow_other_export to search it anyway)")
+  names = sorted(n for n, m in config.modalities.items() if m.kind == kind)
+  modality = _QUERY_MODALITY.value or experiment.source.first_of_kind(kind)
+  if modality not in names:
+    raise app.UsageError(f"--query-{kind}: the config's {kind} modalities are {names}" + (
+        f", not --query_modality={modality}" if _QUERY_MODALITY.value else ""))
   try:
-    modality, raw = experiment.source.read_query(kind, value)
+    raw = experiment.source.read_value(modality, value)
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--query-{kind}: {e}") from e
   query_emb, query_tokens = query.encode_query(embedder, params, modality, raw)

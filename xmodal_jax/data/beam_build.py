@@ -1,8 +1,8 @@
 """The records -> examples step of `records.RecordBuilder` as an Apache Beam pipeline.
 
-Each split's plan (one line per record: position, source, record, int id, home split) is
-written to a temporary folder beside the dataset and read by the pipeline, so the launching
-process hands the workers a file, not millions of records. Workers run the same
+Each split's plan (one line per record: position, source, record, int id, and the split and
+source of its id's first record) is written to a temporary folder beside the dataset and read
+by the pipeline, so the launching process hands the workers a file, not millions of records. Workers run the same
 `encoding.Encoder` as the single-process build; bad records go to a side output, written as
 JSON lines and gathered into the report in plan order after the pipeline. The first_m flags
 need every good record of the split: the smallest position of each (id, modality, value)
@@ -28,9 +28,9 @@ class _Encode(beam.DoFn):
     self.encoder, self.split = encoder, split
 
   def process(self, line):
-    position, where, record, number, home_split = json.loads(line)
+    position, where, record, number, home = json.loads(line)
     try:
-      example, markers = self.encoder(where, record, number, home_split, self.split)
+      example, markers = self.encoder(where, record, number, home, self.split)
     except encoding.BadRecord as e:
       if self.encoder.options.strict:
         raise
@@ -78,8 +78,8 @@ def examples(encoder, split, plan, temp_dir):
   order = len(tf.io.gfile.glob(os.path.join(temp_dir, "plan-*.jsonl")))
   plan_file = os.path.join(temp_dir, f"plan-{order:03d}-{split}.jsonl")
   with tf.io.gfile.GFile(plan_file, "w") as f:
-    for position, (where, record, number, home_split) in enumerate(plan):
-      f.write(json.dumps([position, where, record, number, home_split]) + "\n")
+    for position, (where, record, number, home) in enumerate(plan):
+      f.write(json.dumps([position, where, record, number, home]) + "\n")
   bad_prefix = os.path.join(temp_dir, f"{BAD_FILE}-{order:03d}-{split}")
   return f"Build{split}" >> _examples(encoder, split, plan_file, bad_prefix)
 

@@ -41,6 +41,11 @@ flags.DEFINE_string("data_dir", None, "where the TFDS dataset is written", requi
 flags.DEFINE_integer("sample_rate", 16_000, "audio is resampled to this rate (Hz)")
 flags.DEFINE_integer("video_frames", 8, "frames kept per video")
 flags.DEFINE_integer("frame_size", 256, "stored video frames' shorter side (pixels)")
+flags.DEFINE_float("max_audio_seconds", 600, "longer audio files are bad records (decoding "
+                   "stops there)")
+flags.DEFINE_bool("confine", True, "relative media paths that leave the manifest's (or "
+                  "--manual_dir's) folder, through '..' or a symlink, are bad records; "
+                  "absolute paths are taken as written")
 flags.DEFINE_bool("strict", False, "fail on the first bad record instead of skipping it")
 flags.DEFINE_bool("beam", False, "encode the records in an Apache Beam pipeline")
 flags.DEFINE_string("beam_options", None, "Beam pipeline options, space-separated (default "
@@ -59,7 +64,8 @@ def make_builder(argv_flags):
   from xmodal_jax.data.builders import benchmarks  # pylint: disable=g-import-not-at-top
   options = encoding.BuildOptions(
       sample_rate=argv_flags.sample_rate, video_frames=argv_flags.video_frames,
-      frame_size=argv_flags.frame_size, strict=argv_flags.strict)
+      frame_size=argv_flags.frame_size, strict=argv_flags.strict,
+      max_audio_seconds=argv_flags.max_audio_seconds, confine=argv_flags.confine)
   if bool(argv_flags.manifest) == bool(argv_flags.dataset):
     raise app.UsageError("give exactly one of --manifest or --dataset")
   if argv_flags.manifest:

@@ -26,6 +26,10 @@ class BuildOptions:
   frame_size: int = 256  # stored video frames' shorter side
   jpeg_quality: int = 90
   strict: bool = False  # a bad record stops the build instead of being skipped
+  # Relative media paths may not leave the manifest's folder (through ".." or a symlink);
+  # absolute paths and other filesystems are taken as written.
+  confine: bool = True
+  max_audio_seconds: float = 600.0  # longer audio is a bad record (decoding stops there)
 
 
 class BadRecord(ValueError):
@@ -81,9 +85,21 @@ def folder_of(path):
   return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
-def load(value, base_dir, item_id, name, what):
+def check_confined(value, path, base_dir, item_id):
+  """BadRecord when relative media path `value` (resolved: `path`) leaves `base_dir`, through
+  ".." or a symlink."""
+  if is_remote(path) or os.path.isabs(value):
+    return
+  base = os.path.realpath(base_dir)
+  if os.path.commonpath([os.path.realpath(path), base]) != base:
+    raise BadRecord(item_id, path, f"{value!r} leads outside the manifest's folder {base} "
+                    "(through '..' or a symlink); build with --noconfine to allow it")
+
+
+def load(value, base_dir, item_id, name, what, confine=False):
   """(source, where) of one modality's media: a local file's path, which decoders read, or
-  the bytes of a tar shard's member; `where` names it in errors."""
+  the bytes of a tar shard's member; `where` names it in errors. `confine`: refuse relative
+  paths that leave `base_dir`."""
   if webdataset.is_member(value):
     where = f"{value['tar']}:{value['member']}"
     try:
@@ -91,6 +107,8 @@ def load(value, base_dir, item_id, name, what):
     except (ValueError, tf.errors.OpError) as e:
       raise BadRecord(item_id, where, f"cannot read the shard member ({e})") from e
   path = resolve_path(value, base_dir, item_id, name)
+  if confine:
+    check_confined(value, path, base_dir, item_id)
   if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise BadRecord(item_id, path, f"missing {what} file")
   if is_remote(path):  # Decoders open local paths; any other filesystem goes through gfile.
@@ -117,7 +135,7 @@ def encode_image(source, where, item_id, options):
 
 def encode_audio(source, where, item_id, options):
   try:
-    return media.decode_audio(source, options.sample_rate)
+    return media.decode_audio(source, options.sample_rate, options.max_audio_seconds)
   except ValueError as e:
     raise BadRecord(item_id, where, f"cannot decode audio ({e})") from e
 
@@ -165,9 +183,19 @@ def encode_text(value, item_id, name):
     if not caption.strip():
       raise BadRecord(item_id, name, "empty caption" if len(captions) == 1 else
                       f"caption {i} is empty")
+    check_utf8(caption, item_id, name if len(captions) == 1 else f"{name}[{i}]")
   if not captions:
     raise BadRecord(item_id, name, "empty caption list")
   return captions
+
+
+def check_utf8(text, item_id, what):
+  """BadRecord when `text` cannot be stored as UTF-8 (a lone surrogate from JSON's \\ud800)."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise BadRecord(item_id, what, f"cannot be stored as UTF-8 ({e.reason} at character "
+                    f"{e.start}: {ascii(text[e.start])})") from e
 
 
 def features_shape(records, name, base_dir):
@@ -214,10 +242,10 @@ class Encoder:
   base_dir: str
   labels: bool = False  # records may carry a class name, "label" (zero-shot evaluation)
 
-  def __call__(self, where, record, number, home_split, split):
-    """`number`: the item's int id; `home_split`: the split where its id first appears."""
+  def __call__(self, where, record, number, home, split):
+    """`number`: the item's int id; `home`: (split, where) of the id's first record."""
     try:
-      self._check(where, record, home_split, split)
+      self._check(where, record, home, split)
       encoded = self._encode(record)
     except (BadRecord, KeyboardInterrupt):
       raise
@@ -239,26 +267,31 @@ class Encoder:
   def _label(self, record):
     value = record.get("label")
     if webdataset.is_member(value):
-      data, _ = load(value, self.base_dir, record["id"], "label", "label")
+      data, _ = load(value, self.base_dir, record["id"], "label", "label", self.options.confine)
       value = webdataset.member_text(value, data)
     if value is None:
       return ""
     if not isinstance(value, str) or not value.strip():
       raise BadRecord(record["id"], "label", f"expected a class name (non-empty string), got "
                       f"{type(value).__name__} {value!r}"[:200])
+    check_utf8(value, record["id"], "label")
     return value.strip()
 
-  def _check(self, where, record, home_split, split):
+  def _check(self, where, record, home, split):
     item_id = record.get("id")
     if not isinstance(item_id, (str, int)) or isinstance(item_id, bool) or item_id == "":
       raise BadRecord(item_id, where, "'id' must be a non-empty string or an integer")
+    if isinstance(item_id, str):
+      check_utf8(item_id, item_id, "id")
     allowed = {"id", "split"} | set(self.modalities) | ({"label"} if self.labels else set())
     unknown = sorted(set(record) - allowed)
     if unknown:
       raise BadRecord(item_id, where, f"unknown modality key(s) {unknown}; this dataset has "
                       f"{sorted(self.modalities)}")
+    home_split, home_where = home
     if home_split != split:
-      raise BadRecord(item_id, where, f"id also appears in split {home_split!r}")
+      raise BadRecord(item_id, where, f"the id's first record is in split {home_split!r} "
+                      f"({home_where}); an item belongs to one split, so this one is skipped")
     if not any(record.get(name) is not None for name in self.modalities):
       raise BadRecord(item_id, where, "the record has none of the dataset's modalities")
 
@@ -271,14 +304,14 @@ class Encoder:
       value = record[name]
       if kind == "text":
         if webdataset.is_member(value):
-          data, where = load(value, self.base_dir, item_id, name, kind)
+          data, where = load(value, self.base_dir, item_id, name, kind, self.options.confine)
           value = webdataset.member_text(value, data)
         out[name] = encode_text(value, item_id, name)
         continue
       if kind == "features" and isinstance(value, list):
         out[name] = encode_features(value, name, item_id, self.feature_shapes[name])
         continue
-      source, where = load(value, self.base_dir, item_id, name, kind)
+      source, where = load(value, self.base_dir, item_id, name, kind, self.options.confine)
       if kind == "features":
         out[name] = encode_features(source, where, item_id, self.feature_shapes[name])
       else:

@@ -33,8 +33,13 @@ def read_manifest(path):
   if not tf.io.gfile.exists(path) or tf.io.gfile.isdir(path):
     raise FileNotFoundError(f"{path}: no such manifest file")
   records = []
-  with tf.io.gfile.GFile(path) as f:
-    for line_number, line in enumerate(f, 1):
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for line_number, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{line_number}: not UTF-8 (byte 0x{raw[e.start]:02x} at "
+                         f"byte {e.start + 1} of the line)") from e
       if not line.strip():
         continue
       try:

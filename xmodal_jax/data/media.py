@@ -5,10 +5,14 @@ same path. A `source` is a local file's path or a file's bytes (read through any
 or out of a tar shard)."""
 
 import io
+import itertools
 import os
 import wave
 
 import numpy as np
+
+MIN_SOURCE_RATE = 1000  # Hz: below this a stream's header is taken to be wrong
+MAX_AUDIO_SECONDS = 600.0  # the default longest audio file decoded (builds and queries)
 
 
 def _check_exists(source, what):
@@ -25,20 +29,30 @@ def _name(source):
   return source if isinstance(source, str) else f"<{len(source)} bytes>"
 
 
-def decode_audio(source, sample_rate):
-  """int16 mono samples [N] of an audio file, downmixed and resampled to `sample_rate` Hz."""
+def decode_audio(source, sample_rate, max_seconds=MAX_AUDIO_SECONDS):
+  """int16 mono samples [N] of an audio file, downmixed and resampled to `sample_rate` Hz.
+  A stream that says it has fewer than MIN_SOURCE_RATE samples a second (a header whose rate
+  would turn a few bytes into hours), or that goes on past `max_seconds`, is refused;
+  decoding stops there, so memory stays bounded."""
   import av  # pylint: disable=g-import-not-at-top
   _check_exists(source, "audio")
   path = _name(source)
-  chunks = []
+  chunks, count, limit = [], 0, int(max_seconds * sample_rate)
   try:
     with _open(source) as container:
       if not container.streams.audio:
         raise ValueError(f"{path}: no audio stream")
+      rate = container.streams.audio[0].sample_rate
+      if not rate or rate < MIN_SOURCE_RATE:
+        raise ValueError(f"{path}: the audio stream says {rate} samples a second; expected "
+                         f"at least {MIN_SOURCE_RATE}")
       resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
-      for frame in container.decode(audio=0):
-        chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(frame))
-      chunks.extend(f.to_ndarray().reshape(-1) for f in resampler.resample(None))
+      for frame in itertools.chain(container.decode(audio=0), [None]):
+        for resampled in resampler.resample(frame):
+          chunks.append(resampled.to_ndarray().reshape(-1))
+          count += len(chunks[-1])
+        if count > limit:
+          raise ValueError(f"{path}: longer than {max_seconds:g} s (decoding stopped there)")
   except av.error.FFmpegError as e:
     raise ValueError(f"{path}: cannot decode audio ({e})") from e
   if not chunks:

@@ -82,19 +82,24 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description=(self.__doc__ or "").strip(),
         features=tfds.features.FeaturesDict(features), supervised_keys=None)
 
+  def records_in_order(self, splits):
+    """[(split, where, record)] in the order the source gives them: an id belongs to the
+    split of its first record. Here split by split; a manifest gives its line order."""
+    return [(split, where, record) for split, records in splits.items()
+            for where, record in records]
+
   def _split_generators(self, dl_manager):
     splits = self.split_records(dl_manager)
     encoding.check_id_types(splits)
-    numbers, split_of = {}, {}  # given id -> int id, split
-    for split, records in splits.items():
-      for _, record in records:
-        key = str(record.get("id"))
-        numbers.setdefault(key, len(numbers))
-        split_of.setdefault(key, split)
+    numbers, home = {}, {}  # given id -> int id, (split, where) of its first record
+    for split, where, record in self.records_in_order(splits):
+      key = str(record.get("id"))
+      numbers.setdefault(key, len(numbers))
+      home.setdefault(key, (split, str(where)))
     encoder = encoding.Encoder(dict(self.MODALITIES), dict(self.FEATURE_SHAPES), self.options,
                       str(self.base_dir(dl_manager)), self.LABELS)
     plans = {split: [(str(where), record, numbers[str(record.get("id"))],
-                      split_of[str(record.get("id"))]) for where, record in records]
+                      home[str(record.get("id"))]) for where, record in records]
              for split, records in splits.items()}
     if self.beam:
       from xmodal_jax.data import beam_build  # pylint: disable=g-import-not-at-top
@@ -108,10 +113,10 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raise NotImplementedError
 
   def _examples(self, encoder, split, plan):
-    seen = set()  # markers already stored
-    for where, record, number, home_split in plan:
+    seen, kept = set(), 0  # markers already stored, examples yielded
+    for where, record, number, home in plan:
       try:
-        example, markers = encoder(where, record, number, home_split, split)
+        example, markers = encoder(where, record, number, home, split)
       except BadRecord as e:
         if self.options.strict:
           raise
@@ -120,7 +125,22 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       for name in self.MODALITIES:
         example[f"first_{name}"] = name in markers and markers[name] not in seen
       seen.update(markers.values())
+      kept += 1
       yield where, example
+    if plan and not kept:
+      raise ValueError(f"split {split!r}: all {len(plan)} of its records are bad; the "
+                       f"report lists why: {self.failed_report_path()}")
+
+  def failed_report_path(self):
+    """Where the bad-record report goes when the build fails (its version folder is not
+    kept)."""
+    return os.path.join(os.fspath(self.data_dir_root), self.name, REPORT_FILE)
+
+  def write_report(self, path):
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path, "w") as f:
+      for bad in self.bad_records:
+        f.write(json.dumps(bad) + "\n")
 
   def download_and_prepare(self, *args, **kwargs):
     """Builds (if not built yet), then writes the bad-record report and the sidecar."""
@@ -128,6 +148,10 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return
     try:
       super().download_and_prepare(*args, **kwargs)
+    except Exception:
+      if self.bad_records:
+        self.write_report(self.failed_report_path())
+      raise
     finally:
       if self._beam_temp_dir and not self.is_prepared():  # failed: nothing to gather
         tf.io.gfile.rmtree(self._beam_temp_dir)
@@ -137,9 +161,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for split in self.info.splits:
       random_access.write_copy(self, split)
     report = os.path.join(self.data_dir, REPORT_FILE)
-    with open(report, "w", encoding="utf-8") as f:
-      for bad in self.bad_records:
-        f.write(json.dumps(bad) + "\n")
+    self.write_report(report)
     with open(os.path.join(self.data_dir, SIDECAR_FILE), "w", encoding="utf-8") as f:
       json.dump({"modalities": self.MODALITIES, "options": dataclasses.asdict(self.options),
                  "bad_records": len(self.bad_records)}, f, indent=1)
@@ -204,6 +226,7 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
         LABELS=any("label" in record for _, record in records),
         __doc__=f"Built by xmodal_jax.data.build from {encoding.absolute(manifest, os.getcwd())}.",
         split_records=lambda self, dl_manager: splits,
+        records_in_order=lambda self, splits: [(r["split"], w, r) for w, r in records],
         base_dir=lambda self, dl_manager: base_dir)
   cls = types.new_class(f"Manifest_{name}", (RecordBuilder,), {"skip_registration": True},
                         body)

@@ -155,14 +155,10 @@ class Source:
     """One raw value as a dataset feature holds it -> the tower's inputs, batch of 1."""
     return preprocess.preprocess_one(modality, options, raw)
 
-  def read_query(self, kind, path_or_text):
-    """(modality name, raw value as the dataset feature holds it) of a query of `kind`
-    (text, audio, image or video: a text, or a file's path), read by the config's first
-    modality of that kind."""
-    names = [n for n, m in self.config.modalities.items() if m.kind == kind]
-    if not names:
-      raise ValueError(f"the config has no {kind} modality to encode the query with")
-    return names[0], self.read_value(names[0], path_or_text)
+  def first_of_kind(self, kind):
+    """The config's first modality of `kind` (None without one): a query of that kind goes
+    through it unless another is named."""
+    return next((n for n, m in self.config.modalities.items() if m.kind == kind), None)
 
   def read_value(self, name, value):
     """The raw value, as the dataset feature holds it, of modality `name`'s query `value`:

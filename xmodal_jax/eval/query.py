@@ -28,7 +28,7 @@ def export_mismatches(meta, workdir, model_config):
 
 def encode_query(embedder, params, modality, raw):
   """(embedding float32[1, D], (tokens [1, L, W], valid [1, L])) of one raw query
-  (Source.read_query), prepared as evaluation prepares examples."""
+  (Source.read_value), prepared as evaluation prepares examples."""
   inputs = embedder.source.prepare(modality, embedder.config.modalities[modality], raw)
   return embedder.embed_one(params, modality, inputs, tokens=True)
 

@@ -1,0 +1,144 @@
+"""Manifests and media a careless or hostile user might hand the builder: bytes that are not
+UTF-8, text that cannot be stored, a split of only bad records, an id in two splits, paths
+out of the manifest's folder, audio headers that lie and audio that never ends."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import fixtures
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from xmodal_jax.data import encoding, manifest, media, records
+
+
+def write_lines(path, lines):
+  with open(path, "wb") as f:
+    for line in lines:
+      f.write((json.dumps(line) if isinstance(line, dict) else line).encode("utf-8")
+              if not isinstance(line, bytes) else line)
+      f.write(b"\n")
+
+
+def build(tmp_path, lines, modalities, name="bounds", **options):
+  """The built manifest builder (its bad_records kept)."""
+  path = tmp_path / "items.jsonl"
+  write_lines(path, lines)
+  builder = records.manifest_builder(name, str(path), modalities,
+                                     options=encoding.BuildOptions(**options),
+                                     data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare()
+  return builder
+
+
+def stored_keys(builder, split):
+  return sorted(ex["key"].decode() for ex in builder.as_dataset(split=split).as_numpy_iterator())
+
+
+def test_a_byte_that_is_not_utf8_names_its_line(tmp_path):
+  path = tmp_path / "items.jsonl"
+  write_lines(path, [{"id": 1, "split": "train", "caption": "fine"},
+                     b'{"id": 2, "split": "train", "caption": "caf\xe9"}'])
+  with pytest.raises(ValueError, match=r"items.jsonl:2: not UTF-8 \(byte 0xe9 at byte 44"):
+    manifest.read_manifest(str(path))
+
+
+def test_text_that_cannot_be_stored_is_a_bad_record_naming_its_line(tmp_path):
+  builder = build(tmp_path, [
+      {"id": "a", "split": "train", "caption": "fine"},
+      '{"id": "b", "split": "train", "caption": ["fine", "lone \\ud800 surrogate"]}',
+      '{"id": "c\\udfff", "split": "train", "caption": "fine"}',
+      {"id": "d", "split": "train", "caption": "also fine"}], {"caption": "text"})
+  bad = {b["source"].rsplit(":", 1)[1]: b for b in builder.bad_records}
+  assert sorted(bad) == ["2", "3"]
+  assert bad["2"]["id"] == "b" and bad["2"]["file"] == "caption[1]"
+  assert bad["2"]["reason"] == ("cannot be stored as UTF-8 (surrogates not allowed at "
+                                "character 5: '\\ud800')")
+  assert bad["3"]["file"] == "id" and "surrogates not allowed" in bad["3"]["reason"]
+  assert stored_keys(builder, "train") == ["a", "d"]
+
+
+def test_a_split_of_only_bad_records_stops_the_build_and_keeps_the_report(tmp_path):
+  with pytest.raises(ValueError, match=r"split 'test': all 2 of its records are bad; the "
+                     r"report lists why: .*/bounds/bad_records.jsonl"):
+    build(tmp_path, [{"id": 1, "split": "train", "caption": "fine"},
+                     {"id": 2, "split": "test", "caption": " "},
+                     {"id": 3, "split": "test", "caption": ""}], {"caption": "text"})
+  with open(tmp_path / "tfds" / "bounds" / records.REPORT_FILE) as f:
+    report = [json.loads(line) for line in f]
+  assert [(r["id"], r["split"], r["reason"]) for r in report] == [
+      (2, "test", "empty caption"), (3, "test", "empty caption")]
+  assert not os.path.exists(tmp_path / "tfds" / "bounds" / "1.0.0" / "dataset_info.json")
+
+
+def test_an_id_in_two_splits_stays_in_the_split_of_its_first_line(tmp_path):
+  """Line 2 puts item "a" in test; line 3 uses "a" again in train, whose first line (1) comes
+  before: the item stays in test and line 3 is the bad record, naming line 2."""
+  builder = build(tmp_path, [{"id": "x", "split": "train", "caption": "one"},
+                             {"id": "a", "split": "test", "caption": "two"},
+                             {"id": "a", "split": "train", "caption": "three"}],
+                  {"caption": "text"})
+  assert stored_keys(builder, "test") == ["a"] and stored_keys(builder, "train") == ["x"]
+  (bad,) = builder.bad_records
+  assert bad["source"].endswith("items.jsonl:3") and bad["split"] == "train"
+  assert bad["reason"].startswith("the id's first record is in split 'test' (")
+  assert "items.jsonl:2)" in bad["reason"]
+
+
+def test_media_paths_stay_in_the_manifests_folder_unless_told(tmp_path):
+  root = tmp_path / "data"
+  outside = tmp_path / "outside"
+  fixtures.write_jpeg(str(root / "in.jpg"), 0)
+  fixtures.write_jpeg(str(outside / "secret.jpg"), 1)
+  os.symlink(outside, root / "link")
+  lines = [{"id": "in", "split": "train", "photo": "in.jpg"},
+           {"id": "dotdot", "split": "train", "photo": "../outside/secret.jpg"},
+           {"id": "symlink", "split": "train", "photo": "link/secret.jpg"},
+           {"id": "absolute", "split": "train", "photo": str(outside / "secret.jpg")}]
+  write_lines(root / "items.jsonl", lines)
+
+  def built(name, **options):
+    builder = records.manifest_builder(name, str(root / "items.jsonl"), {"photo": "image"},
+                                       options=encoding.BuildOptions(**options),
+                                       data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare()
+    return builder
+  confined = built("confined")
+  reasons = {b["id"]: b["reason"] for b in confined.bad_records}
+  assert sorted(reasons) == ["dotdot", "symlink"]
+  assert "'../outside/secret.jpg' leads outside the manifest's folder" in reasons["dotdot"]
+  assert "--noconfine" in reasons["symlink"]
+  assert stored_keys(confined, "train") == ["absolute", "in"]
+  assert stored_keys(built("unconfined", confine=False), "train") == [
+      "absolute", "dotdot", "in", "symlink"]
+
+
+def write_wav_header_rate(path, samples, rate):
+  import wave  # pylint: disable=g-import-not-at-top
+  with wave.open(str(path), "wb") as f:
+    f.setnchannels(1)
+    f.setsampwidth(2)
+    f.setframerate(rate)
+    f.writeframes(np.zeros(samples, "<i2").tobytes())
+
+
+def test_audio_with_a_lying_header_or_no_end_is_refused(tmp_path):
+  write_wav_header_rate(tmp_path / "one_hz.wav", 8000, 1)  # 16 KB saying "8000 seconds"
+  fixtures.write_wav(str(tmp_path / "long.wav"), 0, seconds=2.0, rate=16_000)
+  fixtures.write_wav(str(tmp_path / "short.wav"), 1, seconds=0.5, rate=16_000)
+  builder = build(tmp_path, [{"id": "one_hz", "split": "train", "speech": "one_hz.wav"},
+                             {"id": "long", "split": "train", "speech": "long.wav"},
+                             {"id": "short", "split": "train", "speech": "short.wav"}],
+                  {"speech": "audio"}, max_audio_seconds=1.0)
+  reasons = {b["id"]: b["reason"] for b in builder.bad_records}
+  assert "the audio stream says 1 samples a second; expected at least 1000" in reasons["one_hz"]
+  assert "longer than 1 s (decoding stopped there)" in reasons["long"]
+  assert stored_keys(builder, "train") == ["short"]
+  # A query goes through the same decoder, with a default bound.
+  with pytest.raises(ValueError, match="says 1 samples a second"):
+    media.decode_audio(str(tmp_path / "one_hz.wav"), 16_000)
+  assert media.MAX_AUDIO_SECONDS == 600
