@@ -2,11 +2,11 @@
 
 Each split's plan (one line per record: position, source, record, int id, and the split and
 source of its id's first record) is written to a temporary folder beside the dataset and read
-by the pipeline, so the launching process hands the workers a file, not millions of records. Workers run the same
-`encoding.Encoder` as the single-process build; bad records go to a side output, written as
-JSON lines and gathered into the report in plan order after the pipeline. The first_m flags
-need every good record of the split: the smallest position of each (id, modality, value)
-marker is found with a combine and joined back to its example.
+by the pipeline, so the launching process hands the workers a file, not millions of records.
+Workers run the same `encoding.Encoder` as the single-process build; bad records go to a side
+output, written as JSON lines and gathered into the report in plan order after the pipeline.
+The first_m flags need every good record of the split: the smallest position of each (id,
+modality, value) marker is found with a combine and joined back to its example.
 """
 
 import json
