@@ -4,6 +4,8 @@ out of the manifest's folder, audio headers that lie and audio that never ends."
 
 import json
 import os
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -142,3 +144,50 @@ def test_audio_with_a_lying_header_or_no_end_is_refused(tmp_path):
   with pytest.raises(ValueError, match="says 1 samples a second"):
     media.decode_audio(str(tmp_path / "one_hz.wav"), 16_000)
   assert media.MAX_AUDIO_SECONDS == 600
+
+
+def test_image_sizes_read_from_headers_match_decoding(tmp_path):
+  pil = pytest.importorskip("PIL.Image")
+  rng = np.random.default_rng(0)
+  for fmt, shape in (("JPEG", (37, 53)), ("PNG", (41, 29)), ("GIF", (17, 64)),
+                     ("BMP", (33, 18))):
+    path = tmp_path / f"x.{fmt.lower()}"
+    pil.fromarray(rng.integers(0, 255, shape + (3,), dtype=np.uint8)).save(path, format=fmt)
+    data = path.read_bytes()
+    decoded = tf.io.decode_image(data, channels=3, expand_animations=False).shape[:2]
+    assert media.image_size(data) == tuple(decoded) == shape, fmt
+  assert media.image_size(b"RIFF....WEBPVP8 ") is None
+
+
+def test_images_and_videos_over_their_bounds_are_bad_records(tmp_path):
+  fixtures.write_jpeg(str(tmp_path / "small.jpg"), 0, size=(16, 16))
+  fixtures.write_jpeg(str(tmp_path / "big.jpg"), 1, size=(24, 32))
+  frames = np.zeros((10, 16, 16, 3), np.uint8)
+  fixtures.write_mp4(str(tmp_path / "ten.mp4"), frames)
+  fixtures.write_mp4(str(tmp_path / "wide.mp4"), np.zeros((2, 16, 32, 3), np.uint8))
+  builder = build(tmp_path, [{"id": "small", "split": "train", "photo": "small.jpg"},
+                             {"id": "big", "split": "train", "photo": "big.jpg"},
+                             {"id": "ten", "split": "train", "clip": "ten.mp4"},
+                             {"id": "wide", "split": "train", "clip": "wide.mp4"}],
+                  {"photo": "image", "clip": "video"}, max_pixels=500, max_video_frames=5,
+                  video_frames=2)
+  reasons = {b["id"]: b["reason"] for b in builder.bad_records}
+  assert reasons["big"] == "32x24 pixels, over the 500-pixel bound (decoding refused)"
+  assert reasons["ten"].endswith("ten.mp4: more than 5 frames, the bound (decoding refused))")
+  assert "32x16 pixels, over the 500-pixel bound" in reasons["wide"]
+  assert stored_keys(builder, "train") == ["small"]
+
+
+def test_a_damaged_shard_is_named_and_leaves_no_partial_copy(tmp_path):
+  from xmodal_jax.data import random_access  # pylint: disable=g-import-not-at-top
+  builder = build(tmp_path, [{"id": i, "split": "train", "caption": f"caption {i}"}
+                             for i in range(50)], {"caption": "text"})
+  (shard,) = [i.filename for i in builder.info.splits["train"].file_instructions]
+  shutil.rmtree(os.path.join(os.path.dirname(shard), random_access.FOLDER))
+  with open(shard, "r+b") as f:
+    f.seek(300)
+    f.write(b"\xff" * 16)
+  with pytest.raises(ValueError, match=re.escape(shard) + ": .*corrupted record at .*the "
+                     "shard is damaged"):
+    random_access.write_copy(builder, "train")
+  assert os.listdir(os.path.join(os.path.dirname(shard), random_access.FOLDER)) == []

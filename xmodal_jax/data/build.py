@@ -43,6 +43,10 @@ flags.DEFINE_integer("video_frames", 8, "frames kept per video")
 flags.DEFINE_integer("frame_size", 256, "stored video frames' shorter side (pixels)")
 flags.DEFINE_float("max_audio_seconds", 600, "longer audio files are bad records (decoding "
                    "stops there)")
+flags.DEFINE_integer("max_pixels", 64 << 20, "larger images and video frames (width x height) "
+                     "are bad records, refused before decoding")
+flags.DEFINE_integer("max_video_frames", 216_000, "longer videos are bad records, refused "
+                     "before decoding")
 flags.DEFINE_bool("confine", True, "relative media paths that leave the manifest's (or "
                   "--manual_dir's) folder, through '..' or a symlink, are bad records; "
                   "absolute paths are taken as written")
@@ -65,7 +69,8 @@ def make_builder(argv_flags):
   options = encoding.BuildOptions(
       sample_rate=argv_flags.sample_rate, video_frames=argv_flags.video_frames,
       frame_size=argv_flags.frame_size, strict=argv_flags.strict,
-      max_audio_seconds=argv_flags.max_audio_seconds, confine=argv_flags.confine)
+      max_audio_seconds=argv_flags.max_audio_seconds, confine=argv_flags.confine,
+      max_pixels=argv_flags.max_pixels, max_video_frames=argv_flags.max_video_frames)
   if bool(argv_flags.manifest) == bool(argv_flags.dataset):
     raise app.UsageError("give exactly one of --manifest or --dataset")
   if argv_flags.manifest:

@@ -30,6 +30,8 @@ class BuildOptions:
   # absolute paths and other filesystems are taken as written.
   confine: bool = True
   max_audio_seconds: float = 600.0  # longer audio is a bad record (decoding stops there)
+  max_pixels: int = media.MAX_PIXELS  # larger images and video frames are bad records
+  max_video_frames: int = media.MAX_VIDEO_FRAMES  # longer videos are bad records
 
 
 class BadRecord(ValueError):
@@ -121,10 +123,16 @@ def load(value, base_dir, item_id, name, what, confine=False):
 
 
 def encode_image(source, where, item_id, options):
-  del options
+  """The image file's bytes, once they decode; None `options`: the default pixel bound."""
   if isinstance(source, str):
     with open(source, "rb") as f:  # a local path (`load` reads other filesystems)
       source = f.read()
+  size = media.image_size(source)
+  if size:
+    try:
+      media.check_pixels(where, *size, options.max_pixels if options else media.MAX_PIXELS)
+    except ValueError as e:
+      raise BadRecord(item_id, where, str(e).split(": ", 1)[1]) from e
   try:
     tf.io.decode_image(source, channels=3, expand_animations=False)
   except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as e:
@@ -142,7 +150,8 @@ def encode_audio(source, where, item_id, options):
 
 def encode_video(source, where, item_id, options):
   try:
-    frames = media.decode_video(source, options.video_frames)
+    frames = media.decode_video(source, options.video_frames, max_pixels=options.max_pixels,
+                                max_frames=options.max_video_frames)
   except ValueError as e:
     raise BadRecord(item_id, where, f"cannot decode video ({e})") from e
   height, width = frames.shape[1:3]

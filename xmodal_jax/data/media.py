@@ -7,12 +7,15 @@ or out of a tar shard)."""
 import io
 import itertools
 import os
+import struct
 import wave
 
 import numpy as np
 
 MIN_SOURCE_RATE = 1000  # Hz: below this a stream's header is taken to be wrong
 MAX_AUDIO_SECONDS = 600.0  # the default longest audio file decoded (builds and queries)
+MAX_PIXELS = 64 << 20  # the default largest image or video frame decoded (width x height)
+MAX_VIDEO_FRAMES = 216_000  # the default longest video decoded: 2 hours at 30 frames/s
 
 
 def _check_exists(source, what):
@@ -68,16 +71,56 @@ def sample_indices(count, num_frames):
                     count - 1)
 
 
-def _frame_count(source):
+def check_pixels(path, height, width, max_pixels):
+  if height * width > max_pixels:
+    raise ValueError(f"{path}: {width}x{height} pixels, over the {max_pixels:,}-pixel bound "
+                     "(decoding refused)")
+
+
+def image_size(data):
+  """(height, width) from an encoded image's header (JPEG, PNG, GIF, BMP), without decoding
+  it; None for other formats."""
+  if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+  if data[:4] == b"GIF8" and len(data) >= 10:
+    width, height = struct.unpack("<HH", data[6:10])
+    return height, width
+  if data[:2] == b"BM" and len(data) >= 26:
+    width, height = struct.unpack("<ii", data[18:26])
+    return abs(height), abs(width)
+  if data[:2] == b"\xff\xd8":  # JPEG: the first start-of-frame marker holds the size
+    i = 2
+    while i + 9 <= len(data) and data[i] == 0xFF:
+      marker, length = data[i + 1], struct.unpack(">H", data[i + 2:i + 4])[0]
+      if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        height, width = struct.unpack(">HH", data[i + 5:i + 9])
+        return height, width
+      i += 2 + length
+  return None
+
+
+def _frame_count(source, max_pixels=MAX_PIXELS, max_frames=MAX_VIDEO_FRAMES):
   """Frames in a video file's first video stream: the header's count when it has one, else
-  the number of packets (demuxing only, no decoding)."""
+  the number of packets (demuxing only, no decoding). Frames over `max_pixels` or more than
+  `max_frames` of them are refused before any is decoded."""
   with _open(source) as container:
     if not container.streams.video:
       raise ValueError(f"{_name(source)}: no video stream")
     stream = container.streams.video[0]
-    if stream.frames > 0:
-      return stream.frames
-    return sum(1 for packet in container.demux(stream) if packet.size)
+    check_pixels(_name(source), stream.codec_context.height, stream.codec_context.width,
+                 max_pixels)
+    count = stream.frames
+    if count <= 0:
+      count = 0
+      for packet in container.demux(stream):
+        count += bool(packet.size)
+        if count > max_frames:
+          break
+    if count > max_frames:
+      raise ValueError(f"{_name(source)}: more than {max_frames:,} frames, the bound "
+                       "(decoding refused)")
+    return count
 
 
 def _decode_frames(source, indices, pixel_format):
@@ -91,11 +134,13 @@ def _decode_frames(source, indices, pixel_format):
   return kept, total
 
 
-def decode_video(source, num_frames, channels=3):
+def decode_video(source, num_frames, channels=3, max_pixels=MAX_PIXELS,
+                 max_frames=MAX_VIDEO_FRAMES):
   """uint8 [num_frames, H, W, channels] sampled uniformly over a video file's frames, at the
   file's size; RGB (channels = 3) or luma (channels = 1). Only the sampled frames are kept:
   when the container does not state its frame count, packets are counted first, and a count
-  that decoding proves wrong costs one more pass rather than keeping every frame."""
+  that decoding proves wrong costs one more pass rather than keeping every frame. Frames of
+  more than `max_pixels`, or more than `max_frames` frames, are refused before decoding."""
   import av  # pylint: disable=g-import-not-at-top
   _check_exists(source, "video")
   path = _name(source)
@@ -103,7 +148,7 @@ def decode_video(source, num_frames, channels=3):
     raise ValueError(f"video frames with {channels} channels: expected 1 or 3")
   pixel_format = "gray" if channels == 1 else "rgb24"
   try:
-    count = _frame_count(source)
+    count = _frame_count(source, max_pixels, max_frames)
     if count < 1:
       raise ValueError(f"{path}: the video stream has no frames")
     frames, total = _decode_frames(source, sample_indices(count, num_frames), pixel_format)

@@ -105,8 +105,14 @@ def write_copy(builder, split):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.partial-{os.getpid()}"
     writer = array_record_module.ArrayRecordWriter(partial, "group_size:1")
-    for record in tf.data.TFRecordDataset(tfrecord_path).as_numpy_iterator():
-      writer.write(record)
+    try:
+      for record in tf.data.TFRecordDataset(tfrecord_path).as_numpy_iterator():
+        writer.write(record)
+    except tf.errors.OpError as e:
+      writer.close()
+      os.remove(partial)
+      raise ValueError(f"{tfrecord_path}: {e.message}; the shard is damaged: rebuild the "
+                       "dataset (or restore the file)") from e
     writer.close()
     os.replace(partial, path)
 
