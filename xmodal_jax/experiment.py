@@ -159,14 +159,16 @@ def setup(config, workdir, *, step=None, require_checkpoint=False, allow_config_
   if require_checkpoint:
     run_config.check_reading(workdir, assembly.config, allow_changes=allow_config_change)
   manager = checkpoint.make_manager(workdir, assembly.config, create=not require_checkpoint)
-  if step is None:
-    step = manager.latest_step() or 0
-  if step:  # Restored into shapes and shardings: nothing to initialize or compile.
-    state = checkpoint.restore(manager, placed(assembly.abstract_state, assembly.shardings),
-                               step)
-  elif require_checkpoint:
+  abstract = placed(assembly.abstract_state, assembly.shardings)
+  state = None
+  if step is None:  # Restored into shapes and shardings: nothing to initialize or compile.
+    step, state = checkpoint.restore_newest(manager, abstract,
+                                            assembly.config.checkpoint_fallback)
+  elif step:
+    state = checkpoint.restore(manager, abstract, step)
+  if state is None and require_checkpoint:
     raise FileNotFoundError(f"{workdir}: no checkpoint to restore (train first)")
-  else:
+  if state is None:
     state = fresh_state(assembly)
   return Experiment(assembly.config, assembly.source, assembly.model, assembly.tx,
                     assembly.mesh, state, assembly.shardings, step, manager,

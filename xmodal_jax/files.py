@@ -66,6 +66,16 @@ def listdir(path):
   return _gfile().listdir(path)
 
 
+def walk_files(path):
+  """The paths, relative to folder `path`, of every file under it, sorted."""
+  found = []
+  for folder, _, names in _gfile().walk(path):
+    relative = os.path.relpath(folder, path) if not is_remote(path) else (
+        folder[len(str(path).rstrip("/")) + 1:] or ".")
+    found.extend(os.path.normpath(os.path.join(relative, name)) for name in names)
+  return sorted(found)
+
+
 def save_array(path, array):
   """np.save to any scheme (atomically)."""
   buffer = io.BytesIO()

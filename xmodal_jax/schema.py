@@ -140,6 +140,9 @@ COMMON = {
     "log_every": _o(50, "steps between logged train metrics"),
     "checkpoint_every": _o(250, "steps between checkpoints"),
     "keep_checkpoints": _o(2, "checkpoints kept (the newest is what a re-run resumes)"),
+    "checkpoint_fallback": _o(True, "a newest checkpoint that fails its digest or does not "
+                              "restore is reported and the next older one restored (False: "
+                              "stop)"),
     "mesh": {
         "data": _o(-1, "data-parallel axis size (-1: the devices left)"),
         "fsdp": _o(1, "FSDP axis size: the state is sharded this many ways"),

@@ -1,8 +1,11 @@
-"""Orbax checkpoints of the train state under {workdir}/checkpoints/."""
+"""Orbax checkpoints of the train state under {workdir}/checkpoints/, each sealed with a
+digest of its files once saved, and verified before it is restored."""
 
+import hashlib
 import importlib
 import json
 import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
@@ -39,15 +42,119 @@ def make_manager(workdir, config, create=True):
   return ocp.CheckpointManager(folder(workdir), options=options)
 
 
+DIGEST_FILE = "xmodal_digest.json"  # in the step's folder: {"sha256": {file: hex digest}}
+
+
+def step_folder(workdir, step):
+  return os.path.join(folder(workdir), str(step))
+
+
+def file_digests(path):
+  """{file under folder `path`: SHA-256 hex} of every file but the digest itself."""
+  digests = {}
+  for name in files.walk_files(path):
+    if name == DIGEST_FILE:
+      continue
+    sha = hashlib.sha256()
+    with files.open_file(os.path.join(path, name), "rb") as f:
+      while chunk := f.read(16 << 20):
+        sha.update(chunk)
+    digests[name] = sha.hexdigest()
+  return digests
+
+
+def seal(workdir, step):
+  """Writes the digest of checkpoint `step`'s files (after Orbax finished saving it)."""
+  path = step_folder(workdir, step)
+  files.write_atomically(os.path.join(path, DIGEST_FILE),
+                         json.dumps({"sha256": file_digests(path)}, indent=0))
+
+
+def check_saves(manager, step):
+  """Raises, in one line, the error of a background save that failed (checked every step,
+  so a full disk stops the run at the step that finds it)."""
+  try:
+    manager.check_for_errors()
+  except Exception as e:  # pylint: disable=broad-except  # whatever the writer raised
+    raise RuntimeError(f"step {step}: saving a checkpoint in the background failed: "
+                       f"{first_line(e)}") from e
+
+
+def seal_finished(manager, workdir, step):
+  """Seals (process 0) every finished checkpoint that has no digest yet, after checking
+  that no background save failed. Called after each save and at the end of a run."""
+  check_saves(manager, step)
+  if jax.process_index():
+    return
+  steps = sorted(manager.all_steps())
+  if manager.is_saving_in_progress():
+    steps = steps[:-1]
+  for step in steps:
+    if not files.exists(os.path.join(step_folder(workdir, step), DIGEST_FILE)):
+      seal(workdir, step)
+
+
+def damage(path):
+  """What is wrong with the files of the checkpoint in step folder `path` against its digest
+  ("" when they match; a checkpoint saved before digests existed, or killed before it was
+  sealed, has none)."""
+  digest_path = os.path.join(path, DIGEST_FILE)
+  if not files.exists(digest_path):
+    return ""
+  expected = json.loads(files.read_text(digest_path))["sha256"]
+  found = file_digests(path)
+  missing = sorted(set(expected) - set(found))
+  changed = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+  parts = [f"{len(missing)} file(s) missing ({missing[0]}...)" if missing else "",
+           f"{len(changed)} file(s) changed ({changed[0]}...)" if changed else ""]
+  return "; ".join(p for p in parts if p)
+
+
+class DamagedCheckpoint(ValueError):
+  """A checkpoint whose files do not match its digest."""
+
+
+def first_line(error):
+  text = str(error).strip()
+  return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(
+      error).__name__
+
+
 def restore(manager, state, step):
   """The state saved at `step`, shaped and sharded like `state` (arrays or
-  jax.ShapeDtypeStructs with shardings); the error lists the steps there are."""
+  jax.ShapeDtypeStructs with shardings), after checking its files against its digest
+  (DamagedCheckpoint); the error lists the steps there are."""
   steps = manager.all_steps()
   if step not in steps:
     raise FileNotFoundError(f"{manager.directory}: no checkpoint of step {step}; there are "
                             f"{sorted(steps)}")
+  problem = damage(os.path.join(str(manager.directory), str(step)))
+  if problem:
+    raise DamagedCheckpoint(f"checkpoint {step}: its files do not match its digest "
+                            f"({problem})")
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_newest(manager, state, fallback=True):
+  """(step, state) of the newest checkpoint that passes its digest and restores; each one
+  that does not is reported in a line on stderr and, with `fallback`, the next older one is
+  tried (without: the first failure stops). (0, None) without checkpoints."""
+  failures = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, restore(manager, state, step)
+    except DamagedCheckpoint as e:
+      reason = str(e)
+    except Exception as e:  # pylint: disable=broad-except  # TensorStore's, Orbax's
+      reason = f"checkpoint {step}: it does not restore ({first_line(e)})"
+    failures.append(reason)
+    if not fallback:
+      raise ValueError(f"{reason} (config.checkpoint_fallback=False: stopping)")
+    print(f"Not using {reason}; trying an older one.", file=sys.stderr, flush=True)
+  if failures:
+    raise ValueError(f"{manager.directory}: no usable checkpoint: " + "; ".join(failures))
+  return 0, None
 
 
 def save(manager, step, state, *, force=False):
@@ -57,7 +164,12 @@ def save(manager, step, state, *, force=False):
 
 def identity(workdir, step):
   """What tells step `step`'s checkpoint from another saved at the same step (a rerun, a
-  replaced folder): its step and Orbax's commit time, from the step's metadata file."""
-  path = os.path.join(folder(workdir), str(step), "_CHECKPOINT_METADATA")
+  replaced folder): its step, Orbax's commit time and, once sealed, a digest of its files."""
+  path = os.path.join(step_folder(workdir, step), "_CHECKPOINT_METADATA")
   meta = json.loads(files.read_text(path)) if files.exists(path) else {}
-  return f"step {step}, committed at {meta.get('commit_timestamp_nsecs', 'unknown')} ns"
+  digest_path = os.path.join(step_folder(workdir, step), DIGEST_FILE)
+  sealed = ""
+  if files.exists(digest_path):
+    sealed = ", files sha256 " + hashlib.sha256(files.read_bytes(digest_path)).hexdigest()[:16]
+  return (f"step {step}, committed at {meta.get('commit_timestamp_nsecs', 'unknown')} ns"
+          + sealed)

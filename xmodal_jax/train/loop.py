@@ -103,16 +103,21 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
                         "train/nonfinite_steps": guard.total})
         print(progress.line(step, float(train_metrics["loss"])), flush=True)
       preempted = watch.reached(step)
-      checkpoint.save(manager, step, state, force=last or preempted)
+      if checkpoint.save(manager, step, state, force=last or preempted):
+        checkpoint.seal_finished(manager, workdir, step)
+      else:
+        checkpoint.check_saves(manager, step)
       if preempted:
         guard.finish()
         manager.wait_until_finished()
+        checkpoint.seal_finished(manager, workdir, step)
         writer.close()
         manager.close()
         raise preemption.Preempted(step, watch.signal_number)
       eval_metrics = evaluate(experiment, state.params, writer, step, final=last) or eval_metrics
   guard.finish()
   manager.wait_until_finished()
+  checkpoint.seal_finished(manager, workdir, config.total_steps)
   if eval_metrics is None:  # Already trained: report the final checkpoint.
     eval_metrics = evaluate(experiment, state.params, final=True)
   writer.close()

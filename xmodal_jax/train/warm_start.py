@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from xmodal_jax import files
+from xmodal_jax.train import checkpoint as checkpoint_lib
 from xmodal_jax.parallel import sharding
 
 
@@ -34,6 +35,10 @@ def item_folder(checkpoint):
     checkpoint = os.path.join(steps, str(step))
   for folder in (os.path.join(checkpoint, "default"), checkpoint):
     if files.exists(os.path.join(folder, "_METADATA")):
+      problem = checkpoint_lib.damage(os.path.dirname(folder) if folder.endswith(
+          "default") else folder)
+      if problem:
+        raise ValueError(f"{where}: its files do not match its digest ({problem})")
       return folder
   raise FileNotFoundError(f"{where}: neither a run's workdir nor an Orbax checkpoint folder")
 
