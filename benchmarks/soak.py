@@ -9,7 +9,8 @@ workdir is trained with SIGKILLs at moments drawn uniformly over the first `--wi
 seconds of each start (start-up, steps, saves and evaluations alike), each followed by a
 re-run, until
 `--kills` minus the export's share have landed; the run is finished, and its export is
-killed the same way (a third of the kills) and finished. Checked: every logged step appears
+killed the same way (a third of the kills; an export that finishes before its kill is
+deleted and started again) and finished. Checked: every logged step appears
 once with the reference's loss, the final metrics and every exported embedding equal the
 reference's, and no temporary file (Orbax's tmp folders, .tmp, .partial-*) is left behind.
 """
@@ -129,8 +130,9 @@ def main():
   while len(landed["export"]) < export_kills:
     delay = kill_at_random("export.py", train_args(data_dir, soaked, args.steps)
                            + [f"--out={soaked}_export", *export_flags], export_s, rng)
-    if delay is None:
-      break
+    if delay is None:  # it finished first: export again from nothing, for the next kill
+      shutil.rmtree(f"{soaked}_export")
+      continue
     landed["export"].append(delay)
     print(f"kill {len(landed['train']) + len(landed['export'])}: export, after "
           f"{delay:.1f} s", flush=True)
