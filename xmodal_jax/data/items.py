@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import tensorflow as tf
 
-from xmodal_jax.data import media, pipeline, records
+from xmodal_jax.data import media, pipeline
 
 VIDEO_FRAME_RATE = 4  # stored frames are a uniform sample of the clip, shown 4 per second
 MIN_VIDEO_SIZE = 128  # smaller frames are repeated (nearest neighbour) to at least this
@@ -29,16 +29,13 @@ def image_type(data):
 
 class ItemReader:
   """The items of `split` of a prepared dataset (`builder`), by their int64 id.
-  `modalities`: {name: config.modalities entry} of the modalities it shows; `sample_rates`:
-  {audio modality: Hz} where the tower states it (else the dataset's build rate)."""
+  `modalities`: {name: config.modalities entry} of the modalities it shows; `audio_rate`:
+  audio modality -> the rate its samples are stored at (Source.audio_rate)."""
 
-  def __init__(self, builder, split, modalities, sample_rates=None):
+  def __init__(self, builder, split, modalities, audio_rate):
     self.split = split
-    self._builder, self._modalities = builder, modalities
+    self._builder, self._modalities, self._audio_rate = builder, modalities, audio_rate
     self._features = builder.info.features
-    built = records.read_sidecar(builder.data_dir).get("options", {})
-    self._rates = {name: (sample_rates or {}).get(name) or built.get("sample_rate")
-                   for name, m in modalities.items() if m.kind == "audio"}
     self._reader = None
     self._first = None  # {feature: {item id: first position holding it}}
     self._lock = threading.Lock()
@@ -64,9 +61,6 @@ class ItemReader:
           position += len(batch["id"])
         self._first = first
     return self._first
-
-  def has(self, item_id):
-    return int(item_id) in self._positions()[None]
 
   def record(self, item_id, modality=None):
     """The decoded record (NumPy) of the item's first record that has `modality` (any
@@ -94,17 +88,14 @@ class ItemReader:
 
   def media(self, item_id, modality):
     """(bytes, MIME type) of the item's `modality` as a browser plays it: an image as
-    stored, audio as WAV, video frames as WebM, text as its captions, one per line."""
+    stored, audio as WAV, video frames as WebM."""
     options = self._modalities[modality]
     value = self.record(item_id, modality)[options.feature]
     if options.kind == "image":
       data = bytes(value)
       return data, image_type(data)
     if options.kind == "audio":
-      if not self._rates[modality]:
-        raise ValueError(f"neither config.model.towers.{modality}.sample_rate nor the "
-                         "dataset says at which rate its audio is stored")
-      return media.encode_wav(value, self._rates[modality]), "audio/wav"
+      return media.encode_wav(value, self._audio_rate(modality)), "audio/wav"
     if options.kind == "video":
       frames = value  # uint8 [T, H, W, C] where the dataset stores arrays
       if frames.dtype == object:  # JPEG frames (datasets built from records)
@@ -112,7 +103,4 @@ class ItemReader:
       scale = -(-MIN_VIDEO_SIZE // min(frames.shape[1:3]))  # tiny frames shown larger
       frames = frames.repeat(scale, axis=1).repeat(scale, axis=2)
       return media.encode_webm(frames, VIDEO_FRAME_RATE), "video/webm"
-    if options.kind == "text":
-      lines = [c.decode("utf-8") for c in np.atleast_1d(value)]
-      return "\n".join(lines).encode("utf-8"), "text/plain; charset=utf-8"
     raise ValueError(f"{modality!r} is a {options.kind} modality: no media to show")

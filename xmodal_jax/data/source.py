@@ -143,7 +143,7 @@ class Source:
     """The ItemReader (data/items.py) of `split`: items' captions and media by id."""
     if split not in self._items:
       self._items[split] = items.ItemReader(self.builder, split, self.config.modalities,
-                                            self.sample_rates)
+                                            self.audio_rate)
     return self._items[split]
 
   def item_texts(self, split, ids):
@@ -154,6 +154,16 @@ class Source:
   def prepare(modality, options, raw):
     """One raw value as a dataset feature holds it -> the tower's inputs, batch of 1."""
     return preprocess.preprocess_one(modality, options, raw)
+
+  def audio_rate(self, name):
+    """The sample rate audio modality `name` takes: its tower's, else the dataset's build
+    rate (queries are resampled to it; stored audio is at it)."""
+    built = records.read_sidecar(self.builder.data_dir).get("options", {})
+    rate = self.sample_rates.get(name) or built.get("sample_rate")
+    if not rate:
+      raise ValueError(f"neither config.model.towers.{name}.sample_rate nor the dataset "
+                       "says which sample rate the model takes")
+    return rate
 
   def first_of_kind(self, kind):
     """The config's first modality of `kind` (None without one): a query of that kind goes
@@ -171,12 +181,7 @@ class Source:
     if isinstance(value, str) and not os.path.exists(value):
       raise FileNotFoundError(f"{value}: no such file")
     if modality.kind == "audio":
-      built = records.read_sidecar(self.builder.data_dir).get("options", {})
-      rate = self.sample_rates.get(name) or built.get("sample_rate")
-      if not rate:
-        raise ValueError(f"neither config.model.towers.{name}.sample_rate nor the dataset "
-                         "says which sample rate the model takes")
-      return media.decode_audio(value, rate)
+      return media.decode_audio(value, self.audio_rate(name))
     if modality.kind == "image":
       try:
         return encoding.encode_image(value, "query", "query", None)

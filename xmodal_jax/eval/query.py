@@ -26,11 +26,11 @@ def export_mismatches(meta, workdir, model_config):
   return problems
 
 
-def encode_query(embedder, params, modality, raw):
-  """(embedding float32[1, D], (tokens [1, L, W], valid [1, L])) of one raw query
-  (Source.read_value), prepared as evaluation prepares examples."""
+def encode_query(embedder, params, modality, raw, tokens=True):
+  """(embedding float32[1, D], (tokens [1, L, W], valid [1, L]) or None without `tokens`)
+  of one raw query (Source.read_value), prepared as evaluation prepares examples."""
   inputs = embedder.source.prepare(modality, embedder.config.modalities[modality], raw)
-  return embedder.embed_one(params, modality, inputs, tokens=True)
+  return embedder.embed_one(params, modality, inputs, tokens=tokens)
 
 
 def top_hits(query_emb, exported, gallery, depth, faiss_index=None):

@@ -127,8 +127,7 @@ class Searcher:
         raw = self.embedder.source.read_value(name, value)
       except ValueError as e:
         raise QueryError(f"{name}: {e}") from e
-      inputs = self.embedder.source.prepare(name, self.modalities[name], raw)
-      out[name] = self.embedder.embed_one(self.params, name, inputs, tokens=tokens)
+      out[name] = query_lib.encode_query(self.embedder, self.params, name, raw, tokens)
     return out
 
   def search(self, queries, gallery, k=10, exact=False, rerank=0):

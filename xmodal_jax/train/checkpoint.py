@@ -89,9 +89,9 @@ def seal_finished(manager, workdir, step):
   steps = sorted(manager.all_steps())
   if manager.is_saving_in_progress():
     steps = steps[:-1]
-  for step in steps:
-    if not files.exists(os.path.join(step_folder(workdir, step), DIGEST_FILE)):
-      seal(workdir, step)
+  for saved in steps:
+    if not files.exists(os.path.join(step_folder(workdir, saved), DIGEST_FILE)):
+      seal(workdir, saved)
 
 
 def damage(path):
