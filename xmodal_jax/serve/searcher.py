@@ -4,10 +4,10 @@
 The model is loaded and each query modality's embedding step compiled once. Each gallery
 modality is searched through the export's FAISS index where it has one, else exactly over
 its rows, which stay on the devices (float32) between queries; `exact` asks for the exact
-search where both exist.
+search where both exist (its rows are loaded then, once).
 """
 
-import dataclasses
+import threading
 import time
 import urllib.parse
 
@@ -30,20 +30,28 @@ class QueryError(ValueError):
     self.status = status
 
 
-@dataclasses.dataclass
 class GalleryModality:
-  """The rows of an export that have one modality: exactly searchable, and its FAISS index
-  where the export has one."""
-  rows: np.ndarray  # export rows, int64[n]
-  exact: search.Gallery
-  faiss_index: object = None
+  """The rows of an export that have one modality: its FAISS index where the export has
+  one, and exact search over its rows, kept on the devices from the first time it is asked
+  for (at once where there is no index)."""
 
+  def __init__(self, exported, modality):
+    self._exported, self._modality = exported, modality
+    self.size = exported.meta["items_with_modality"][modality]
+    self.faiss_index = index_lib.load(exported, modality)
+    self._exact = None
+    self._lock = threading.Lock()
+    if self.faiss_index is None:
+      self.exact()
 
-def load_gallery(exported, modality):
-  parts = list(exported.rows_with(modality))
-  rows = np.concatenate([r for r, _ in parts])
-  exact = search.Gallery(np.concatenate([e for _, e in parts]))
-  return GalleryModality(rows, exact, index_lib.load(exported, modality))
+  def exact(self):
+    """(export rows int64[n], search.Gallery of their embeddings)."""
+    with self._lock:
+      if self._exact is None:
+        parts = list(self._exported.rows_with(self._modality))
+        self._exact = (np.concatenate([r for r, _ in parts]),
+                       search.Gallery(np.concatenate([e for _, e in parts])))
+    return self._exact
 
 
 def parse_int(name, value, low, high):
@@ -78,9 +86,9 @@ class Searcher:
     self.galleries = {}
     for modality in exported.modalities:
       start = time.perf_counter()
-      self.galleries[modality] = load_gallery(exported, modality)
+      self.galleries[modality] = GalleryModality(exported, modality)
       how = "FAISS index" if self.galleries[modality].faiss_index is not None else "exact"
-      log(f"gallery {modality}: {len(self.galleries[modality].rows)} rows ({how}, "
+      log(f"gallery {modality}: {self.galleries[modality].size} rows ({how}, "
           f"{time.perf_counter() - start:.1f} s)")
 
   def info(self):
@@ -90,7 +98,7 @@ class Searcher:
         "workdir": meta["workdir"], "step": meta["step"], "split": self.split,
         "dataset": meta.get("dataset"), "items": self.exported.count, "max_k": self.max_k,
         "queries": {m: o.kind for m, o in self.modalities.items() if o.kind in QUERY_KINDS},
-        "galleries": {m: {"kind": self.modalities[m].kind, "rows": len(g.rows),
+        "galleries": {m: {"kind": self.modalities[m].kind, "rows": g.size,
                           "faiss": g.faiss_index is not None}
                       for m, g in self.galleries.items()}}
 
@@ -139,8 +147,8 @@ class Searcher:
                        f"{sorted(self.galleries)}")
     self.check_queries(queries)
     found = self.galleries[gallery]
-    k = parse_int("k", k, 1, min(self.max_k, len(found.rows)))
-    rerank = parse_int("rerank", rerank, 0, min(self.max_k, len(found.rows)))
+    k = parse_int("k", k, 1, min(self.max_k, found.size))
+    rerank = parse_int("rerank", rerank, 0, min(self.max_k, found.size))
     pair = None
     if rerank:
       pair = towers.fusion_pair(self.experiment.model, next(iter(queries), None), gallery)
@@ -157,8 +165,9 @@ class Searcher:
       hits = query_lib.top_hits(query_emb, self.exported, gallery, depth, found.faiss_index)
       how = f"FAISS {type(found.faiss_index).__name__}"
     else:
-      scores, top = found.exact.topk(query_emb, depth)
-      hits = [(int(found.rows[i]), int(self.ids[found.rows[i]]), float(s))
+      rows, gallery_rows = found.exact()
+      scores, top = gallery_rows.topk(query_emb, depth)
+      hits = [(int(rows[i]), int(self.ids[rows[i]]), float(s))
               for s, i in zip(scores[0], top[0])]
       how = "exact"
     if pair:
