@@ -26,13 +26,13 @@ def write_lines(path, lines):
       f.write(b"\n")
 
 
-def build(tmp_path, lines, modalities, name="bounds", **options):
+def build(tmp_path, lines, modalities, name="bounds", beam=False, **options):
   """The built manifest builder (its bad_records kept)."""
   path = tmp_path / "items.jsonl"
   write_lines(path, lines)
   builder = records.manifest_builder(name, str(path), modalities,
                                      options=encoding.BuildOptions(**options),
-                                     data_dir=str(tmp_path / "tfds"))
+                                     data_dir=str(tmp_path / "tfds"), beam=beam)
   builder.download_and_prepare()
   return builder
 
@@ -64,17 +64,20 @@ def test_text_that_cannot_be_stored_is_a_bad_record_naming_its_line(tmp_path):
   assert stored_keys(builder, "train") == ["a", "d"]
 
 
-def test_a_split_of_only_bad_records_stops_the_build_and_keeps_the_report(tmp_path):
+@pytest.mark.parametrize("beam", [False, True], ids=["one_process", "beam"])
+def test_a_split_of_only_bad_records_stops_the_build_and_keeps_the_report(tmp_path, beam):
   with pytest.raises(ValueError, match=r"split 'test': all 2 of its records are bad; the "
                      r"report lists why: .*/bounds/bad_records.jsonl"):
     build(tmp_path, [{"id": 1, "split": "train", "caption": "fine"},
                      {"id": 2, "split": "test", "caption": " "},
-                     {"id": 3, "split": "test", "caption": ""}], {"caption": "text"})
+                     {"id": 3, "split": "test", "caption": ""}], {"caption": "text"},
+          beam=beam)
   with open(tmp_path / "tfds" / "bounds" / records.REPORT_FILE) as f:
     report = [json.loads(line) for line in f]
   assert [(r["id"], r["split"], r["reason"]) for r in report] == [
       (2, "test", "empty caption"), (3, "test", "empty caption")]
   assert not os.path.exists(tmp_path / "tfds" / "bounds" / "1.0.0" / "dataset_info.json")
+  assert not [p for p in os.listdir(tmp_path / "tfds") if "beam" in p]  # no temporary folder
 
 
 def test_an_id_in_two_splits_stays_in_the_split_of_its_first_line(tmp_path):
@@ -117,6 +120,26 @@ def test_media_paths_stay_in_the_manifests_folder_unless_told(tmp_path):
   assert stored_keys(confined, "train") == ["absolute", "in"]
   assert stored_keys(built("unconfined", confine=False), "train") == [
       "absolute", "dotdot", "in", "symlink"]
+
+
+def test_tar_shard_paths_stay_in_the_manifests_folder_unless_told(tmp_path):
+  from xmodal_jax.data import webdataset  # pylint: disable=g-import-not-at-top
+  root, outside = tmp_path / "data", tmp_path / "outside"
+  root.mkdir()
+  outside.mkdir()
+  webdataset.write_shard(str(outside / "shard-0.tar"), [("x", {"txt": b"a caption"})])
+  os.symlink(outside, root / "link")
+  for pattern in ("../outside/shard-{0..0}.tar", "link/shard-0.tar"):
+    write_lines(root / "items.jsonl", [{"split": "train", "tar": pattern, "caption": "txt"}])
+    with pytest.raises(ValueError, match=r"items.jsonl:1: shard '(\.\./outside|link)/shard-0"
+                       r"\.tar' leads outside the manifest's folder .*--noconfine"):
+      records.manifest_builder("shards", str(root / "items.jsonl"), {"caption": "text"},
+                               data_dir=str(tmp_path / "tfds"))
+  builder = records.manifest_builder(
+      "shards", str(root / "items.jsonl"), {"caption": "text"},
+      options=encoding.BuildOptions(confine=False), data_dir=str(tmp_path / "tfds"))
+  builder.download_and_prepare()
+  assert stored_keys(builder, "train") == ["x"]
 
 
 def write_wav_header_rate(path, samples, rate):

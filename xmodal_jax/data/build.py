@@ -48,8 +48,8 @@ flags.DEFINE_integer("max_pixels", 64 << 20, "larger images and video frames (wi
 flags.DEFINE_integer("max_video_frames", 216_000, "longer videos are bad records, refused "
                      "before decoding")
 flags.DEFINE_bool("confine", True, "relative media paths that leave the manifest's (or "
-                  "--manual_dir's) folder, through '..' or a symlink, are bad records; "
-                  "absolute paths are taken as written")
+                  "--manual_dir's) folder, through '..' or a symlink, are bad records (and "
+                  "such tar shard paths an error); absolute paths are taken as written")
 flags.DEFINE_bool("strict", False, "fail on the first bad record instead of skipping it")
 flags.DEFINE_bool("beam", False, "encode the records in an Apache Beam pipeline")
 flags.DEFINE_string("beam_options", None, "Beam pipeline options, space-separated (default "

@@ -87,15 +87,21 @@ def folder_of(path):
   return path.rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(os.path.abspath(path))
 
 
-def check_confined(value, path, base_dir, item_id):
-  """BadRecord when relative media path `value` (resolved: `path`) leaves `base_dir`, through
-  ".." or a symlink."""
+def leaves_folder(value, path, base_dir):
+  """Whether relative path `value` (resolved: `path`) leads outside `base_dir`, through ".."
+  or a symlink (absolute and scheme paths are the user's explicit choice)."""
   if is_remote(path) or os.path.isabs(value):
-    return
+    return False
   base = os.path.realpath(base_dir)
-  if os.path.commonpath([os.path.realpath(path), base]) != base:
-    raise BadRecord(item_id, path, f"{value!r} leads outside the manifest's folder {base} "
-                    "(through '..' or a symlink); build with --noconfine to allow it")
+  return os.path.commonpath([os.path.realpath(path), base]) != base
+
+
+def check_confined(value, path, base_dir, item_id):
+  """BadRecord when relative media path `value` (resolved: `path`) leaves `base_dir`."""
+  if leaves_folder(value, path, base_dir):
+    raise BadRecord(item_id, path, f"{value!r} leads outside the manifest's folder "
+                    f"{os.path.realpath(base_dir)} (through '..' or a symlink); build with "
+                    "--noconfine to allow it")
 
 
 def load(value, base_dir, item_id, name, what, confine=False):

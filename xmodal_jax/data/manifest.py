@@ -7,7 +7,7 @@ import re
 import tensorflow as tf
 
 from xmodal_jax.data import webdataset
-from xmodal_jax.data.encoding import KINDS, absolute
+from xmodal_jax.data.encoding import KINDS, absolute, leaves_folder
 
 
 def parse_modalities(spec, flag="--modalities"):
@@ -54,8 +54,9 @@ def read_manifest(path):
   return records
 
 
-def expand_shards(manifest, line_number, line, modalities, base_dir):
-  """A manifest line naming webdataset tar shards -> [(where, record)] of their samples."""
+def expand_shards(manifest, line_number, line, modalities, base_dir, confine=True):
+  """A manifest line naming webdataset tar shards -> [(where, record)] of their samples.
+  `confine`: refuse relative shard paths that leave `base_dir` (as media paths are)."""
   where = f"{manifest}:{line_number}"
   unknown = sorted(set(line) - {"split", "tar", "label"} - set(modalities))
   if unknown:
@@ -75,7 +76,10 @@ def expand_shards(manifest, line_number, line, modalities, base_dir):
   for pattern in patterns:
     if not isinstance(pattern, str) or not pattern:
       raise ValueError(f"{where}: \"tar\" is a shard path or a list of them, got {pattern!r}")
-    for path in webdataset.expand_braces(pattern):
-      path = absolute(path, base_dir)
+    for name in webdataset.expand_braces(pattern):
+      path = absolute(name, base_dir)
+      if confine and leaves_folder(name, path, base_dir):
+        raise ValueError(f"{where}: shard {name!r} leads outside the manifest's folder "
+                         f"(through '..' or a symlink); build with --noconfine to allow it")
       out.extend(webdataset.shard_records(path, line["split"], fields, where))
   return out

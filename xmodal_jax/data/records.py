@@ -24,6 +24,7 @@ type, any other error while encoding it) is skipped and reported, or stops the b
 `strict`. Ids are all integers or all strings.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -61,6 +62,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     self.options = options
     self.beam = beam
     self.bad_records = []
+    self.plan_sizes = {}  # split -> its number of records
     self._beam_temp_dir = None
     super().__init__(**kwargs)
 
@@ -101,6 +103,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     plans = {split: [(str(where), record, numbers[str(record.get("id"))],
                       home[str(record.get("id"))]) for where, record in records]
              for split, records in splits.items()}
+    self.plan_sizes = {split: len(plan) for split, plan in plans.items()}
     if self.beam:
       from xmodal_jax.data import beam_build  # pylint: disable=g-import-not-at-top
       self._beam_temp_dir = os.path.join(os.fspath(self.data_dir_root),
@@ -128,8 +131,17 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       kept += 1
       yield where, example
     if plan and not kept:
-      raise ValueError(f"split {split!r}: all {len(plan)} of its records are bad; the "
-                       f"report lists why: {self.failed_report_path()}")
+      raise ValueError(self.all_bad_message(split, len(plan)))
+
+  def all_bad_message(self, split, count):
+    return (f"split {split!r}: all {count} of its records are bad; the report lists why: "
+            f"{self.failed_report_path()}")
+
+  def collect_beam_bad_records(self):
+    """The Beam build's bad records (also of a failed pipeline); removes its temporary
+    folder."""
+    from xmodal_jax.data import beam_build  # pylint: disable=g-import-not-at-top
+    return beam_build.collect_bad_records(self._beam_temp_dir)
 
   def failed_report_path(self):
     """Where the bad-record report goes when the build fails (its version folder is not
@@ -148,16 +160,18 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       return
     try:
       super().download_and_prepare(*args, **kwargs)
-    except Exception:
+    except Exception as e:
+      if self._beam_temp_dir and tf.io.gfile.exists(self._beam_temp_dir):
+        self.bad_records = self.collect_beam_bad_records()
       if self.bad_records:
         self.write_report(self.failed_report_path())
+      bad = collections.Counter(b["split"] for b in self.bad_records)
+      for split, count in self.plan_sizes.items():  # Beam only fails at the write
+        if self.beam and count and bad[split] == count:
+          raise ValueError(self.all_bad_message(split, count)) from e
       raise
-    finally:
-      if self._beam_temp_dir and not self.is_prepared():  # failed: nothing to gather
-        tf.io.gfile.rmtree(self._beam_temp_dir)
     if self._beam_temp_dir:
-      from xmodal_jax.data import beam_build  # pylint: disable=g-import-not-at-top
-      self.bad_records = beam_build.collect_bad_records(self._beam_temp_dir)
+      self.bad_records = self.collect_beam_bad_records()
     for split in self.info.splits:
       random_access.write_copy(self, split)
     report = os.path.join(self.data_dir, REPORT_FILE)
@@ -211,7 +225,7 @@ def manifest_builder(name, manifest, modalities, *, options=BuildOptions(), data
                        "ASCII letters, digits and _ (the split names the dataset's files)")
     if "tar" in record:
       records.extend(manifest_lib.expand_shards(manifest, line_number, record, modalities,
-                                                  base_dir))
+                                                  base_dir, options.confine))
     else:
       records.append((f"{manifest}:{line_number}", record))
   shapes = {m: encoding.features_shape(records, m, base_dir)
