@@ -9,9 +9,12 @@ Every host of a multi-host job runs the same command (docs/architecture.md, "Sev
 Re-running the same command resumes from the newest checkpoint in --workdir. Exit status 3:
 training stopped on non-finite steps (config.nonfinite); the checkpoints are finite. SIGTERM
 or SIGINT save a checkpoint at the next step boundary and exit with 143 or 130 (128 + the
-signal), as a process the signal killed reports it; re-running loses no step.
+signal), as a process the signal killed reports it; re-running loses no step. A checkpoint
+that cannot be written (a full disk) stops the run with status 1 and a last line naming the
+step that found it.
 """
 
+import logging as std_logging
 import os
 import sys
 
@@ -24,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import common  # launch/common.py
 from xmodal_jax import experiment
-from xmodal_jax.train import nonfinite, preemption, run_lock
+from xmodal_jax.train import checkpoint, nonfinite, preemption, run_lock
 
 NONFINITE_EXIT_STATUS = 3  # Training stopped on non-finite steps (config.nonfinite).
 
@@ -32,11 +35,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and TensorBoard are chatty at INFO.
+  # A failed save leaves Orbax's other writes unawaited, and asyncio logs each of them; the
+  # failure itself is reported once, as checkpoint.SaveFailed.
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
   common.join_runtime()
   try:
     experiment.train(common.CONFIG.value, common.WORKDIR.value,
                      allow_config_change=common.ALLOW_CONFIG_CHANGE.value)
-  except run_lock.WorkdirLocked as e:
+  except (run_lock.WorkdirLocked, checkpoint.SaveFailed) as e:
     sys.exit(f"error: {e}")
   except nonfinite.NonFiniteError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)

@@ -81,10 +81,12 @@ def digit_data_dir(shared_tmp):
   return built_once(shared_tmp / "digits", build)
 
 
-def run_launcher(name, args, *, devices=1, fast_compile=True, timeout=600, check=True):
-  """Runs launch/{name} in a fresh process with `devices` simulated CPU devices."""
+def run_launcher(name, args, *, devices=1, fast_compile=True, timeout=600, check=True,
+                 prefix=()):
+  """Runs launch/{name} in a fresh process with `devices` simulated CPU devices (`prefix`:
+  a command that runs it, e.g. prlimit to limit its resources)."""
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices, fast_compile), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "launch", name), *args],
+  proc = subprocess.run([*prefix, sys.executable, os.path.join(REPO, "launch", name), *args],
                         env=env, capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode:
     raise AssertionError(f"{name} {args} failed ({proc.returncode}):\n{proc.stdout}\n"

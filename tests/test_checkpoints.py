@@ -3,6 +3,7 @@ unreadable newest one is reported in a line and the newest good one restored (or
 stops, by config), and exports tell checkpoints apart by that digest."""
 
 import os
+import re
 import shutil
 
 import jax
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import audio_video_text
+from conftest import CONFIG, run_train
 from xmodal_jax import experiment as experiment_lib
 from xmodal_jax.train import checkpoint
 
@@ -97,3 +99,26 @@ def test_an_unreadable_unsealed_newest_falls_back_in_one_line(sealed_run, tmp_pa
   shutil.rmtree(checkpoint.step_folder(workdir, 2))
   with pytest.raises(ValueError, match="no usable checkpoint: checkpoint 4: it does not restore"):
     experiment_lib.setup(config, workdir)
+
+
+def test_a_save_that_fails_stops_the_run_at_the_step_that_finds_it(sealed_run, tmp_path):
+  """A full disk, made real: the training process may not write a file past 16 KB (the
+  kernel's RLIMIT_FSIZE, through util-linux's prlimit; writes fail with EFBIG as they would
+  with ENOSPC), so the arrays of the first checkpoint (Orbax's, at step 1) cannot be written
+  while config.json and metrics.jsonl can. The run stops at the step that finds the failure,
+  well before its next save (the last step, 40), with one last line naming that step."""
+  config, _ = sealed_run  # trained first: the dataset's random-access copy is written
+  workdir = tmp_path / "run"
+  proc = run_train([f"--config={CONFIG}:tiny", f"--config.data.data_dir={config.data.data_dir}",
+                    f"--workdir={workdir}", "--config.total_steps=40",
+                    "--config.checkpoint_every=100", "--config.log_every=10",
+                    "--config.evals={}"], check=False, prefix=["prlimit", "--fsize=16384"])
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  found = re.fullmatch(r"error: step (\d+): saving a checkpoint failed: .*File too large.*",
+                       last)
+  assert found, proc.stderr[-3000:]
+  assert int(found.group(1)) < 40
+  logged = [int(s) for s in re.findall(r"^step (\d+)/40", proc.stdout, re.M)]
+  assert all(s <= int(found.group(1)) for s in logged), proc.stdout
+  assert checkpoint.make_manager(str(workdir), config, create=False).all_steps() == []

@@ -1,6 +1,7 @@
 """Orbax checkpoints of the train state under {workdir}/checkpoints/, each sealed with a
 digest of its files once saved, and verified before it is restored."""
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -70,14 +71,37 @@ def seal(workdir, step):
                          json.dumps({"sha256": file_digests(path)}, indent=0))
 
 
-def check_saves(manager, step):
-  """Raises, in one line, the error of a background save that failed (checked every step,
-  so a full disk stops the run at the step that finds it)."""
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written (a full disk, a storage error); one line."""
+
+
+@contextlib.contextmanager
+def reporting_saves(step):
+  """Turns whatever Orbax or the storage raised while saving into SaveFailed, naming the
+  step at which it was found."""
   try:
-    manager.check_for_errors()
+    yield
+  except SaveFailed:
+    raise
   except Exception as e:  # pylint: disable=broad-except  # whatever the writer raised
-    raise RuntimeError(f"step {step}: saving a checkpoint in the background failed: "
-                       f"{first_line(e)}") from e
+    raise SaveFailed(f"step {step}: saving a checkpoint failed: {first_line(e)}") from e
+
+
+def check_saves(manager, step):
+  """Raises SaveFailed when a background save failed (checked every step, so a full disk
+  stops the run at the step that finds it). Orbax keeps a failed save's error in its
+  finalizing thread, which only waiting raises; once no save is in progress, that wait
+  does not block."""
+  with reporting_saves(step):
+    manager.check_for_errors()
+    if not manager.is_saving_in_progress():
+      manager.wait_until_finished()
+
+
+def wait_for_saves(manager, step):
+  """Waits for the background save to finish; SaveFailed when it failed."""
+  with reporting_saves(step):
+    manager.wait_until_finished()
 
 
 def seal_finished(manager, workdir, step):
@@ -115,9 +139,15 @@ class DamagedCheckpoint(ValueError):
 
 
 def first_line(error):
+  """The error's type and first line; a long line keeps its start and its end (where
+  storage errors name the cause)."""
   text = str(error).strip()
-  return f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text else type(
-      error).__name__
+  if not text:
+    return type(error).__name__
+  line = text.splitlines()[0]
+  if len(line) > 300:
+    line = f"{line[:150]} ... {line[-150:]}"
+  return f"{type(error).__name__}: {line}"
 
 
 def restore(manager, state, step):
@@ -159,7 +189,8 @@ def restore_newest(manager, state, fallback=True):
 
 def save(manager, step, state, *, force=False):
   """Saves asynchronously when `step` is due (or `force`); returns whether it saved."""
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  with reporting_saves(step):  # Orbax first waits for the previous save, which may fail
+    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
 def identity(workdir, step):

@@ -109,14 +109,14 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
         checkpoint.check_saves(manager, step)
       if preempted:
         guard.finish()
-        manager.wait_until_finished()
+        checkpoint.wait_for_saves(manager, step)
         checkpoint.seal_finished(manager, workdir, step)
         writer.close()
         manager.close()
         raise preemption.Preempted(step, watch.signal_number)
       eval_metrics = evaluate(experiment, state.params, writer, step, final=last) or eval_metrics
   guard.finish()
-  manager.wait_until_finished()
+  checkpoint.wait_for_saves(manager, config.total_steps)
   checkpoint.seal_finished(manager, workdir, config.total_steps)
   if eval_metrics is None:  # Already trained: report the final checkpoint.
     eval_metrics = evaluate(experiment, state.params, final=True)
