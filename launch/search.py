@@ -38,7 +38,7 @@ _QUERY_VIDEO = flags.DEFINE_string("query-video", None, "A video file (any forma
                                    "reads) as the query.")
 _QUERY_MODALITY = flags.DEFINE_string(
     "query_modality", None, "The modality whose tower embeds the query (default: the "
-    "config's first of the query's kind; e.g. speech rather than sound).")
+    "first by name of the query's kind; e.g. speech rather than sound).")
 _GALLERY = flags.DEFINE_list("gallery", None, "Modalities to search (default: all others).")
 _K = flags.DEFINE_integer("k", 5, "How many items to list per gallery modality.")
 _RERANK = flags.DEFINE_integer(
@@ -74,6 +74,11 @@ def main(argv):
   kind, value = query_flag()
   if _K.value < 1:
     raise app.UsageError(f"--k={_K.value}: expected a positive count")
+  try:
+    modality = query.query_modality(CONFIG.value.modalities, kind, _QUERY_MODALITY.value)
+  except ValueError as e:
+    named = f" --query_modality={_QUERY_MODALITY.value}" if _QUERY_MODALITY.value else ""
+    raise app.UsageError(f"--query-{kind}{named}: {e}") from e
   exported = export.read_export(_EXPORT.value)
   meta = exported.meta
   for gallery in _GALLERY.value or []:
@@ -87,11 +92,6 @@ def main(argv):
   if problems and not _ALLOW_OTHER_EXPORT.value:
     raise app.UsageError(f"--export={_EXPORT.value}: " + "; ".join(problems)
                          + " (--allow_other_export to search it anyway)")
-  names = sorted(n for n, m in config.modalities.items() if m.kind == kind)
-  modality = _QUERY_MODALITY.value or experiment.source.first_of_kind(kind)
-  if modality not in names:
-    raise app.UsageError(f"--query-{kind}: the config's {kind} modalities are {names}" + (
-        f", not --query_modality={modality}" if _QUERY_MODALITY.value else ""))
   try:
     raw = experiment.source.read_value(modality, value)
   except (ValueError, FileNotFoundError) as e:

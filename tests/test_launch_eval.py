@@ -86,6 +86,10 @@ def test_search_errors_name_the_flag(trained_run, short_export):
   proc = run_launcher("search.py", args + [f"--export={short_export}", "--query-text=one",
                                            "--gallery=image"], check=False)
   assert proc.returncode and "--gallery=image" in proc.stderr
+  proc = run_launcher("search.py", args + [f"--export={short_export}", "--query-text=one",
+                                           "--query_modality=audio"], check=False)
+  assert proc.returncode and ("--query-text --query_modality=audio: the config's text "
+                              "modalities are ['text'], not 'audio'") in proc.stderr
 
 
 def test_readers_refuse_another_model_and_create_nothing(trained_run, tmp_path):

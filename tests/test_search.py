@@ -44,3 +44,18 @@ def test_sharded_ranks_equal_the_dense_protocol():
 def test_k_larger_than_gallery_is_an_error():
   with pytest.raises(ValueError, match="k=5 is larger than the gallery"):
     search.topk(np.zeros((1, 2)), np.zeros((3, 2)), 5)
+
+
+def test_a_query_goes_through_the_modality_it_names():
+  """A run with two audio modalities, sound and speech: an audio query goes through the
+  first by name unless another is named; a name of another kind is refused."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.eval import query  # pylint: disable=g-import-not-at-top
+  modalities = ml_collections.ConfigDict(dict(
+      text=dict(kind="text"), sound=dict(kind="audio"), speech=dict(kind="audio")))
+  assert query.query_modality(modalities, "audio") == "sound"
+  assert query.query_modality(modalities, "audio", "speech") == "speech"
+  with pytest.raises(ValueError, match=r"audio modalities are \['sound', 'speech'\], not 'text'"):
+    query.query_modality(modalities, "audio", "text")
+  with pytest.raises(ValueError, match=r"the config's image modalities are \[\]"):
+    query.query_modality(modalities, "image")

@@ -165,11 +165,6 @@ class Source:
                        "says which sample rate the model takes")
     return rate
 
-  def first_of_kind(self, kind):
-    """The config's first modality of `kind` (None without one): a query of that kind goes
-    through it unless another is named."""
-    return next((n for n, m in self.config.modalities.items() if m.kind == kind), None)
-
   def read_value(self, name, value):
     """The raw value, as the dataset feature holds it, of modality `name`'s query `value`:
     a text, or a file (its path, or its bytes). ValueError where a file does not decode."""

@@ -14,6 +14,20 @@ from xmodal_jax import files
 from xmodal_jax.eval import index as index_lib, search
 
 
+def query_modality(modalities, kind, named=None):
+  """The modality whose tower embeds a query of `kind` ("audio", ...): `named`, or else the
+  first by name of that kind in `modalities` (config.modalities), so that a run with speech
+  and sound towers can send a spoken query through speech. ValueError where `named` is not
+  of that kind or the config has none."""
+  names = [n for n, m in modalities.items() if m.kind == kind]
+  if named is None and names:
+    return names[0]
+  if named not in names:
+    raise ValueError(f"the config's {kind} modalities are {names}"
+                     + (f", not {named!r}" if named is not None else ""))
+  return named
+
+
 def export_mismatches(meta, workdir, model_config):
   """What differs between an export's meta.json and the run asked to search it (workdir,
   model config): searching another run's embeddings with this model lists unrelated hits."""
