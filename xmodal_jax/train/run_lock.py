@@ -3,7 +3,7 @@
 The lock is the kernel's (fcntl.flock on an open file): it is released however its holder
 ends, SIGKILL included, so a dead run's lock is never stale. The file names the holder (host,
 PID, start time) for the refusal message. Only local workdirs can be locked: a bucket has no
-such lock, so a gs:// workdir is protected by nothing but the user (docs/guide.md).
+such lock, so a gs:// workdir is protected by nothing but the user (docs/architecture.md).
 """
 
 import contextlib
