@@ -80,8 +80,10 @@ MIXTURE_DATASETS = {"audiocaps": "audiocaps", "webvid": "webvid_clips", "valor":
 def tower(name, **kwargs):
   # GPO pooling: +4.8 to +10.2 points of R@1 on every pair over cls, mean of 3 seeds (std at
   # most 1.7; benchmarks/README.md, "Alignment ablation").
+  drop = {} if name == "text_transformer" else sizes.DROP  # patch towers drop tokens
   return dict(name=name, width=64, num_layers=2, num_heads=4, mlp_dim=128, dropout=0.0,
-              pooling="gpo", gpo_drop_rate=0.0, dtype="float32", remat=False, **kwargs)
+              pooling="gpo", gpo_drop_rate=0.0, dtype="float32", remat=False, **drop,
+              **kwargs)
 
 
 def get_config(variant=""):

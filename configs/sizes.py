@@ -21,6 +21,9 @@ CLIP_TEXT_TRUNKS = {  # The text towers CLIP pairs with ViT-B and ViT-L.
 }
 PATCH = {"tiny": 4, "B": 16, "L": 14, "g": 14}
 COMMON = dict(dtype="float32", remat=False, dropout=0.0, pooling="cls")
+# Written out (off) for the patch towers, so that a flag can turn FLIP's token dropping on:
+# --config.model.towers.image.token_drop_rate=0.5
+DROP = dict(token_drop_rate=0.0)
 SIZES = tuple(TRUNKS)
 
 
@@ -34,7 +37,7 @@ def vit(size, image_size=224, **kwargs):
   g -> ViT-g/14."""
   check(size)
   return dict(name="vit", image_size=(image_size, image_size), patch_size=PATCH[size],
-              **TRUNKS[size], **COMMON) | kwargs
+              **TRUNKS[size], **COMMON, **DROP) | kwargs
 
 
 def bert(size, vocab_size=30522, **kwargs):
@@ -56,7 +59,7 @@ def ast(size, num_mels=128, max_frames=1024, **kwargs):
   check(size)
   return dict(name="ast", num_mels=num_mels, max_frames=max_frames,
               patch_size=16 if size != "tiny" else 8, patch_stride=(10, 10),
-              **TRUNKS[size], **COMMON) | dict(pooling="pooler") | kwargs
+              **TRUNKS[size], **COMMON, **DROP) | dict(pooling="pooler") | kwargs
 
 
 def speech(size, **kwargs):

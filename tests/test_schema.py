@@ -115,3 +115,19 @@ def test_the_momentum_queue_is_checked_against_the_target_devices():
   assembly = experiment.assemble(config, jax.devices()[:4], read_data=False)
   assert assembly.mesh.size == 4
   assert assembly.abstract_state.queues["text"]["emb"].shape[0] == 36
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_every_patch_tower_of_a_shipped_config_takes_a_token_drop_flag(name):
+  """A locked config (as the launchers' --config flag holds it) takes
+  --config.model.towers.<m>.token_drop_rate=0.5 for every tower that drops tokens, also
+  a frames tower's image tower."""
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"configs.{name}")
+  for variant in SHIPPED[name]:
+    config = module.get_config(variant)
+    config.lock()
+    for tower in config.model.towers.values():
+      tower = tower.image if tower.name == "frames" else tower
+      if getattr(towers.TOWERS.get(tower.name), "DROPS_TOKENS", False):
+        tower.token_drop_rate = 0.5  # an unknown key of a locked config raises
