@@ -97,7 +97,7 @@ def main(argv):
   except (ValueError, FileNotFoundError) as e:
     raise app.UsageError(f"--query-{kind}: {e}") from e
   query_emb, query_tokens = query.encode_query(embedder, params, modality, raw)
-  ids, keys = exported.ids(), exported.keys()
+  ids = exported.ids()
   results = {}
   for gallery in _GALLERY.value or [m for m in exported.modalities if m != modality]:
     depth = max(_K.value, _RERANK.value)
@@ -119,12 +119,13 @@ def main(argv):
     print(f"{modality} query -> {title} ({meta['split']}, step {meta['step']}):")
     is_text = config.modalities[gallery].kind == "text"
     mask = exported.mask(gallery) if is_text else None
-    for rank, (row, item, score) in enumerate(hits, start=1):
+    keys = exported.keys_at([row for row, _, _ in hits])
+    for rank, ((row, item, score), key) in enumerate(zip(hits, keys), start=1):
       text = ""
       if item in texts:  # A text gallery's row is one caption; other items show their first.
         caption = query.row_ordinal(ids, mask, row) if is_text else 0
         text = f"  {texts[item][min(caption, len(texts[item]) - 1)]!r}"
-      print(f"  {rank:3d}. {keys[row]}  score {score:.4f}{text}")
+      print(f"  {rank:3d}. {key}  score {score:.4f}{text}")
 
 
 if __name__ == "__main__":

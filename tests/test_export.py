@@ -125,6 +125,8 @@ def test_two_processes_write_the_rows_of_one(trained_run, short_export, tmp_path
   assert [s["name"] for s in two.meta["shards"]] == [
       "0000-00000", "0000-00001", "0001-00000", "0001-00001"]  # 256 rows per process batch
   assert two.keys().tolist() == one.keys().tolist()
+  rows = [999, 0, 300, 600, 255, 256, 300]  # across the 4 shards, unordered, repeated
+  assert two.keys_at(rows).tolist() == [one.keys()[r] for r in rows]
   for m in one.modalities:
     np.testing.assert_array_equal(two.mask(m), one.mask(m))
     np.testing.assert_allclose(two.embeddings(m), one.embeddings(m), atol=1e-5)

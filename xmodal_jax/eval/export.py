@@ -143,17 +143,21 @@ def finish(out, signature, dtype):
   return meta
 
 
-def read_parquet(path):
-  return pq.read_table(io.BytesIO(files.read_bytes(path)))
+def read_parquet(path, columns=None):
+  """A parquet file as a pyarrow Table (`columns`: only those; a local file is then read
+  only in their column chunks)."""
+  source = path if not files.is_remote(path) else io.BytesIO(files.read_bytes(path))
+  return pq.read_table(source, columns=columns)
 
 
 @dataclasses.dataclass
 class Export:
   """An export folder, read lazily: embeddings shard by shard (memory-mapped where the
-  folder is local), item keys and masks from the parquet files when first asked for."""
+  folder is local); the item table's columns (key, id, has_{modality}) each when first
+  asked for, and keys only of the rows asked for."""
   folder: str
   meta: dict
-  _items: object = None
+  _columns: dict = dataclasses.field(default_factory=dict)
 
   @property
   def modalities(self):
@@ -163,22 +167,41 @@ class Export:
   def count(self):
     return self.meta["count"]
 
-  def items(self):
-    """The parquet tables of every shard as one pyarrow Table (key, id, has_{modality})."""
-    if self._items is None:
-      self._items = pa.concat_tables([
-          read_parquet(os.path.join(self.folder, "items", f"{s['name']}.parquet"))
-          for s in self.meta["shards"]])
-    return self._items
+  def _items_path(self, shard):
+    return os.path.join(self.folder, "items", f"{shard['name']}.parquet")
+
+  def column(self, name):
+    """Column `name` of the item table over every row, as NumPy (read once)."""
+    if name not in self._columns:
+      column = pa.concat_tables([read_parquet(self._items_path(s), [name])
+                                 for s in self.meta["shards"]])[name]
+      text = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+      self._columns[name] = (np.asarray(column.to_pylist(), object) if text
+                             else column.to_numpy())
+    return self._columns[name]
 
   def keys(self):
-    return np.asarray(self.items()["key"].to_pylist(), object)
+    """Every row's item key: a Python string per row (all in memory; see keys_at)."""
+    return self.column("key")
+
+  def keys_at(self, rows):
+    """The item keys of export rows `rows`, read from just the shards that hold them."""
+    rows = np.asarray(rows, np.int64)
+    starts = np.asarray([s["start"] for s in self.meta["shards"]])
+    shard_of = np.searchsorted(starts, rows, side="right") - 1
+    keys = np.empty(len(rows), object)
+    for number in np.unique(shard_of):
+      shard = self.meta["shards"][number]
+      column = read_parquet(self._items_path(shard), ["key"])["key"].to_pylist()
+      here = shard_of == number
+      keys[here] = [column[r] for r in rows[here] - shard["start"]]
+    return keys
 
   def ids(self):
-    return self.items()["id"].to_numpy()
+    return self.column("id")
 
   def mask(self, modality):
-    return self.items()[f"has_{modality}"].to_numpy(zero_copy_only=False)
+    return self.column(f"has_{modality}")
 
   def shard_embeddings(self, modality):
     """Yields (first export row, float32 or float16 [n, D]) per shard, in row order."""
