@@ -20,6 +20,7 @@ from xmodal_jax import experiment
 from xmodal_jax.train import aot
 
 
+@pytest.mark.slow
 def test_tiny_step_compiles_for_a_v5e_slice_with_a_quarter_of_the_state_per_chip():
   devices = aot.topology_devices("v5e:2x2")
   assert len(devices) == 4 and devices[0].platform == "tpu"

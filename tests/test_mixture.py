@@ -77,6 +77,7 @@ def test_resume_and_process_count_give_byte_identical_batches(digit_data_dir):
                batches[2], *halves)
 
 
+@pytest.mark.slow
 def test_two_processes_resumed_read_the_global_batch_of_one(digit_data_dir, tmp_path):
   """2 processes x 4 CPU devices (jax.distributed), each resuming at step 2: their shares
   concatenate to the batch an uninterrupted single-process stream reads at step 2."""
@@ -163,6 +164,7 @@ def test_source_tally_turns_rows_into_fractions():
                  "source/b/fraction": 3 / 8, "source/b/rows": 3}
 
 
+@pytest.mark.slow
 def test_tiny_mixture_trains_logs_shares_and_evaluates_a_second_dataset(digit_data_dir,
                                                                          tmp_path):
   config = tiny_mixture(digit_data_dir)

@@ -19,6 +19,7 @@ from xmodal_jax import experiment as experiment_lib
 import distributed_worker  # pylint: disable=g-bad-import-order
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   out = str(tmp_path / "losses.json")
   port = free_port()

@@ -192,6 +192,7 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
       p for p in os.listdir(tmp_path / "strict") if p.startswith(".")]
 
 
+@pytest.mark.slow
 def test_strict_build_fails_naming_the_first_bad_record(mixed, tmp_path):
   proc = build_cli(f"--manifest={mixed / 'items.jsonl'}",
                    "--modalities=photo:image,speech:audio,caption:text", "--name=mixed",
