@@ -7,8 +7,9 @@ the same serialized records in the same order. One built as TFRecord under a fil
 scheme (gs://, ...), which ArrayRecord's reader cannot open, gets an index instead: the byte
 offset of each record of a shard (`random_access/{shard}.offsets.npy`), and a record is one
 ranged read of its shard through tf.io.gfile. Either way, position i of a split is the i-th
-record of its shards in order (for TFRecord: what `builder.as_dataset(split,
-shuffle_files=False)` yields).
+record of its shards read one after another (for TFRecord: what `builder.as_dataset(split,
+shuffle_files=False)` yields with `tfds.ReadConfig(interleave_cycle_length=1)`; by default
+TFDS interleaves blocks of 16 records of up to 16 shards).
 """
 
 import concurrent.futures
