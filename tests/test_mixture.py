@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 import distributed_worker
 from conftest import REPO, free_port
@@ -62,6 +63,20 @@ def test_masks_follow_each_source_and_weight_zero_gives_no_rows(digit_data_dir):
   masks = batch["_mask"]
   np.testing.assert_array_equal(masks["audio"], which == 0)  # webvid: video + text only
   assert masks["video"].all() and masks["text"].all()
+  # Row i is stream position i: the example its source's own seeded permutation puts there.
+  quotas = mixture.quotas([config.data.sources[n].weight for n in src.mixture_names])
+  source, local = positions(config.seed, quotas, len(which))
+  np.testing.assert_array_equal(which, source)
+  for s, (builder, split, _) in enumerate(src.mixed):
+    in_shard_order = tfds.ReadConfig(interleave_cycle_length=1)
+    ids = [int(x["id"]) for x in builder.as_dataset(split=split, shuffle_files=False,
+                                                    read_config=in_shard_order)]
+    for row in np.flatnonzero(source == s):
+      epoch, offset = divmod(int(local[row]), len(ids))
+      seed = tf.constant([config.seed, epoch * len(src.mixed) + s], tf.int64)
+      example = tf.random.experimental.index_shuffle(
+          tf.constant(offset, tf.int64), seed, tf.constant(len(ids) - 1, tf.int64))
+      assert batch["_id"][row] == ids[int(example)], row
 
 
 def test_resume_and_process_count_give_byte_identical_batches(digit_data_dir):

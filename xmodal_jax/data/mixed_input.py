@@ -84,29 +84,24 @@ def train_iterator(config, sources, *, start_step=0, process_index=None, process
       return g, s, tf.ensure_shape(records, p.shape)
 
   preparations, preparation_of = _preparations(config, sources)
-  steps = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size)
-
-  def examples(p):  # the stream of preparation p's rows, in stream order
-    builder, to_example = preparations[p]
-    ds = steps.map(positions)
-    if len(preparations) > 1:
-      ds = ds.map(lambda *rows: [r[tf.gather(preparation_of, rows[1]) == p] for r in rows])
-      ds = ds.unbatch().batch(batch_size)
-    ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    return ds.map(lambda g, _, record: to_example(
-        g, builder.info.features.deserialize_example(record)),
-                  num_parallel_calls=tf.data.AUTOTUNE)
-
-  if len(preparations) == 1:
-    ds = examples(0)
-  else:  # rows drawn from the preparations' streams in the order of the position stream
-    order = steps.map(lambda step: tf.gather(preparation_of, positions(step)[1])).unbatch()
-    ds = tf.data.Dataset.choose_from_datasets(
-        [examples(p) for p in range(len(preparations))], order)
+  prepares = [pipeline.prepare_rows(builder, to_example) for builder, to_example in preparations]
   one_hot = tf.eye(num_sources, dtype=tf.int32) > 0
-  row_sources = steps.map(lambda step: tf.gather(one_hot, positions(step)[1]))
-  ds = tf.data.Dataset.zip(ds.batch(batch_size, drop_remainder=True), row_sources).map(
-      lambda batch, rows: batch | {"_source": rows})
+
+  def batch(step):  # each preparation prepares its rows; one gather puts them back in order
+    g, s, records = read(*positions(step))
+    if len(prepares) == 1:
+      return prepares[0](g, records) | {"_source": tf.gather(one_hot, s)}
+    row_preparation = tf.gather(preparation_of, s)
+    parts = [prepare(g[row_preparation == p], records[row_preparation == p])
+             for p, prepare in enumerate(prepares)]
+    order = tf.argsort(row_preparation, stable=True)  # the parts' rows, concatenated
+    where = tf.scatter_nd(order[:, None], tf.range(batch_size), [batch_size])
+    rows = tf.nest.map_structure(lambda *leaves: tf.gather(tf.concat(leaves, 0), where),
+                                 *parts)
+    return rows | {"_source": tf.gather(one_hot, s)}
+
+  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size).map(
+      batch, num_parallel_calls=tf.data.AUTOTUNE)
   return pipeline.numpy_batches(config, ds.prefetch(tf.data.AUTOTUNE))
 
 

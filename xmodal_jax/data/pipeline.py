@@ -262,14 +262,22 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
     g = global_position(i, batch_size, config.batch_size, index)
     return g, index_shuffle(g % size, seed, g // size, size - 1)
 
-  to_example = example_fn(config, True)
-  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size).map(positions)
-  ds = ds.map(record_reader(reader, config.data.cache), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.unbatch().map(lambda g, record: to_example(
-      g, builder.info.features.deserialize_example(record)),
-                        num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return numpy_batches(config, ds)
+  read = record_reader(reader, config.data.cache)
+  prepare = prepare_rows(builder, example_fn(config, True))
+  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size).map(
+      lambda step: prepare(*read(*positions(step))), num_parallel_calls=tf.data.AUTOTUNE)
+  return numpy_batches(config, ds.prefetch(tf.data.AUTOTUNE))
+
+
+def prepare_rows(builder, to_example):
+  """(g, serialized records)[n] -> their n examples by `to_example`, as one batch: a
+  tf.map_fn per batch, not n tf.data elements, whose per-element cost bounded the rate of
+  cached input (benchmarks/README.md, "Mixture input")."""
+  prepare = lambda g, record: to_example(g, builder.info.features.deserialize_example(record))
+  spec = tf.data.Dataset.from_tensors((tf.constant(0, tf.int64), tf.constant(b""))).map(
+      prepare).element_spec
+  return lambda g, records: tf.map_fn(lambda row: prepare(*row), (g, records),
+                                      fn_output_signature=spec)
 
 
 def index_shuffle(index, seed, stream, max_index):
