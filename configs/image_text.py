@@ -11,7 +11,8 @@ Variants (`--config=configs/image_text.py:VARIANT`):
            (`--config.model.towers.image.path` and `.text.path`; the tokenizer comes with it).
   siglip   both towers from a local SigLIP folder (not SigLIP 2), e.g. siglip-base-patch16-224,
            with the sigmoid loss starting from its scale and bias; embed_dim 768 (the
-           towers' width: --config.model.embed_dim=1152 for so400m), text padded to 64.
+           towers' width: --config.model.embed_dim=1152 for so400m), text padded to 64;
+           the identity heads stay frozen, as SigLIP has none.
   flickr30k  the same on flickr30k_karpathy.
   align_fuse ALBEF/TCL-style alignment: GPO pooling, momentum encoders with 65,536-entry
            queues, ITC + IMS + LMIM (image patches pooled to a 4 x 4 grid) + image-text
@@ -80,6 +81,9 @@ def get_config(variant=""):
 
   if v.siglip:  # its logit scale and bias replace these inits
     config.model.update(embed_dim=768, logit_scale_init=2.3, logit_bias_init=-10.0)
+    # SigLIP's towers end in its joint space: our heads load as the identity and stay so,
+    # and the run leaves as a SiglipModel folder (launch/convert.py --to=hf).
+    config.train_policy = {name: dict(head="freeze") for name in ("image", "text")}
     config.loss.kind = "sigmoid"
     config.modalities.text.max_length = 64
   if v.tiny:

@@ -104,6 +104,25 @@ def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():
   assert text > 0 and full - frozen == 2 * text
 
 
+def test_a_frozen_head_on_a_training_tower_has_no_state_and_the_tower_trains():
+  """head="freeze" with trainable="all" (SigLIP's identity heads): the head is frozen and has
+  no AdamW state, 2 x its bytes less, while its tower trains."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  sizes = {}
+  for head in ("auto", "freeze"):
+    config = audio_video_text.get_config()
+    config.train_policy.text = dict(head=head)
+    config = schema.resolve(config, jax.device_count())
+    model, _, tx, _, _ = experiment.build_model_and_optimizer(config)
+    example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
+    state = jax.eval_shape(experiment.state_creator(config, model, tx), example)
+    sizes[head] = nbytes(state.params) + nbytes(state.opt_state)
+    rules = optimizer.tower_rules(config.train_policy)
+    frozen = {p for p, f in by_path(optimizer.frozen(rules, state.params)).items() if f}
+  assert frozen == {p for p in by_path(state.params) if p.startswith("heads_text/")}
+  assert sizes["auto"] - sizes["freeze"] == 2 * nbytes(state.params["heads_text"]) > 0
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("trainable", "some", r"train_policy.text.trainable='some': expected \"all\", \"none\""),
     ("trainable", ("blocks_(",), r"train_policy.text.trainable: 'blocks_\(' is not a regex"),

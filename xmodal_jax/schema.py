@@ -116,7 +116,8 @@ TRAIN_POLICY = {
     "trainable": _o("all", "\"all\", \"none\" (the tower frozen), or a tuple of regexes on "
                     "the tower's parameter paths that train"),
     "head": _o("auto", "auto: the head trains unless its tower is frozen and the head was "
-               "loaded or cached; train; freeze (with trainable=\"none\")"),
+               "loaded or cached; train; freeze (whatever the tower does: SigLIP's identity "
+               "heads)"),
     "lr_multiplier": _o(1.0, "scales the learning rate of the tower's trainable parameters "
                         "and its head"),
     "cache_embeddings": _o(False, "a frozen, non-augmenting tower's training embeddings are "

@@ -114,12 +114,9 @@ def tower_rules(train_policy, loaded_heads=()):
                        "with trainable=\"none\")")
     if policy.head not in ("auto", "train", "freeze"):
       raise ValueError(f"{where}.head={policy.head!r}: expected auto, train or freeze")
-    if policy.head == "freeze" and trainable != "none":
-      raise ValueError(f"{where}.head=\"freeze\" needs trainable=\"none\" (a head trains "
-                       "with any part of its tower)")
-    rules[modality] = (trainable, float(multiplier), trainable == "none" and (
-        policy.head == "freeze" or (policy.head == "auto" and (
-            modality in loaded_heads or bool(policy.cache_embeddings)))))
+    rules[modality] = (trainable, float(multiplier), policy.head == "freeze" or (
+        policy.head == "auto" and trainable == "none" and (
+            modality in loaded_heads or bool(policy.cache_embeddings))))
   return rules
 
 
@@ -165,7 +162,7 @@ def frozen(rules, params):
 
 
 def has_frozen(rules):
-  return any(trainable != "all" for trainable, _, _ in rules.values())
+  return any(trainable != "all" or head_frozen for trainable, _, head_frozen in rules.values())
 
 
 def adafactor(rate, opt, decay_mask):
@@ -194,7 +191,7 @@ def make_optimizer(opt, total_steps, rules):
       return adafactor(rate, opt, decay_mask)
     return optax.adamw(rate, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay,
                        mask=decay_mask)
-  if all(rule[:2] == ("all", 1.0) for rule in rules.values()):
+  if all(rule == ("all", 1.0, False) for rule in rules.values()):
     return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw(1.0))
   label = lambda m: "frozen" if m == 0.0 else f"lr x{m:g}"
   scales = {1.0} | {scale for _, scale, _ in rules.values()}
