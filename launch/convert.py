@@ -31,7 +31,7 @@ import jax
 from common import ALLOW_CONFIG_CHANGE, CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax.eval import embedding_fn
 from xmodal_jax import experiment as experiment_lib
-from xmodal_jax.pretrained import to_hf
+from xmodal_jax.pretrained import run_to_hf
 
 FORMATS = ("jax", "hf")
 _TO = flags.DEFINE_enum("to", None, FORMATS,
@@ -62,7 +62,7 @@ def main(argv):
     return
   if _TO.value == "hf":
     try:
-      for line in to_hf.write_run(experiment.model, params, config.modalities, modalities,
+      for line in run_to_hf.write_run(experiment.model, params, config.modalities, modalities,
                                   _OUT.value):
         print(line)
     except ValueError as e:  # a tower without a Hugging Face layout: the message says which

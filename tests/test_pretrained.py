@@ -374,7 +374,7 @@ def test_clip_towers_leave_as_a_folder_clip_model_loads(tmp_path):
   logit scale are our model's, and the run's tokenizer and image preprocessing come along."""
   import jax  # pylint: disable=g-import-not-at-top
   from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.pretrained import to_hf  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.pretrained import run_to_hf  # pylint: disable=g-import-not-at-top
   trunk = dict(width=32, num_layers=2, num_heads=4, mlp_dim=37, activation="quick_gelu",
                layer_norm_eps=1e-5)
   model_config = schema.defaults().model
@@ -396,7 +396,7 @@ def test_clip_towers_leave_as_a_folder_clip_model_loads(tmp_path):
   modalities = {"text": schema.modality(dict(kind="text", feature="text", max_length=16,
                                              tokenizer="digit_words")),
                 "image": schema.modality(dict(kind="image", feature="image", image_size=16))}
-  printed = to_hf.write_run(ours, params, modalities, ["text", "image"], str(tmp_path))
+  printed = run_to_hf.write_run(ours, params, modalities, ["text", "image"], str(tmp_path))
   assert printed == [f"text + image: a CLIPModel folder -> {tmp_path}"]
   clip, info = transformers.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
   assert not any(info.values()), info  # missing, unexpected, mismatched keys, errors
@@ -419,13 +419,64 @@ def test_clip_towers_leave_as_a_folder_clip_model_loads(tmp_path):
   model_config.towers.image.pooling = "gpo"
   gpo, _ = towers.build_model(model_config)
   with pytest.raises(ValueError, match="the vision tower: PatchTransformer with {'pooling'"):
-    to_hf.clip_folder(ours.towers["text"], params["towers_text"], gpo.towers["image"],
+    run_to_hf.clip_folder(ours.towers["text"], params["towers_text"], gpo.towers["image"],
                       params["towers_image"],
                       {"text": params["heads_text"], "vision": params["heads_image"]},
                       params["logit_scale"], tmp_path / "gpo")
 
 
-@pytest.mark.parametrize("family", ["vit", "bert", "clip_vision", "ast"])
+def test_siglip_towers_leave_as_a_folder_siglip_model_loads(tmp_path):
+  """A run's SigLIP-layout towers -> a SiglipModel folder with no missing or unexpected keys:
+  SigLIP's normalized features are our model's (the trained text head folded into SigLIP's
+  own), with the logit scale and bias; a trained image head is refused, not dropped."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import towers  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.pretrained import run_to_hf  # pylint: disable=g-import-not-at-top
+  trunk = dict(width=32, num_layers=2, num_heads=4, mlp_dim=37, **SIGLIP_TRUNK)
+  model_config = schema.defaults().model
+  model_config.update(embed_dim=32, logit_bias_init=-10.0, towers=dict(
+      text=dict(name="clip_text", vocab_size=14, max_positions=16, causal=False,
+                pooling="last", projection_size=24, **trunk),
+      image=dict(name="vit", image_size=(16, 16), patch_size=4, **SIGLIP_VISION,
+                 **{k: v for k, v in trunk.items() if k not in SIGLIP_TRUNK})))
+  ours, _ = towers.build_model(model_config)
+  rng = np.random.default_rng(7)
+  ids, mask = token_inputs(14, rng, lengths=(16, 5, 9))
+  pixels = rng.normal(size=(3, 16, 16, 3)).astype(np.float32)
+  batch = {"text": {"input_ids": ids, "attention_mask": mask}, "image": {"pixels": pixels}}
+  params = perturbed(jax.device_get(ours.init(jax.random.key(0), batch, train=False)["params"]),
+                     2)
+  params["heads_image"] = {"kernel": np.eye(32, dtype=np.float32),
+                           "bias": np.zeros(32, np.float32)}  # as a loaded SigLIP's, frozen
+  expected = ours.apply({"params": params}, batch, train=False)
+  modalities = {"text": schema.modality(dict(kind="text", feature="text", max_length=16,
+                                             tokenizer="digit_words")),
+                "image": schema.modality(dict(kind="image", feature="image", image_size=16))}
+  printed = run_to_hf.write_run(ours, params, modalities, ["text", "image"], str(tmp_path))
+  assert printed == [f"text + image: a SiglipModel folder -> {tmp_path}"]
+  siglip, info = transformers.SiglipModel.from_pretrained(tmp_path, output_loading_info=True)
+  assert not any(info.values()), info
+  with torch.no_grad():
+    text = siglip.get_text_features(input_ids=torch.tensor(ids),
+                                    attention_mask=torch.tensor(mask))
+    image = siglip.get_image_features(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
+  for name, reference in (("text", text), ("image", image)):
+    reference = getattr(reference, "pooler_output", reference)
+    assert_close(expected[name], reference / reference.norm(dim=-1, keepdim=True), 1e-5)
+  np.testing.assert_allclose(siglip.logit_scale.item(), params["logit_scale"], rtol=1e-6)
+  np.testing.assert_allclose(siglip.logit_bias.item(), params["logit_bias"], rtol=1e-6)
+  params["heads_image"]["bias"] = np.full(32, 0.01, np.float32)
+  with pytest.raises(ValueError, match="the vision tower's head is not the identity"):
+    run_to_hf.write_run(ours, params, modalities, ["text", "image"], str(tmp_path / "b"))
+
+
+SIGLIP_TRUNK = dict(activation="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+SIGLIP_VISION = dict(num_prefix_tokens=0, patch_bias=True, pre_norm=False,
+                     final_norm="tokens", pooler="map", pooling="pooler", **SIGLIP_TRUNK)
+
+
+@pytest.mark.parametrize("family", ["vit", "bert", "clip_vision", "ast", "siglip_text",
+                                    "siglip_vision"])
 def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path, family):
   """tower_folder writes a folder transformers loads with no missing or unexpected keys and
   whose outputs are the tower's; load_hf reads every param back unchanged."""
@@ -434,12 +485,18 @@ def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path,
   from xmodal_jax.pretrained import to_hf  # pylint: disable=g-import-not-at-top
   trunk = dict(width=32, num_layers=2, num_heads=4, mlp_dim=37)
   rng = np.random.default_rng(5)
-  if family == "bert":
-    tower = text.BertTextEncoder(vocab_size=99, max_positions=20, **trunk)
+  if family in ("bert", "siglip_text"):
+    if family == "bert":
+      tower = text.BertTextEncoder(vocab_size=99, max_positions=20, **trunk)
+      model_class = transformers.BertModel
+    else:
+      tower = text.CausalTextEncoder(vocab_size=99, max_positions=9, causal=False,
+                                     pooling="last", projection_size=24, **trunk,
+                                     **SIGLIP_TRUNK)
+      model_class = transformers.SiglipTextModel
     ids, mask = token_inputs(99, rng)
     inputs = {"input_ids": ids, "attention_mask": mask}
     torch_inputs = {k: torch.tensor(v) for k, v in inputs.items()}
-    model_class = transformers.BertModel
   elif family == "ast":
     tower = audio.SpectrogramTransformer(num_mels=16, max_frames=24, patch_size=4,
                                          patch_stride=(4, 4), **trunk)
@@ -448,14 +505,16 @@ def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path,
     torch_inputs = {"input_values": torch.tensor(spectrogram)}
     model_class = transformers.ASTModel
   else:
-    options = dict(patch_bias=False, pre_norm=True, final_norm="pooled", pooler="cls",
-                   layer_norm_eps=1e-5) if family == "clip_vision" else {}
+    options = {"clip_vision": dict(patch_bias=False, pre_norm=True, final_norm="pooled",
+                                   pooler="cls", layer_norm_eps=1e-5),
+               "siglip_vision": SIGLIP_VISION}.get(family, {})
     tower = vision.PatchTransformer(image_size=(16, 16), patch_size=4, **trunk, **options)
     pixels = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
     inputs = {"pixels": pixels}
     torch_inputs = {"pixel_values": torch.tensor(pixels.transpose(0, 3, 1, 2))}
-    model_class = (transformers.CLIPVisionModel if family == "clip_vision"
-                   else transformers.ViTModel)
+    model_class = {"clip_vision": transformers.CLIPVisionModel,
+                   "siglip_vision": transformers.SiglipVisionModel}.get(family,
+                                                                       transformers.ViTModel)
   params = perturbed(jax.device_get(tower.init(jax.random.key(0), inputs, train=False)
                                     ["params"]), 1)
   to_hf.tower_folder(tower, params, str(tmp_path), family)

@@ -1,4 +1,5 @@
-"""Our towers -> Hugging Face folders, the inverse of `hf.convert`.
+"""Our towers -> Hugging Face folders in their family's layout, the inverse of `hf.convert`
+(run_to_hf.py writes a whole run's).
 
 The inverse is not written out per family: each family's converter (families/) runs once
 on checkpoint tensors that hold their own element numbers, so every parameter it returns says
@@ -7,14 +8,12 @@ there. One converter thus serves both directions, and a tensor that would be lef
 (or a parameter with no place) is an error, never a silent zero.
 """
 
-import json
 import os
 
 import numpy as np
 
-from xmodal_jax import tokenizers
 from xmodal_jax.models import audio, text, vision
-from xmodal_jax.pretrained.families import bert, clip, vit
+from xmodal_jax.pretrained.families import bert, clip, siglip, vit
 from xmodal_jax.pretrained.hf import flatten
 from xmodal_jax.pretrained.weights import Weights, canonical_names
 
@@ -80,8 +79,18 @@ def layout(tower, where):
   family whose layout `tower` has."""
   if getattr(tower, "lora_rank", 0) or getattr(tower, "fp8", False):
     raise ValueError(f"{where}: LoRA adapters and fp8 blocks have no Hugging Face layout")
+  if isinstance(tower, text.CausalTextEncoder) and not tower.causal:  # SigLIP's
+    require(tower, where, pooling="last")
+    if not tower.projection_size:
+      raise ValueError(f"{where}: a bidirectional CausalTextEncoder has SigLIP's layout only "
+                       "with its text head (projection_size > 0)")
+    return ("SiglipTextConfig", trunk(tower) | dict(
+        vocab_size=tower.vocab_size, max_position_embeddings=tower.max_positions,
+        projection_size=tower.projection_size, attention_dropout=dropouts(
+            tower, "dropout", "attention_dropout")["attention_dropout"]),
+            "SiglipTextModel", {}, siglip.siglip_text_params)
   if isinstance(tower, text.CausalTextEncoder):
-    require(tower, where, pooling="eos")
+    require(tower, where, pooling="eos", projection_size=0)
     return ("CLIPTextConfig", trunk(tower) | dict(
         vocab_size=tower.vocab_size, max_position_embeddings=tower.max_positions,
         eos_token_id=tower.eos_token_id, bos_token_id=None, pad_token_id=None,
@@ -106,11 +115,20 @@ def layout(tower, where):
   if type(tower) is vision.PatchTransformer:  # pylint: disable=unidiomatic-typecheck
     height, width = tower.input_size()
     if height != width or (tower.patch_stride and tuple(tower.patch_stride) != (
-        tower.patch_size,) * 2) or tower.num_prefix_tokens != 1:
-      raise ValueError(f"{where}: only square images, non-overlapping patches and one [CLS] "
-                       "token have a Hugging Face ViT / CLIP layout")
+        tower.patch_size,) * 2):
+      raise ValueError(f"{where}: only square images and non-overlapping patches have a "
+                       "Hugging Face ViT / CLIP / SigLIP layout")
     common = trunk(tower) | dict(image_size=height, patch_size=tower.patch_size,
                                  num_channels=tower.num_channels)
+    if tower.pooler == "map":  # SigLIP's vision tower
+      require(tower, where, num_prefix_tokens=0, patch_bias=True, pre_norm=False,
+              final_norm="tokens", pooling="pooler")
+      return ("SiglipVisionConfig", common | dict(attention_dropout=dropouts(
+          tower, "dropout", "attention_dropout")["attention_dropout"]),
+              "SiglipVisionModel", {}, siglip.siglip_vision_params)
+    if tower.num_prefix_tokens != 1:
+      raise ValueError(f"{where}: ViT and CLIP layouts have one [CLS] token, not "
+                       f"{tower.num_prefix_tokens}")
     if not tower.patch_bias:  # CLIP's vision tower
       require(tower, where, pre_norm=True, final_norm="pooled", pooler="cls", pooling="pooler")
       return ("CLIPVisionConfig", common | dropouts(tower, "dropout", "attention_dropout"),
@@ -122,8 +140,8 @@ def layout(tower, where):
     return ("ViTConfig", common | dropouts(tower), "ViTModel",
             dict(add_pooling_layer=pooler), vit.vit_params)
   raise ValueError(f"{where}: {type(tower).__name__} has no Hugging Face layout here (CLIP "
-                   "text and vision, ViT, BERT and AST do); launch/convert.py --to=jax "
-                   "exports it")
+                   "and SigLIP text and vision, ViT, BERT and AST do); launch/convert.py "
+                   "--to=jax exports it")
 
 
 def model_shapes(model_class, config, **kwargs):
@@ -139,68 +157,21 @@ def tower_folder(tower, params, out, where):
   """Writes `tower` as the Hugging Face folder of its family (config.json and
   model.safetensors); `load_hf(out, pooling=...)` reads the same params back."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   config_class, config_kwargs, model_class, model_kwargs, params_fn = layout(tower, where)
   config = getattr(transformers, config_class)(**config_kwargs)
   shapes = model_shapes(model_class, config, **model_kwargs)
   tensors = checkpoint_tensors(params_fn, tower, shapes, params, where)
+  save_folder(config, model_class, tensors, out)
+  return tensors
+
+
+def save_folder(config, model_class, tensors, out):
+  """config.json (naming `model_class`) and model.safetensors in folder `out`."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out, exist_ok=True)
   config.architectures = [model_class]
   config.save_pretrained(out)
   save_file(tensors, os.path.join(out, "model.safetensors"), metadata=SAFETENSORS_METADATA)
-  return tensors
-
-
-def clip_folder(text_tower, text_params, vision_tower, vision_params, heads, logit_scale,
-                out):
-  """Writes a folder `transformers.CLIPModel.from_pretrained` loads: both towers, the two
-  projections (`heads`: {"text", "vision"}: our Dense params) and the logit scale (its log).
-
-  CLIP's projections have no bias; each head's bias b moves into the LayerNorm that ends the
-  pooled path, as the d with d K = b (K the head's kernel), which leaves every embedding as
-  it was (the text tower's last_hidden_state shifts by d, its pooled token included)."""
-  import transformers  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  parts = {"text": (text_tower, dict(text_params), "encoder/ln_final", "text_model."),
-           "vision": (vision_tower, dict(vision_params), "ln_post", "vision_model.")}
-  configs, checks = {}, {}
-  for part, (tower, params, last_norm, prefix) in parts.items():
-    where = f"the {part} tower"
-    config_class, config_kwargs, _, _, params_fn = layout(tower, where)
-    if config_class != f"CLIP{part.capitalize()}Config":
-      raise ValueError(f"{where} has the {config_class[:-6]} layout, not CLIP's")
-    kernel, bias = (np.asarray(heads[part][k], np.float64) for k in ("kernel", "bias"))
-    shift, _, rank, _ = np.linalg.lstsq(kernel.T, bias, rcond=None)
-    if np.abs(shift @ kernel - bias).max() > 1e-5 * max(np.abs(bias).max(), 1.0):
-      raise ValueError(f"{where}: the head's bias cannot move into the LayerNorm (its kernel "
-                       f"has rank {rank} < {kernel.shape[1]})")
-    node = params
-    *parents, leaf = last_norm.split("/")
-    for key in parents:
-      node[key] = dict(node[key])
-      node = node[key]
-    node[leaf] = dict(node[leaf], bias=np.asarray(node[leaf]["bias"], np.float64) + shift)
-    configs[part] = getattr(transformers, config_class)(**config_kwargs)
-    checks[part] = (params_fn, tower, params, where, prefix)
-  tensors = {"text_projection.weight": np.asarray(heads["text"]["kernel"], np.float32).T.copy(),
-             "visual_projection.weight": np.asarray(heads["vision"]["kernel"],
-                                                    np.float32).T.copy(),
-             "logit_scale": np.asarray(logit_scale, np.float32).reshape(())}
-  config = transformers.CLIPConfig(
-      text_config=configs["text"].to_dict(), vision_config=configs["vision"].to_dict(),
-      projection_dim=tensors["text_projection.weight"].shape[0],
-      logit_scale_init_value=float(tensors["logit_scale"]))
-  config.architectures = ["CLIPModel"]
-  shapes = model_shapes("CLIPModel", config)
-  for params_fn, tower, params, where, prefix in checks.values():
-    tensors.update(checkpoint_tensors(params_fn, tower, shapes, params, where, prefix))
-  unwritten = sorted(set(shapes) - set(tensors))
-  if unwritten:
-    raise ValueError(f"CLIPModel tensors the run does not fill: {unwritten}")
-  os.makedirs(out, exist_ok=True)
-  config.save_pretrained(out)
-  save_file(tensors, os.path.join(out, "model.safetensors"), metadata=SAFETENSORS_METADATA)
-  return tensors
 
 
 def projection_file(head, out):
@@ -209,73 +180,3 @@ def projection_file(head, out):
   save_file({"weight": np.asarray(head["kernel"], np.float32).T.copy(),
              "bias": np.asarray(head["bias"], np.float32)},
             os.path.join(out, "projection.safetensors"), metadata=SAFETENSORS_METADATA)
-
-
-def image_processor_config(modality_config, size, out):
-  """preprocessor_config.json for CLIPImageProcessor with the run's evaluation preprocessing:
-  shorter side resized to `size`, centre crop, /255, mean/std."""
-  config = dict(image_processor_type="CLIPImageProcessor", do_resize=True,
-                size={"shortest_edge": size}, do_center_crop=True,
-                crop_size={"height": size, "width": size}, do_rescale=True,
-                rescale_factor=1 / 255, do_normalize=True, resample=2,
-                image_mean=list(modality_config["mean"]), image_std=list(modality_config["std"]),
-                do_convert_rgb=True)
-  with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-
-
-def clip_pair(model, modality_configs, modalities):
-  """(text modality, image modality) when `modalities` are a CLIP text and vision tower."""
-  kinds = {modality_configs[m].kind: m for m in modalities}
-  if len(modalities) != 2 or set(kinds) != {"text", "image"}:
-    return None
-  try:
-    names = [layout(model.towers[kinds[k]], k)[0] for k in ("text", "image")]
-  except ValueError:
-    return None
-  return ((kinds["text"], kinds["image"])
-          if names == ["CLIPTextConfig", "CLIPVisionConfig"] else None)
-
-
-def write_run(model, params, modality_configs, modalities, out):
-  """A run's `modalities` as Hugging Face folders: one CLIPModel folder for a CLIP text and
-  image pair, else {out}/{modality}/ per tower; each with its tokenizer or image
-  preprocessing. Returns a line per folder written."""
-  pair = clip_pair(model, modality_configs, modalities)
-  if pair:
-    text_modality, image = pair
-    if isinstance(params["logit_scale"], dict):
-      raise ValueError("a run with per-pair temperatures has no single CLIP logit scale")
-    clip_folder(model.towers[text_modality], params[f"towers_{text_modality}"],
-                model.towers[image], params[f"towers_{image}"],
-                {"text": params[f"heads_{text_modality}"], "vision": params[f"heads_{image}"]},
-                params["logit_scale"], out)
-    for modality in pair:
-      preprocessing(modality_configs[modality], out)
-    return [f"{text_modality} + {image}: a CLIPModel folder -> {out}"]
-  lines = []
-  for modality in modalities:
-    folder = os.path.join(out, modality)
-    tensors = tower_folder(model.towers[modality], params[f"towers_{modality}"], folder,
-                           f"the {modality} tower")
-    projection_file(params[f"heads_{modality}"], folder)
-    preprocessing(modality_configs[modality], folder, model.towers[modality])
-    lines.append(f"{modality}: {len(tensors)} tensors in its family's layout, and "
-                 f"projection.safetensors -> {folder}")
-  return lines
-
-
-def preprocessing(modality_config, out, tower=None):
-  """The text's tokenizer, or an image's or an AST's preprocessor_config.json, beside the
-  weights."""
-  if modality_config.kind == "text":
-    tokenizers.load(modality_config.tokenizer).save_pretrained(out)
-  elif modality_config.kind == "image":
-    image_processor_config(modality_config, modality_config.image_size, out)
-  elif isinstance(tower, audio.SpectrogramTransformer):  # as ASTFeatureExtractor reads it
-    with open(os.path.join(out, "preprocessor_config.json"), "w") as f:
-      json.dump(dict(feature_extractor_type="ASTFeatureExtractor", feature_size=1,
-                     sampling_rate=tower.sample_rate, num_mel_bins=tower.num_mels,
-                     max_length=tower.max_frames, mean=tower.mean, std=tower.std,
-                     do_normalize=True, padding_value=0.0, return_attention_mask=False), f,
-                indent=2)
