@@ -87,6 +87,9 @@ def test_search_errors_name_the_flag(trained_run, short_export):
                                            "--gallery=image"], check=False)
   assert proc.returncode and "--gallery=image" in proc.stderr
   proc = run_launcher("search.py", args + [f"--export={short_export}", "--query-text=one",
+                                           "--k=0"], check=False)
+  assert proc.returncode and "--k=0: expected a positive count" in proc.stderr
+  proc = run_launcher("search.py", args + [f"--export={short_export}", "--query-text=one",
                                            "--query_modality=audio"], check=False)
   assert proc.returncode and ("--query-text --query_modality=audio: the config's text "
                               "modalities are ['text'], not 'audio'") in proc.stderr

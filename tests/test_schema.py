@@ -76,6 +76,17 @@ def test_the_config_reference_is_current():
         "docs/config.md is stale: python -m xmodal_jax.config_doc > docs/config.md")
 
 
+@pytest.mark.parametrize("key, value", [("batch_size", 0), ("batch_size", -8),
+                                        ("eval_batch_size", 0), ("log_every", -1)])
+def test_counts_that_are_not_positive_integers_name_the_field(key, value):
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config("tiny")
+  config[key] = value
+  with pytest.raises(ValueError, match=re.escape(
+      f"config.{key}={value!r}: expected a positive integer")):
+    schema.resolve(config, 8)
+
+
 def test_unknown_and_moved_keys_name_the_field():
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   config = audio_video_text.get_config("tiny")
