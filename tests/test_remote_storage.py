@@ -89,6 +89,8 @@ def test_metrics_events_and_export_on_a_scheme():
   export.finish(out, signature, "float16")
   exported = export.read_export(out)
   assert exported.keys().tolist() == ["a/1", "é", "c"] and exported.count == 3
+  assert [exported.row_of_key(k) for k in ("é", "c", "a/1", "d")] == [1, 2, 0, None]
+  assert exported.keys_at([2, 0]).tolist() == ["c", "a/1"]
   assert exported.mask("text").tolist() == [1, 0, 1]
   np.testing.assert_array_equal(exported.embeddings("text"), [[1, 0], [0, 0], [1, 1]])
   with pytest.raises(ValueError, match="holds shards of another export"):

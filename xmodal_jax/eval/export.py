@@ -24,6 +24,7 @@ import os
 import jax
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 
@@ -196,6 +197,15 @@ class Export:
       here = shard_of == number
       keys[here] = [column[r] for r in rows[here] - shard["start"]]
     return keys
+
+  def row_of_key(self, key):
+    """The first export row whose item key is `key`, or None: the key column is read shard
+    by shard (one shard's keys in memory at a time)."""
+    for shard in self.meta["shards"]:
+      found = pc.index(read_parquet(self._items_path(shard), ["key"])["key"], key).as_py()
+      if found >= 0:
+        return shard["start"] + found
+    return None
 
   def ids(self):
     return self.column("id")

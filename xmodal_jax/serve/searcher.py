@@ -7,6 +7,7 @@ its rows, which stay on the devices (float32) between queries; `exact` asks for 
 search where both exist (its rows are loaded then, once).
 """
 
+import collections
 import threading
 import time
 import urllib.parse
@@ -19,6 +20,7 @@ from xmodal_jax.models import towers
 OPTIONS = ("gallery", "k", "exact", "rerank")  # request fields that are not queries
 QUERY_KINDS = ("text", "audio", "image", "video")
 MEDIA_KINDS = ("image", "audio", "video")
+SHOWN_KEYS = 10_000  # hits whose items are remembered by key for their media links
 
 
 class QueryError(ValueError):
@@ -81,8 +83,9 @@ class Searcher:
     self.embedder, self.params = experiment.embedder, experiment.state.params
     self.modalities = experiment.config.modalities
     self.split = exported.meta["split"]
-    self.keys, self.ids = exported.keys(), exported.ids()
-    self.id_of_key = dict(zip(self.keys.tolist(), self.ids.tolist()))
+    self.ids = exported.ids()
+    # Items of recent hits by key: the media links a page follows (others: row_of_key).
+    self._shown, self._shown_lock = collections.OrderedDict(), threading.Lock()
     self.galleries = {}
     for modality in exported.modalities:
       start = time.perf_counter()
@@ -184,8 +187,15 @@ class Searcher:
     is_text = self.modalities[gallery].kind == "text"
     mask = self.exported.mask(gallery) if is_text else None
     out = []
-    for rank, (row, item, score) in enumerate(hits, start=1):
-      key = str(self.keys[row])
+    keys = self.exported.keys_at([row for row, _, _ in hits])
+    with self._shown_lock:
+      for key, (_, item, _) in zip(keys, hits):
+        self._shown[str(key)] = item
+        self._shown.move_to_end(str(key))
+      while len(self._shown) > SHOWN_KEYS:
+        self._shown.popitem(last=False)
+    for rank, ((row, item, score), key) in enumerate(zip(hits, keys), start=1):
+      key = str(key)
       caption = None
       if item in texts:  # a text gallery's row is one caption; other items show their first
         captions = texts[item]
@@ -203,9 +213,14 @@ class Searcher:
     shown = sorted(m for m, o in self.modalities.items() if o.kind in MEDIA_KINDS)
     if modality not in shown:
       raise QueryError(f"modality={modality!r}: expected one of {shown}")
-    if key not in self.id_of_key:
-      raise QueryError(f"key={key!r}: no such item in the export", status=404)
+    with self._shown_lock:
+      item = self._shown.get(key)
+    if item is None:
+      row = self.exported.row_of_key(key)
+      if row is None:
+        raise QueryError(f"key={key!r}: no such item in the export", status=404)
+      item = int(self.ids[row])
     try:
-      return self.embedder.source.items(self.split).media(self.id_of_key[key], modality)
+      return self.embedder.source.items(self.split).media(item, modality)
     except KeyError as e:
       raise QueryError(f"key={key!r}: the item has no {modality}", status=404) from e
