@@ -108,8 +108,8 @@ def train_iterator(config, sources, *, start_step=0, process_index=None, process
 def _preparations(config, sources):
   """[(builder, pipeline.example_fn)] that prepare the mixture's rows, and the index of
   each source's: sources of one dataset that provide the same features share one (each
-  preparation is a stream of its own; merging streams costs about 20% of the input rate,
-  where branching per row on the source cost 65%)."""
+  preparation prepares its rows of a batch apart; branching per row on the source cost 65%
+  of the input rate)."""
   shapes = {}
   for builder, _, provided in sources:
     for name, feature in provided.items():
