@@ -28,6 +28,7 @@ ROWS = [
     ("image_text:L, fsdp=256 (every chip)", "configs/image_text.py:L",
      ["--config.mesh.data=1", "--config.mesh.fsdp=256"]),
     ("image_text:g (ViT-g/14 + text-g)", "configs/image_text.py:g", []),
+    ("image_text:bigG (ViT-bigG/14 + text-bigG)", "configs/image_text.py:bigG", []),
     ("audio_video_text:pod without gradient caching", "configs/audio_video_text.py:pod",
      ["--config.grad_accum_steps=1"]),
     ("audio_video_text:pod (AST-B + ViT-B/16 frames + text-B)",

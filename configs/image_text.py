@@ -20,7 +20,8 @@ Variants (`--config=configs/image_text.py:VARIANT`):
            evaluation re-ranks the top 128 with the matching head.
   tiny     a few steps of tiny towers on 32 x 32 images, for tests and smoke runs.
   fp8      both towers' block matmuls in float8 (models/fp8.py; for H100-class GPUs).
-  L, g     pod scale: ViT-L/14 + CLIP text-L (0.43B parameters) or ViT-g/14 + text-g (1.3B),
+  L, g, bigG  pod scale: ViT-L/14 + CLIP text-L (0.43B parameters), ViT-g/14 + text-g
+           (1.3B) or OpenCLIP's ViT-bigG/14 + text-bigG (2.5B),
            bfloat16, rematerialized blocks, blockwise loss, the state sharded 16 ways (fsdp;
            the batch over every chip), OpenAI CLIP's global batch of 32,768. Check the fit:
            python launch/compile.py --config=configs/image_text.py:L --topology=v5e:16x16
@@ -32,7 +33,9 @@ import ml_collections
 from configs import recipes, sizes, variants
 from xmodal_jax import schema
 
-VARIANTS = ("clip", "siglip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g")
+VARIANTS = ("clip", "siglip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g", "bigG")
+# The joint space of the pod sizes (CLIP's, OpenCLIP's for g and bigG).
+POD_EMBED_DIMS = {"L": 768, "g": 1024, "bigG": 1280}
 # The ALBEF fusion encoder over the text tokens, by tower size.
 FUSION = {"B": dict(width=768, num_layers=6, num_heads=12, mlp_dim=3072, dtype="bfloat16"),
           "tiny": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64, dtype="float32")}
@@ -107,15 +110,16 @@ def get_config(variant=""):
   if v.fp8:
     for tower in config.model.towers.values():
       tower["fp8"] = True
-  if v.L or v.g:
-    if v.tiny or v.clip or v.siglip or (v.L and v.g):
-      raise ValueError("configs/image_text.py: :L and :g are sizes of their own; they do not "
-                       "combine with :tiny, :clip, :siglip or each other")
-    pod = "L" if v.L else "g"
+  pods = [size for size in POD_EMBED_DIMS if getattr(v, size)]
+  if pods:
+    if v.tiny or v.clip or v.siglip or len(pods) > 1:
+      raise ValueError("configs/image_text.py: :L, :g and :bigG are sizes of their own; they "
+                       "do not combine with :tiny, :clip, :siglip or each other")
+    pod = pods[0]
     config.model.towers = dict(
         image=sizes.vit(pod, dtype="bfloat16", remat=True),
         text=sizes.clip_text(pod, dtype="bfloat16", remat=True))
-    config.model.embed_dim = 768 if v.L else 1024
+    config.model.embed_dim = POD_EMBED_DIMS[pod]
     config.loss.impl, config.loss.block_size = "blockwise", 4096
     # fsdp=16: the state splits 16 ways and the batch over every chip. On v5e-256, sharding
     # over all 256 chips tripled L's temporaries (15.2 vs 5.3 GiB at 16; benchmarks/README.md).

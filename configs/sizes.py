@@ -1,10 +1,13 @@
-"""Tower presets by size: tiny (CPU tests), B/16-, L/14- and g/14-sized (accelerators).
+"""Tower presets by size: tiny (CPU tests), B/16-, L/14-, g/14- and bigG/14-sized
+(accelerators).
 
 Each function returns a tower config dict for `config.model.towers.<modality>`; keyword
 arguments override any field (dtype, remat, pooling, dropout, ...). Widths, depths and heads
-follow ViT-B/16, ViT-L/14 and ViT-g/14 (1.0B parameters: width 1408, 40 blocks, MLP 6144,
-as in Zhai et al., "Scaling Vision Transformers"), BERT-base, CLIP's text transformers
-(OpenCLIP's for g: width 1024, 24 blocks), AST-base and wav2vec 2.0 / HuBERT base and large.
+follow ViT-B/16, ViT-L/14, ViT-g/14 (1.0B parameters: width 1408, 40 blocks, MLP 6144,
+as in Zhai et al., "Scaling Vision Transformers") and OpenCLIP's ViT-bigG/14 (1.8B: width
+1664, 48 blocks, MLP 8192), BERT-base, CLIP's text transformers (OpenCLIP's for g: width
+1024, 24 blocks; for bigG: width 1280, 32 blocks, 20 heads), AST-base and wav2vec 2.0 /
+HuBERT base and large.
 """
 
 TRUNKS = {
@@ -12,14 +15,16 @@ TRUNKS = {
     "B": dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "L": dict(width=1024, num_layers=24, num_heads=16, mlp_dim=4096),
     "g": dict(width=1408, num_layers=40, num_heads=16, mlp_dim=6144),
+    "bigG": dict(width=1664, num_layers=48, num_heads=16, mlp_dim=8192),
 }
 CLIP_TEXT_TRUNKS = {  # The text towers CLIP pairs with ViT-B and ViT-L.
     "tiny": TRUNKS["tiny"],
     "B": dict(width=512, num_layers=12, num_heads=8, mlp_dim=2048),
     "L": dict(width=768, num_layers=12, num_heads=12, mlp_dim=3072),
     "g": dict(width=1024, num_layers=24, num_heads=16, mlp_dim=4096),
+    "bigG": dict(width=1280, num_layers=32, num_heads=20, mlp_dim=5120),
 }
-PATCH = {"tiny": 4, "B": 16, "L": 14, "g": 14}
+PATCH = {"tiny": 4, "B": 16, "L": 14, "g": 14, "bigG": 14}
 COMMON = dict(dtype="float32", remat=False, dropout=0.0, pooling="cls")
 # Written out (off) for the patch towers, so that a flag can turn FLIP's token dropping on:
 # --config.model.towers.image.token_drop_rate=0.5

@@ -12,9 +12,9 @@ from conftest import REPO
 from xmodal_jax import config_doc, schema
 
 SHIPPED = {"audio_video_text": ("", "tiny", "regression", "sigmoid", "align_fuse", "pod"),
-           "image_text": ("", "clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g"),
+           "image_text": ("", "clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g", "bigG"),
            "flickr8k": ("", "regression", "tiny"), "cub": ("", "regression", "tiny")}
-POD = {"pod", "L", "g"}
+POD = {"pod", "L", "g", "bigG"}
 # Mappings the code reads that are not the config: a built dataset's sidecar, an export's
 # meta.json, a Hugging Face feature extractor's JSON, a free-form {name, data_dir, split}.
 NOT_CONFIG = {"built", "meta", "features", "data_config"}
