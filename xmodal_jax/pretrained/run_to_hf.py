@@ -12,6 +12,7 @@ from xmodal_jax.models import audio
 from xmodal_jax.pretrained.to_hf import (checkpoint_tensors, layout, model_shapes,
                                          projection_file, save_folder, tower_folder)
 
+
 def clip_folder(text_tower, text_params, vision_tower, vision_params, heads, logit_scale,
                 out):
   """Writes a folder `transformers.CLIPModel.from_pretrained` loads: both towers, the two
@@ -21,27 +22,20 @@ def clip_folder(text_tower, text_params, vision_tower, vision_params, heads, log
   pooled path, as the d with d K = b (K the head's kernel), which leaves every embedding as
   it was (the text tower's last_hidden_state shifts by d, its pooled token included)."""
   import transformers  # pylint: disable=g-import-not-at-top
-  parts = {"text": (text_tower, dict(text_params), "encoder/ln_final", "text_model."),
-           "vision": (vision_tower, dict(vision_params), "ln_post", "vision_model.")}
-  configs, checks = {}, {}
-  for part, (tower, params, last_norm, prefix) in parts.items():
-    where = f"the {part} tower"
-    config_class, config_kwargs, _, _, params_fn = layout(tower, where)
-    if config_class != f"CLIP{part.capitalize()}Config":
-      raise ValueError(f"{where} has the {config_class[:-6]} layout, not CLIP's")
+  towers = {"text": (text_tower, dict(text_params)), "vision": (vision_tower, dict(vision_params))}
+  configs, checks = pair_parts("CLIPModel", towers)
+  for part, last_norm in (("text", "encoder/ln_final"), ("vision", "ln_post")):
     kernel, bias = (np.asarray(heads[part][k], np.float64) for k in ("kernel", "bias"))
     shift, _, rank, _ = np.linalg.lstsq(kernel.T, bias, rcond=None)
     if np.abs(shift @ kernel - bias).max() > 1e-5 * max(np.abs(bias).max(), 1.0):
-      raise ValueError(f"{where}: the head's bias cannot move into the LayerNorm (its kernel "
-                       f"has rank {rank} < {kernel.shape[1]})")
-    node = params
+      raise ValueError(f"the {part} tower: the head's bias cannot move into the LayerNorm "
+                       f"(its kernel has rank {rank} < {kernel.shape[1]})")
+    node = towers[part][1]  # the params pair_parts' checks hold, changed in place
     *parents, leaf = last_norm.split("/")
     for key in parents:
       node[key] = dict(node[key])
       node = node[key]
     node[leaf] = dict(node[leaf], bias=np.asarray(node[leaf]["bias"], np.float64) + shift)
-    configs[part] = getattr(transformers, config_class)(**config_kwargs)
-    checks[part] = (params_fn, tower, params, where, prefix)
   tensors = {"text_projection.weight": np.asarray(heads["text"]["kernel"], np.float32).T.copy(),
              "visual_projection.weight": np.asarray(heads["vision"]["kernel"],
                                                     np.float32).T.copy(),
@@ -50,7 +44,25 @@ def clip_folder(text_tower, text_params, vision_tower, vision_params, heads, log
       text_config=configs["text"].to_dict(), vision_config=configs["vision"].to_dict(),
       projection_dim=tensors["text_projection.weight"].shape[0],
       logit_scale_init_value=float(tensors["logit_scale"]))
-  return pair_folder(config, "CLIPModel", tensors, checks.values(), out)
+  return pair_folder(config, "CLIPModel", tensors, checks, out)
+
+
+def pair_parts(model_class, towers):
+  """({part: transformers config}, pair_folder's checks) of `towers` ({"text"/"vision":
+  (tower, params)}), which must have the layouts PAIRS gives `model_class`."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  expected = dict(zip(("text", "vision"), next(
+      layouts for layouts, name in PAIRS.items() if name == model_class)))
+  configs, checks = {}, []
+  for part, (tower, params) in towers.items():
+    where = f"the {part} tower"
+    config_class, config_kwargs, _, _, params_fn = layout(tower, where)
+    if config_class != expected[part]:
+      raise ValueError(f"{where} has the {config_class[:-6]} layout, not {model_class}'s "
+                       f"{expected[part][:-6]}")
+    configs[part] = getattr(transformers, config_class)(**config_kwargs)
+    checks.append((params_fn, tower, params, where, f"{part}_model."))
+  return configs, checks
 
 
 def pair_folder(config, model_class, tensors, checks, out):
@@ -89,15 +101,8 @@ def siglip_folder(text_tower, text_params, vision_tower, vision_params, heads, l
                          "bias": (own["bias"] @ ours["kernel"] + ours["bias"]).astype(
                              np.float32)}
   text_tower = text_tower.clone(projection_size=ours["kernel"].shape[1])
-  configs, checks = {}, []
-  for part, tower, params in (("text", text_tower, text_params),
-                              ("vision", vision_tower, vision_params)):
-    where = f"the {part} tower"
-    config_class, config_kwargs, _, _, params_fn = layout(tower, where)
-    if config_class != f"Siglip{part.capitalize()}Config":
-      raise ValueError(f"{where} has the {config_class[:-6]} layout, not SigLIP's")
-    configs[part] = getattr(transformers, config_class)(**config_kwargs)
-    checks.append((params_fn, tower, params, where, f"{part}_model."))
+  configs, checks = pair_parts("SiglipModel", {"text": (text_tower, text_params),
+                                               "vision": (vision_tower, vision_params)})
   config = transformers.SiglipConfig(text_config=configs["text"].to_dict(),
                                      vision_config=configs["vision"].to_dict())
   tensors = {"logit_scale": np.asarray(logit_scale, np.float32).reshape(1),
