@@ -187,15 +187,14 @@ class Searcher:
     is_text = self.modalities[gallery].kind == "text"
     mask = self.exported.mask(gallery) if is_text else None
     out = []
-    keys = self.exported.keys_at([row for row, _, _ in hits])
+    keys = [str(key) for key in self.exported.keys_at([row for row, _, _ in hits])]
     with self._shown_lock:
       for key, (_, item, _) in zip(keys, hits):
-        self._shown[str(key)] = item
-        self._shown.move_to_end(str(key))
+        self._shown[key] = item
+        self._shown.move_to_end(key)
       while len(self._shown) > SHOWN_KEYS:
         self._shown.popitem(last=False)
     for rank, ((row, item, score), key) in enumerate(zip(hits, keys), start=1):
-      key = str(key)
       caption = None
       if item in texts:  # a text gallery's row is one caption; other items show their first
         captions = texts[item]
