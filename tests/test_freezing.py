@@ -85,19 +85,25 @@ def test_frozen_tower_keeps_its_bytes_and_multipliers_scale_adams_first_step():
       "logit_scale/audio-text", "logit_scale/audio-video", "logit_scale/text-video"]
 
 
+def abstract_state(text_policy):
+  """(resolved config, the default experiment's state from shapes only) with
+  config.train_policy.text = `text_policy`."""
+  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
+  config = audio_video_text.get_config()
+  config.train_policy.text = text_policy
+  config = schema.resolve(config, jax.device_count())
+  model, _, tx, _, _ = experiment.build_model_and_optimizer(config)
+  example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
+  return config, jax.eval_shape(experiment.state_creator(config, model, tx), example)
+
+
 def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():
   """The default experiment's state (params + AdamW's mu and nu), from shapes only: freezing
   the text tower removes its mu and nu, 2 x its parameters' bytes (its head, fresh from
   its initializer, keeps training)."""
-  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   sizes = {}
   for trainable in ("all", "none"):
-    config = audio_video_text.get_config()
-    config.train_policy.text = dict(trainable=trainable)
-    config = schema.resolve(config, jax.device_count())
-    model, _, tx, _, _ = experiment.build_model_and_optimizer(config)
-    example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
-    state = jax.eval_shape(experiment.state_creator(config, model, tx), example)
+    _, state = abstract_state(dict(trainable=trainable))
     text = nbytes(state.params["towers_text"])
     sizes[trainable] = (nbytes(state.params) + nbytes(state.opt_state), text)
   (full, text), (frozen, _) = sizes["all"], sizes["none"]
@@ -107,15 +113,9 @@ def test_freezing_the_text_tower_cuts_the_state_by_twice_its_share():
 def test_a_frozen_head_on_a_training_tower_has_no_state_and_the_tower_trains():
   """head="freeze" with trainable="all" (SigLIP's identity heads): the head is frozen and has
   no AdamW state, 2 x its bytes less, while its tower trains."""
-  from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   sizes = {}
   for head in ("auto", "freeze"):
-    config = audio_video_text.get_config()
-    config.train_policy.text = dict(head=head)
-    config = schema.resolve(config, jax.device_count())
-    model, _, tx, _, _ = experiment.build_model_and_optimizer(config)
-    example = jax.tree.map(lambda x: x[:1], random_batch(config, 2, seed=0))
-    state = jax.eval_shape(experiment.state_creator(config, model, tx), example)
+    config, state = abstract_state(dict(head=head))
     sizes[head] = nbytes(state.params) + nbytes(state.opt_state)
     rules = optimizer.tower_rules(config.train_policy)
     frozen = {p for p, f in by_path(optimizer.frozen(rules, state.params)).items() if f}

@@ -368,6 +368,14 @@ def perturbed(params, seed):
           for i, (k, v) in enumerate(params.items())}
 
 
+def text_and_image_modalities():
+  """config.modalities of a 16-token digit_words text and a 16 x 16 image, as written out
+  beside a two-tower folder."""
+  return {"text": schema.modality(dict(kind="text", feature="text", max_length=16,
+                                       tokenizer="digit_words")),
+          "image": schema.modality(dict(kind="image", feature="image", image_size=16))}
+
+
 def test_clip_towers_leave_as_a_folder_clip_model_loads(tmp_path):
   """A run's CLIP-layout towers and trained heads (with biases, which CLIP's projections
   lack) -> a CLIPModel folder: no missing or unexpected keys, CLIP's normalized features and
@@ -393,9 +401,7 @@ def test_clip_towers_leave_as_a_folder_clip_model_loads(tmp_path):
                      0)
   assert np.abs(params["heads_text"]["bias"]).min() > 0  # the bias must move, not vanish
   expected = ours.apply({"params": params}, batch, train=False)
-  modalities = {"text": schema.modality(dict(kind="text", feature="text", max_length=16,
-                                             tokenizer="digit_words")),
-                "image": schema.modality(dict(kind="image", feature="image", image_size=16))}
+  modalities = text_and_image_modalities()
   printed = run_to_hf.write_run(ours, params, modalities, ["text", "image"], str(tmp_path))
   assert printed == [f"text + image: a CLIPModel folder -> {tmp_path}"]
   clip, info = transformers.CLIPModel.from_pretrained(tmp_path, output_loading_info=True)
@@ -449,9 +455,7 @@ def test_siglip_towers_leave_as_a_folder_siglip_model_loads(tmp_path):
   params["heads_image"] = {"kernel": np.eye(32, dtype=np.float32),
                            "bias": np.zeros(32, np.float32)}  # as a loaded SigLIP's, frozen
   expected = ours.apply({"params": params}, batch, train=False)
-  modalities = {"text": schema.modality(dict(kind="text", feature="text", max_length=16,
-                                             tokenizer="digit_words")),
-                "image": schema.modality(dict(kind="image", feature="image", image_size=16))}
+  modalities = text_and_image_modalities()
   printed = run_to_hf.write_run(ours, params, modalities, ["text", "image"], str(tmp_path))
   assert printed == [f"text + image: a SiglipModel folder -> {tmp_path}"]
   siglip, info = transformers.SiglipModel.from_pretrained(tmp_path, output_loading_info=True)
