@@ -535,6 +535,61 @@ def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path,
     np.testing.assert_array_equal(flat(loaded)[path], value, err_msg=str(path))
 
 
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "whisper"])
+def test_audio_towers_leave_in_their_family_layout(tmp_path, family):
+  """wav2vec 2.0, HuBERT (here without the feature projection's LayerNorm) and Whisper's
+  encoder saved alone: transformers loads each folder with no missing or unexpected keys and
+  gives the tower's frames; load_hf reads every param back bit for bit, but for the
+  weight-normed positional convolution, rebuilt as g * v / |v| (float32 rounding), and
+  Whisper's key biases, which its layout lacks and softmax ignores (they load as zeros)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from transformers.models.whisper import modeling_whisper  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.models import speech  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.pretrained import run_to_hf, to_hf  # pylint: disable=g-import-not-at-top
+  trunk = dict(width=32, num_layers=2, num_heads=4, mlp_dim=37)
+  rng = np.random.default_rng(6)
+  if family == "whisper":
+    tower = speech.WhisperEncoder(num_mels=16, max_frames=200, max_positions=100, **trunk)
+    spectrogram = rng.normal(size=(2, 200, 16)).astype(np.float32)
+    inputs = {"spectrogram": spectrogram}
+    torch_inputs = {"input_features": torch.tensor(spectrogram.transpose(0, 2, 1))}
+    model_class, extractor = modeling_whisper.WhisperEncoder, "WhisperFeatureExtractor"
+  else:
+    tower = speech.SpeechTransformer(
+        normalize=False, conv_channels=(16, 16, 16), conv_kernels=(10, 3, 2),
+        conv_strides=(5, 2, 2), conv_bias=True, pos_conv_kernel=16, pos_conv_groups=4,
+        feature_projection_norm=family == "wav2vec2",
+        mask_time_prob=0.05 if family == "wav2vec2" else 0.0, **trunk)
+    waveform = rng.normal(0.1, 0.3, size=(2, 1600)).astype(np.float32)
+    inputs, torch_inputs = {"waveform": waveform}, {"input_values": torch.tensor(waveform)}
+    model_class = {"wav2vec2": transformers.Wav2Vec2Model, "hubert": transformers.HubertModel}[
+        family]
+    extractor = "Wav2Vec2FeatureExtractor"
+  params = perturbed(jax.device_get(tower.init(jax.random.key(0), inputs, train=False)
+                                    ["params"]), 2)
+  to_hf.tower_folder(tower, params, str(tmp_path), family)
+  run_to_hf.preprocessing(schema.modality(dict(kind="audio", feature="audio", num_samples=1600)),
+                          str(tmp_path), tower)
+  model, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
+  assert not any(info.values()), info
+  assert type(transformers.AutoFeatureExtractor.from_pretrained(tmp_path)).__name__ == extractor
+  ours = tower.apply({"params": params}, inputs, train=False)
+  with torch.no_grad():
+    reference = model.eval()(**torch_inputs)
+  assert_close(ours["tokens"], reference.last_hidden_state)
+  _, loaded = load_hf(str(tmp_path))
+  flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
+  assert flat(loaded).keys() == flat(params).keys()
+  for path, value in flat(params).items():
+    name = jax.tree_util.keystr(path)
+    if "pos_conv" in name and name.endswith("['kernel']"):
+      np.testing.assert_allclose(flat(loaded)[path], value, rtol=3e-7, err_msg=name)
+    elif family == "whisper" and name.endswith("['key']['bias']"):
+      np.testing.assert_array_equal(flat(loaded)[path], 0, err_msg=name)
+    else:
+      np.testing.assert_array_equal(flat(loaded)[path], value, err_msg=str(path))
+
+
 def test_siglip_towers_and_its_sigmoid_scale_and_bias(tmp_path):
   """A SiglipModel folder: each tower through load_hf equals transformers' (last hidden
   state and pooled output: the text head's, the vision attention-pooling head's), and with

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal_jax.pretrained.families import CONVERTERS
+from xmodal_jax.pretrained.families import CONVERTERS, whisper
 from xmodal_jax.pretrained.families.vit import LEGACY_VIT_NAMES
 from xmodal_jax.pretrained.weights import Weights, canonical_names, read_weights
 
@@ -92,6 +92,7 @@ def convert(path, read_tensors, part, overrides, shapes_only=False):
                      f"{FAMILIES}")
   if "dtype" in overrides:
     overrides["dtype"] = jnp.dtype(overrides["dtype"])
+  renames = ()
   if model_type in TWO_TOWER_FAMILIES:
     if part not in CLIP_PARTS:
       raise ValueError(f"{path}: a {model_type.upper()} model folder holds two towers; pass "
@@ -103,10 +104,13 @@ def convert(path, read_tensors, part, overrides, shapes_only=False):
     raise ValueError(f"{path}: part={part!r} only applies to CLIP and SigLIP model folders")
   elif model_type == "whisper":  # WhisperForConditionalGeneration nests the model in "model."
     prefixes = ("model.",)
+    if getattr(config, "architectures", None) == [whisper.ENCODER_ONLY]:
+      renames = (("^", whisper.ENCODER_PREFIX),)
   else:
     prefixes = ("bert.", "roberta.", "vit.", "audio_spectrogram_transformer.", "text_model.",
                 "vision_model.", "wav2vec2.", "hubert.")
-  renames = LEGACY_VIT_NAMES if model_type in ("vit", "audio-spectrogram-transformer") else ()
+  if model_type in ("vit", "audio-spectrogram-transformer"):
+    renames = LEGACY_VIT_NAMES
   w = Weights({} if shapes_only else canonical_names(read_tensors(), prefixes, renames), path)
 
   tower_fn, params_fn, example_fn = CONVERTERS[model_type]

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from xmodal_jax import tokenizers
-from xmodal_jax.models import audio
+from xmodal_jax.models import audio, speech
 from xmodal_jax.pretrained.to_hf import (checkpoint_tensors, layout, model_shapes,
                                          projection_file, save_folder, tower_folder)
 
@@ -174,9 +174,19 @@ def write_run(model, params, modality_configs, modalities, out):
 
 
 def preprocessing(modality_config, out, tower=None):
-  """The text's tokenizer, or an image's or an AST's preprocessor_config.json, beside the
-  weights."""
-  if modality_config.kind == "text":
+  """The text's tokenizer, or an image's or an audio tower's preprocessor_config.json,
+  beside the weights."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  if isinstance(tower, speech.SpeechTransformer):
+    transformers.Wav2Vec2FeatureExtractor(
+        sampling_rate=tower.sample_rate, do_normalize=tower.normalize,
+        return_attention_mask=tower.stable_layer_norm).save_pretrained(out)
+  elif isinstance(tower, speech.WhisperEncoder):  # to_hf.layout checked the whole seconds
+    transformers.WhisperFeatureExtractor(
+        feature_size=tower.num_mels, sampling_rate=tower.sample_rate,
+        hop_length=tower.sample_rate // 100, chunk_length=tower.max_frames // 100
+    ).save_pretrained(out)
+  elif modality_config.kind == "text":
     tokenizers.load(modality_config.tokenizer).save_pretrained(out)
   elif modality_config.kind == "image":
     image_processor_config(modality_config, modality_config.image_size, out)

@@ -5,15 +5,17 @@ The inverse is not written out per family: each family's converter (families/) r
 on checkpoint tensors that hold their own element numbers, so every parameter it returns says
 which elements of which checkpoint tensor it came from, and our values are written back
 there. One converter thus serves both directions, and a tensor that would be left unwritten
-(or a parameter with no place) is an error, never a silent zero.
+(or a parameter with no place) is an error, never a silent zero. The one exception is a key
+bias where the layout has none (Whisper's): it cannot change the attention, so it is dropped.
 """
 
+import importlib
 import os
 
 import numpy as np
 
-from xmodal_jax.models import audio, text, vision
-from xmodal_jax.pretrained.families import bert, clip, siglip, vit
+from xmodal_jax.models import audio, speech, text, vision
+from xmodal_jax.pretrained.families import bert, clip, siglip, vit, wav2vec2, whisper
 from xmodal_jax.pretrained.hf import flatten
 from xmodal_jax.pretrained.weights import Weights, canonical_names
 
@@ -38,7 +40,9 @@ def checkpoint_tensors(params_fn, tower, shapes, params, where, prefix=""):
   for path, index in traced.items():
     value = np.asarray(ours[path], np.float32)
     if not np.issubdtype(index.dtype, np.integer):  # a constant the converter supplies
-      if not np.array_equal(value, index):
+      # A bias added to every key (Whisper's keys have none) shifts each query's logits by
+      # one constant, which softmax ignores: it is dropped, not refused.
+      if path[-2:] != ("key", "bias") and not np.array_equal(value, index):
         raise ValueError(f"{where}: {'/'.join(path)} must stay {index.ravel()[:4]}... to fit "
                          "the Hugging Face layout")
       continue
@@ -112,6 +116,30 @@ def layout(tower, where):
         patch_size=tower.patch_size, frequency_stride=tower.patch_stride[0],
         time_stride=tower.patch_stride[1], max_length=tower.max_frames,
         num_mel_bins=tower.num_mels, **dropouts(tower)), "ASTModel", {}, vit.ast_params)
+  if isinstance(tower, speech.SpeechTransformer):
+    family = "Wav2Vec2" if tower.feature_projection_norm else "Hubert"  # HuBERT's may lack it
+    return (f"{family}Config", trunk(tower) | dict(
+        conv_dim=tuple(tower.conv_channels), conv_kernel=tuple(tower.conv_kernels),
+        conv_stride=tuple(tower.conv_strides), conv_bias=tower.conv_bias,
+        feat_extract_norm=tower.feature_norm, feat_extract_activation=tower.feature_activation,
+        num_conv_pos_embeddings=tower.pos_conv_kernel,
+        num_conv_pos_embedding_groups=tower.pos_conv_groups,
+        do_stable_layer_norm=tower.stable_layer_norm, mask_time_prob=tower.mask_time_prob,
+        mask_time_length=tower.mask_time_length,
+        **({} if tower.feature_projection_norm else dict(feat_proj_layer_norm=False)),
+        **dropouts(tower, "hidden_dropout", "attention_dropout")), f"{family}Model", {},
+            wav2vec2.speech_params)
+  if isinstance(tower, speech.WhisperEncoder):
+    require(tower, where, max_frames=2 * tower.max_positions, layer_norm_eps=1e-5)
+    if tower.max_frames % 100:
+      raise ValueError(f"{where}: max_frames={tower.max_frames}: WhisperFeatureExtractor's "
+                       "windows are whole seconds (a multiple of 100 frames)")
+    return ("WhisperConfig", dict(
+        d_model=tower.width, encoder_layers=tower.num_layers,
+        encoder_attention_heads=tower.num_heads, encoder_ffn_dim=tower.mlp_dim,
+        num_mel_bins=tower.num_mels, max_source_positions=tower.max_positions,
+        activation_function=tower.activation, **dropouts(tower, "dropout", "attention_dropout")),
+            whisper.ENCODER_ONLY, {}, whisper.whisper_params)
   if type(tower) is vision.PatchTransformer:  # pylint: disable=unidiomatic-typecheck
     height, width = tower.input_size()
     if height != width or (tower.patch_stride and tuple(tower.patch_stride) != (
@@ -140,7 +168,8 @@ def layout(tower, where):
     return ("ViTConfig", common | dropouts(tower), "ViTModel",
             dict(add_pooling_layer=pooler), vit.vit_params)
   raise ValueError(f"{where}: {type(tower).__name__} has no Hugging Face layout here (CLIP "
-                   "and SigLIP text and vision, ViT, BERT and AST do); launch/convert.py "
+                   "and SigLIP text and vision, ViT, BERT, AST, wav2vec 2.0, HuBERT and "
+                   "Whisper's encoder do); launch/convert.py "
                    "--to=jax exports it")
 
 
@@ -148,19 +177,34 @@ def model_shapes(model_class, config, **kwargs):
   """{state-dict name: shape} of a transformers model, built on torch's meta device."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(whisper.MODEL_MODULE) if (
+      model_class == whisper.ENCODER_ONLY) else transformers
   with torch.device("meta"):
-    model = getattr(transformers, model_class)(config, **kwargs)
+    model = getattr(module, model_class)(config, **kwargs)
   return {name: tuple(value.shape) for name, value in model.state_dict().items()}
 
 
 def tower_folder(tower, params, out, where):
   """Writes `tower` as the Hugging Face folder of its family (config.json and
-  model.safetensors); `load_hf(out, pooling=...)` reads the same params back."""
+  model.safetensors); `load_hf(out, pooling=...)` reads the same params back (wav2vec 2.0's
+  weight-normed convolution to within float32 rounding, everything else bit for bit)."""
   import transformers  # pylint: disable=g-import-not-at-top
   config_class, config_kwargs, model_class, model_kwargs, params_fn = layout(tower, where)
   config = getattr(transformers, config_class)(**config_kwargs)
   shapes = model_shapes(model_class, config, **model_kwargs)
-  tensors = checkpoint_tensors(params_fn, tower, shapes, params, where)
+  # The names the converter reads: Whisper's encoder saved alone lacks its "encoder."
+  # prefix; the weight-normed convolution is traced as the plain weight it computes.
+  prefix = whisper.ENCODER_PREFIX if model_class == whisper.ENCODER_ONLY else ""
+  parts = [f"{wav2vec2.POS_CONV}.{part}" for part in wav2vec2.WEIGHT_NORM_PARTS]
+  normed = parts[1] in shapes
+  if normed:
+    shapes[f"{wav2vec2.POS_CONV}.weight"] = shapes.pop(parts[1])
+    del shapes[parts[0]]
+  tensors = checkpoint_tensors(params_fn, tower, {prefix + k: v for k, v in shapes.items()},
+                               params, where)
+  tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+  if normed:
+    tensors = wav2vec2.weight_norm_parts(tensors)
   save_folder(config, model_class, tensors, out)
   return tensors
 

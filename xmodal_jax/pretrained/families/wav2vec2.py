@@ -9,8 +9,6 @@ from xmodal_jax.pretrained.weights import (activation, block, conv1d, dense,
 
 SPEECH_FAMILIES = ("wav2vec2", "hubert")
 
-# Older transformers wrote ViT/AST blocks under these names; transformers 5 writes the right.
-
 
 def speech_tower(config, overrides, path):
   unsupported = {name: getattr(config, name) for name, ok in (
@@ -40,17 +38,36 @@ def speech_tower(config, overrides, path):
   return speech.SpeechTransformer(**(kwargs | overrides))
 
 
+POS_CONV = "encoder.pos_conv_embed.conv"
+# Newer torch's names for weight_norm's magnitude g and direction v.
+WEIGHT_NORM_PARTS = ("parametrizations.weight.original0", "parametrizations.weight.original1")
+
+
 def weight_normed_conv(w, name):
   """A weight-normalized Conv1d (over dim 2, as torch's weight_norm(dim=2)) as the plain
   kernel [K, in / groups, out] it computes, g * v / |v|. Newer torch saves g and v as
-  parametrizations.weight.original0/1, older as weight_g/weight_v."""
+  parametrizations.weight.original0/1, older as weight_g/weight_v; a plain `weight` (weight
+  norm removed) is taken as it is."""
+  if name + ".weight" in w:
+    return {"kernel": w[name + ".weight"].transpose(2, 1, 0), "bias": w[name + ".bias"]}
   if name + ".weight_g" in w:
     g, v = w[name + ".weight_g"], w[name + ".weight_v"]
   else:
-    g = w[name + ".parametrizations.weight.original0"]
-    v = w[name + ".parametrizations.weight.original1"]
+    g, v = (w[f"{name}.{part}"] for part in WEIGHT_NORM_PARTS)
   weight = g * v / np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
   return {"kernel": weight.astype(np.float32).transpose(2, 1, 0), "bias": w[name + ".bias"]}
+
+
+def weight_norm_parts(tensors, name=POS_CONV):
+  """`tensors` with the plain `{name}.weight` [out, in / groups, K] split into weight_norm's
+  g = |weight| (over dims 0 and 1) and v = weight, the names torch's model holds; loading
+  computes g * v / |v|, the weight to within float32 rounding."""
+  tensors = dict(tensors)
+  weight = tensors.pop(name + ".weight")
+  norm = np.sqrt(np.sum(weight.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+  tensors[f"{name}.{WEIGHT_NORM_PARTS[0]}"] = norm.astype(np.float32)
+  tensors[f"{name}.{WEIGHT_NORM_PARTS[1]}"] = weight
+  return tensors
 
 
 def speech_params(w, tower):
@@ -68,7 +85,7 @@ def speech_params(w, tower):
       "ln_mlp": f"encoder.layers.{i}.final_layer_norm"}) for i in range(tower.num_layers)}
   params = {"feature_encoder": convs,
             "feature_projection": dense(w, "feature_projection.projection"),
-            "pos_conv": weight_normed_conv(w, "encoder.pos_conv_embed.conv"),
+            "pos_conv": weight_normed_conv(w, POS_CONV),
             "encoder": encoder}
   if tower.feature_projection_norm:
     params["feature_ln"] = layer_norm(w, "feature_projection.layer_norm")

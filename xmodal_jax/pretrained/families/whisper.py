@@ -1,7 +1,14 @@
-"""Whisper's encoder (WhisperModel / WhisperForConditionalGeneration folders)."""
+"""Whisper's encoder (WhisperModel / WhisperForConditionalGeneration folders, and the
+encoder saved alone, as to_hf writes it)."""
 
 from xmodal_jax.models import speech
 from xmodal_jax.pretrained.weights import activation, block, conv1d, layer_norm
+
+# transformers' encoder-only model (not exported at the top level), whose folders name its
+# tensors without the "encoder." that the whole model's carry.
+ENCODER_ONLY = "WhisperEncoder"
+MODEL_MODULE = "transformers.models.whisper.modeling_whisper"
+ENCODER_PREFIX = "encoder."
 
 
 def whisper_tower(config, overrides):
