@@ -41,16 +41,18 @@ def test_two_processes_match_one(tmp_path):
   assert len(results) == 6
   for key, value in results.items():
     assert value == pytest.approx(expected[key.split("/")[0]], rel=1e-5), key
-  # run_on_first_process: an error in process 0's work stops the other process too (it
-  # raises HostFailed instead of waiting in a collective), wherever the error happens.
+  # InStep: an error in process 1's work stops process 0 too (it raises HostFailed instead
+  # of waiting in the next item's collective), wherever the error happens.
   outcomes = []
   for rank in (0, 1):
     with open(f"{out}.failures{rank}") as f:
       outcomes.append(json.load(f))
-  assert outcomes[0] == {"before": "OSError", "first": "OSError", "last": "OSError",
-                         "after": "OSError", "none": 2 * (0 + 1 + 2), "in_step": 2}
-  assert outcomes[1] == {"before": "HostFailed", "first": "HostFailed",
-                         "last": "HostFailed", "after": None, "none": None, "in_step": 2}
+  total = 2 * (0 + 1 + 2)
+  assert outcomes[1] == {"before": "OSError", "first": "OSError", "last": "OSError",
+                         "after": "OSError", "none": total, "in_step": 2}
+  assert outcomes[0] == {"before": "HostFailed", "first": "HostFailed",
+                         "last": "HostFailed", "after": "HostFailed", "none": total,
+                         "in_step": 2}
 
 
 def preempt(args, workdir, processes, after_lines):

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 
 from xmodal_jax import files
+from xmodal_jax.parallel import distributed
 
 FORMAT = 2
 DTYPES = ("float32", "float16")
@@ -109,14 +110,17 @@ def write_shards(out, embedder, params, split, *, signature, shard_rows, dtype="
     if process == 0:
       log(f"export: shard {number + 1}/{total}")
 
-  for batch in embedder.local_batches(params, split, start_batch=done * per_shard):
-    pending.append(batch)
-    embedded += 1
-    if len(pending) == per_shard:
+  # A shard that fails to write on one process (a full disk) stops every process.
+  with distributed.InStep(embedder.local_batches(params, split,
+                                                 start_batch=done * per_shard)) as batches:
+    for batch in batches:
+      pending.append(batch)
+      embedded += 1
+      if len(pending) == per_shard:
+        flush()
+        number, pending = number + 1, []
+    if pending:
       flush()
-      number, pending = number + 1, []
-  if pending:
-    flush()
   return embedded
 
 

@@ -54,49 +54,51 @@ def initialize(mode="auto", coordinator_address=None, num_processes=None, proces
 
 
 class HostFailed(RuntimeError):
-  """Process 0 failed in work the others were taking part in; they stop too."""
+  """Another process failed in work this one was taking part in; this one stops too."""
 
 
-def _any_failed(failed):
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.asarray(multihost_utils.process_allgather(np.int32(failed))).any())
+class InStep:
+  """Iterates `items` on every process in step, for items whose making runs collectives
+  (gathered or sharded embeddings): an error in any process's work on an item, inside the
+  `with`, stops every process before the next item instead of leaving the others waiting in
+  its collective for a process that has gone.
 
+      with distributed.InStep(batches) as stream:
+        for batch in stream:
+          write(batch)        # an error here, on any process, stops them all
 
-def run_on_first_process(work, steps):
-  """`work(steps)` on process 0 while every other process only steps through `steps` (an
-  iterable whose items run collectives, such as gathered embeddings); returns work's result
-  on process 0, None elsewhere.
-
-  Without this, an error in `work` (a full disk, a bad path) leaves the other processes
-  waiting in their next collective for a process that has gone. Here every process checks
-  a shared flag before each item and after the last, and process 0, on an error, steps on to
-  the next check and sets it: every other process then raises HostFailed and process 0
-  re-raises its error.
+  Every process agrees before each item and once on leaving: the failing process re-raises
+  its error, the others raise HostFailed naming it. An error in making an item (inside
+  `items`) on one process alone is not covered: the others are already in its collective.
   """
-  if jax.process_count() == 1:
-    return work(steps)
-  failed = False
 
-  def checked():
-    for step in steps:
-      if _any_failed(failed):
-        raise HostFailed("process 0 failed; stopping with it")
-      yield step
-    if _any_failed(failed):
-      raise HostFailed("process 0 failed; stopping with it")
+  def __init__(self, items):
+    self._items, self._settled = iter(items), False
 
-  stream = checked()
-  if jax.process_index() != 0:
-    for _ in stream:
-      pass
-    return None
-  try:
-    return work(stream)
-  except Exception:
-    failed = True
-    try:
-      for _ in stream:
-        pass
-    except HostFailed:
-      pass
-    raise
+  def _agree(self, failed):
+    """Every process's `failed`; raises HostFailed here when another process failed."""
+    if jax.process_count() == 1:
+      return
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failures = np.flatnonzero(np.asarray(multihost_utils.process_allgather(np.int32(failed))))
+    if failures.size and not failed:
+      self._settled = True
+      raise HostFailed(f"process {failures[0]} failed; stopping with it")
+
+  def __enter__(self):
+    return self
+
+  def __iter__(self):
+    while True:
+      self._agree(False)
+      try:
+        item = next(self._items)
+      except StopIteration:
+        return
+      yield item
+
+  def __exit__(self, kind, error, traceback):
+    if not self._settled:
+      self._settled = True
+      self._agree(error is not None)
+    return False
