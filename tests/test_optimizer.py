@@ -87,23 +87,41 @@ def test_adafactor_first_step_and_factored_state():
   assert sum(np.size(x) for x in jax.tree.leaves(adam)) > 2 * 256 * 512  # m and v in full
 
 
+def factored_second_moment_size(shape):
+  """Adafactor's second-moment numbers for a tensor of `shape` (Shazeer & Stern, 2018): a
+  row and a column over its two largest sides when both are 32 or more, else a full copy;
+  optax adds a one-number placeholder for each part a tensor does not use."""
+  size = int(np.prod(shape))
+  a, b = sorted(shape)[-2:] if len(shape) > 1 else (0, 0)
+  return size // a + size // b + 1 if min(a, b) >= 32 else size + 2
+
+
 def test_adafactor_state_of_a_vit_l_run_from_shapes():
   """configs/image_text.py:L's optimizer state, from shapes alone: AdamW 8 bytes per
-  parameter; Adafactor without momentum under a fifth of that (its large matrices keep a row
-  and a column); its momentum adds exactly 4 bytes per parameter."""
+  parameter; Adafactor's second moment exactly the factored sizes of each tensor; its
+  momentum adds 2 bytes per parameter in bfloat16 (the default) and 4 in float32."""
   from configs import image_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax import experiment  # pylint: disable=g-import-not-at-top
   per_param = {}
-  for name, b1 in (("adamw", 0.9), ("adafactor", 0.0), ("adafactor", 0.9)):
+  for name, b1, dtype in (("adamw", 0.9, "bfloat16"), ("adafactor", 0.0, "bfloat16"),
+                          ("adafactor", 0.9, "bfloat16"), ("adafactor", 0.9, "float32")):
     config = image_text.get_config("L")
     config.update_from_flattened_dict({
-        "optimizer.name": name, "optimizer.b1": b1, "mesh.fsdp": 1, "batch_size": 8,
-        "eval_batch_size": 8, "modalities.text.tokenizer": "digit_words"})
+        "optimizer.name": name, "optimizer.b1": b1, "optimizer.momentum_dtype": dtype,
+        "mesh.fsdp": 1, "batch_size": 8, "eval_batch_size": 8,
+        "modalities.text.tokenizer": "digit_words"})
     state = experiment.assemble(config, jax.devices()[:1], read_data=False).abstract_state
-    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    per_param[name, b1] = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                              for x in jax.tree.leaves(state.opt_state)) / params
-  assert per_param["adamw", 0.9] == pytest.approx(8.0, abs=1e-6)
-  assert per_param["adafactor", 0.0] < 8.0 / 5
-  assert per_param["adafactor", 0.9] - per_param["adafactor", 0.0] == pytest.approx(4.0,
-                                                                                  abs=1e-6)
+    shapes = [x.shape for x in jax.tree.leaves(state.params)]
+    params = sum(int(np.prod(s)) for s in shapes)
+    per_param[name, b1, dtype] = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                                     for x in jax.tree.leaves(state.opt_state)) / params
+  assert per_param["adamw", 0.9, "bfloat16"] == pytest.approx(8.0, abs=1e-6)
+  expected = 4 * sum(factored_second_moment_size(s) for s in shapes) / params
+  assert per_param["adafactor", 0.0, "bfloat16"] == pytest.approx(expected, abs=1e-6)
+  assert expected < 0.01 * 8.0  # under 1% of AdamW's: every matrix is factored
+  momentum = {dtype: per_param["adafactor", 0.9, dtype] - per_param["adafactor", 0.0, "bfloat16"]
+              for dtype in ("bfloat16", "float32")}
+  assert momentum == {"bfloat16": pytest.approx(2.0, abs=1e-6),
+                      "float32": pytest.approx(4.0, abs=1e-6)}
+
+

@@ -212,6 +212,8 @@ COMMON = {
         "end_learning_rate_ratio": _o(0.0, "the schedule ends at this fraction of the peak"),
         "weight_decay": _o(0.0, "decoupled weight decay (not on 1-D parameters)"),
         "b1": _o(0.9, "Adam beta1; Adafactor's momentum (0: none)"), "b2": _o(0.999, "Adam beta2"),
+        "momentum_dtype": _o("bfloat16", "Adafactor's stored momentum: bfloat16 (big_vision's) "
+                             "or float32"),
         "grad_clip_norm": _o(1.0, "global gradient norm clip"),
     },
     "nonfinite": {

@@ -39,6 +39,8 @@ def validate(config):
       ("b2", opt.b2, 0 <= opt.b2 < 1, "0 <= b2 < 1"),
       ("grad_clip_norm", opt.grad_clip_norm, opt.grad_clip_norm > 0, "> 0"),
       ("name", opt.name, opt.name in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+      ("momentum_dtype", opt.momentum_dtype, opt.momentum_dtype in MOMENTUM_DTYPES,
+       f"one of {MOMENTUM_DTYPES}"),
       ("schedule", opt.schedule, opt.schedule in SCHEDULES, f"one of {SCHEDULES}"),
       ("cooldown_steps", opt.cooldown_steps, opt.cooldown_steps >= 0
        and opt.warmup_steps + opt.cooldown_steps <= config.total_steps,
@@ -52,6 +54,7 @@ def validate(config):
 
 
 OPTIMIZERS = ("adamw", "adafactor")
+MOMENTUM_DTYPES = ("bfloat16", "float32")
 SCHEDULES = ("warmup_cosine", "warmup_rsqrt", "warmup_stable_decay")
 
 
@@ -166,12 +169,13 @@ def has_frozen(rules):
 
 
 def adafactor(rate, opt, decay_mask):
-  """big_vision's Adafactor: a factored second moment (a row and a column mean of g^2 per
-  matrix of 128+ on each side, so O(n + m) state instead of O(nm)), momentum b1 on the
-  scaled update when b1 > 0 (a full-size first moment), decoupled weight decay."""
-  parts = [optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=128)]
+  """big_vision's Adafactor: a factored second moment (a row and a column mean of g^2 over
+  the two largest sides of each tensor whose two largest sides are both 32 or more, so
+  O(n + m) state instead of O(nm)), momentum b1 on the scaled update when b1 > 0 (a
+  full-size first moment, stored in `momentum_dtype`), decoupled weight decay."""
+  parts = [optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=32)]
   if opt.b1:
-    parts.append(optax.ema(opt.b1, debias=True))
+    parts.append(optax.ema(opt.b1, debias=True, accumulator_dtype=jnp.dtype(opt.momentum_dtype)))
   if opt.weight_decay:
     parts.append(optax.add_decayed_weights(opt.weight_decay, mask=decay_mask))
   return optax.chain(*parts, optax.scale_by_learning_rate(rate))
