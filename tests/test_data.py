@@ -103,3 +103,19 @@ def test_missing_data_dir_is_named(tmp_path):
                                         data_dir=str(tmp_path / "nowhere")))
   with pytest.raises(FileNotFoundError, match="nowhere"):
     pipeline.get_builder(data)
+
+
+def test_first_positions_find_each_items_first_record():
+  """items.FirstPositions against a plain scan: each id's first position among the records
+  given, None for an id with none."""
+  from xmodal_jax.data import items  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  ids = rng.integers(0, 500, size=2_000)
+  having = np.flatnonzero(rng.random(2_000) < 0.3)  # the records that hold some modality
+  first = items.FirstPositions(ids[having], having)
+  expected = {}
+  for position in having:
+    expected.setdefault(int(ids[position]), int(position))
+  for item in range(-1, 501):
+    assert first.get(item) == expected.get(item), item
+    assert (item in first) == (item in expected)

@@ -3,7 +3,7 @@ and their stored media as files a browser plays (docs/guide.md, "Serving an expo
 
 Records are read by position through the split's random-access copy (data/random_access.py,
 written once where missing). The first lookup reads only the "id" and "has_" fields of every
-record, once, to find each item's first record with a modality.
+record, once, to find each item's first record with a modality (kept as sorted arrays).
 """
 
 import threading
@@ -27,6 +27,23 @@ def image_type(data):
               "application/octet-stream")
 
 
+class FirstPositions:
+  """Each item's first record position, from the split's ids in position order: two sorted
+  int64 arrays (16 bytes an item, not a Python dict's ~100), searched by bisection."""
+
+  def __init__(self, ids, positions):
+    self.ids, first = np.unique(ids, return_index=True)
+    self.positions = positions[first]
+
+  def get(self, item_id):
+    """The position of the first record of `item_id`, or None."""
+    i = np.searchsorted(self.ids, item_id)
+    return int(self.positions[i]) if i < len(self.ids) and self.ids[i] == item_id else None
+
+  def __contains__(self, item_id):
+    return self.get(item_id) is not None
+
+
 class ItemReader:
   """The items of `split` of a prepared dataset (`builder`), by their int64 id.
   `modalities`: {name: config.modalities entry} of the modalities it shows; `audio_rate`:
@@ -37,7 +54,7 @@ class ItemReader:
     self._builder, self._modalities, self._audio_rate = builder, modalities, audio_rate
     self._features = builder.info.features
     self._reader = None
-    self._first = None  # {feature: {item id: first position holding it}}
+    self._first = None  # {feature (None: any record): FirstPositions}
     self._lock = threading.Lock()
 
   def _positions(self):
@@ -50,15 +67,18 @@ class ItemReader:
         flagged = [f for f in features if f"has_{f}" in self._features]
         spec = {"id": tf.io.FixedLenFeature([], tf.int64)}
         spec |= {f"has_{f}": tf.io.FixedLenFeature([], tf.int64) for f in flagged}
-        first = {f: {} for f in [None] + features}
-        position = 0
+        columns = {key: [] for key in spec}
         for batch in self._reader.dataset().batch(4096).map(
             lambda s: tf.io.parse_example(s, spec)).as_numpy_iterator():
-          for i, item in enumerate(batch["id"].tolist()):
-            for f in [None] + features:
-              if f not in flagged or batch[f"has_{f}"][i]:
-                first[f].setdefault(item, position + i)
-          position += len(batch["id"])
+          for key, values in batch.items():
+            columns[key].append(values)
+        columns = {key: np.concatenate(parts) if parts else np.zeros(0, np.int64)
+                   for key, parts in columns.items()}
+        ids = columns["id"]
+        first = {None: FirstPositions(ids, np.arange(len(ids)))}
+        for f in features:
+          having = np.flatnonzero(columns[f"has_{f}"]) if f in flagged else None
+          first[f] = first[None] if having is None else FirstPositions(ids[having], having)
         self._first = first
     return self._first
 
