@@ -18,7 +18,20 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# (name, config, overrides); batch 32,768 everywhere (OpenAI CLIP's).
+# A ViT-e/14-class image tower (3.9B parameters; Chen et al., PaLI) on :bigG's text tower.
+VIT_E = ["--config.model.towers.image.width=1792", "--config.model.towers.image.num_layers=56",
+         "--config.model.towers.image.mlp_dim=15360"]
+DROP_AND_ADAFACTOR = ["--config.model.towers.image.token_drop_rate=0.5",
+                      "--config.optimizer.name=adafactor"]
+
+
+def big_batch(batch, accum):
+  """Overrides for a global batch of `batch` in `accum` gradient-caching micro-batches."""
+  return [f"--config.batch_size={batch}", f"--config.eval_batch_size={batch}",
+          f"--config.grad_accum_steps={accum}"]
+
+
+# (name, config, overrides); batch 32,768 unless a row says otherwise (OpenAI CLIP's).
 ROWS = [
     ("ViT-B/16 + text-B, replicated state (baseline)", "configs/image_text.py",
      ["--config.batch_size=32768", "--config.eval_batch_size=32768"]),
@@ -33,6 +46,13 @@ ROWS = [
      ["--config.grad_accum_steps=1"]),
     ("audio_video_text:pod (AST-B + ViT-B/16 frames + text-B)",
      "configs/audio_video_text.py:pod", []),
+    ("image_text:g, Adafactor", "configs/image_text.py:g", ["--config.optimizer.name=adafactor"]),
+    ("image_text:L, token_drop_rate=0.5", "configs/image_text.py:L",
+     ["--config.model.towers.image.token_drop_rate=0.5"]),
+    ("ViT-e/14 + text-bigG, batch 65,536, k=4, drop 0.5, Adafactor", "configs/image_text.py:bigG",
+     [*VIT_E, *big_batch(65_536, 4), *DROP_AND_ADAFACTOR]),
+    ("image_text:bigG, batch 131,072, k=4, drop 0.5, Adafactor", "configs/image_text.py:bigG",
+     [*big_batch(131_072, 4), *DROP_AND_ADAFACTOR]),
 ]
 
 
