@@ -7,7 +7,10 @@ Part 1: peak RSS and rows/s of one export process (launch/export.py's code path:
   (two 32-dim "features" modalities, so the model costs little and the export path shows),
   exporting its first fifth and the whole of it. Each export runs in a fresh process that
   reports its own peak RSS (VmHWM); the claim is that memory does not grow with the items.
-Part 2: recall@10 of a FAISS IVF-PQ index (launch/export.py --index=ivf_pq) against exact
+Part 2: item keys on the whole export: `Export.row_of_key` (a key's row, shard by shard)
+  and `keys_at` (the keys of a few rows, from their shards alone), per call, against the
+  baseline of loading every key (`Export.keys()`) once.
+Part 3: recall@10 of a FAISS IVF-PQ index (launch/export.py --index=ivf_pq) against exact
   search (eval/search.topk) on 1,000 queries ("b" rows against the "a" gallery), at 16
   (the default), 64 and 256 lists probed, with its build time and size, beside flat.
 """
@@ -70,6 +73,7 @@ def config_for(data_dir):
                              b=sizes.features("tiny", width=64, mlp_dim=128))
   config.batch_size, config.eval_batch_size = 256, 4096
   config.total_steps, config.log_every, config.checkpoint_every = 1, 1, 1
+  config.optimizer.warmup_steps = 0
   config.evals = {}
   config.loss.pair_weights = {}
   return config
@@ -95,6 +99,31 @@ def child(args):
   print(json.dumps({"split": args.split, "rows": meta["count"], "seconds": seconds,
                     "rows_per_s": meta["count"] / seconds, "peak_rss_mb": peak_kb / 1024,
                     "devices": jax.device_count()}))
+
+
+def key_lookups(export_dir, lookups=20):
+  """Seconds per row_of_key and keys_at call on an export, against loading every key."""
+  from xmodal_jax.eval import export
+  rng = np.random.default_rng(2)
+  start = time.perf_counter()
+  every_key = export.read_export(export_dir).keys()
+  load_s = time.perf_counter() - start
+  rows = rng.choice(len(every_key), lookups, replace=False)
+  exported = export.read_export(export_dir)  # nothing read yet
+  start = time.perf_counter()
+  found = [exported.row_of_key(every_key[r]) for r in rows]
+  row_of_key_s = (time.perf_counter() - start) / lookups
+  assert found == list(rows), "row_of_key found other rows"
+  start = time.perf_counter()
+  for chunk in np.array_split(rows, lookups // 10):
+    assert list(exported.keys_at(chunk)) == list(every_key[chunk])
+  keys_at_s = (time.perf_counter() - start) / (lookups // 10)
+  result = {"rows": len(every_key), "all_keys_s": load_s, "row_of_key_s": row_of_key_s,
+            "keys_at_10_rows_s": keys_at_s}
+  print(f"every key: {load_s:.2f} s once; row_of_key {1e3 * row_of_key_s:.0f} ms "
+        f"({row_of_key_s / load_s:.3f}x); keys_at of 10 rows {1e3 * keys_at_s:.0f} ms "
+        f"({keys_at_s / load_s:.3f}x)", flush=True)
+  return result
 
 
 def recall(export_dir, queries=1000):
@@ -168,6 +197,7 @@ def main():
   results["peak_rss_ratio"] = large["peak_rss_mb"] / small["peak_rss_mb"]
   print(f"peak RSS, {large['rows']} vs {small['rows']} rows: "
         f"{results['peak_rss_ratio']:.3f}x", flush=True)
+  results["keys"] = key_lookups(export_dir)
   results["indexes"] = recall(export_dir)
   shutil.rmtree(tmp)
   if args.out:

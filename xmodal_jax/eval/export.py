@@ -197,9 +197,9 @@ class Export:
     keys = np.empty(len(rows), object)
     for number in np.unique(shard_of):
       shard = self.meta["shards"][number]
-      column = read_parquet(self._items_path(shard), ["key"])["key"].to_pylist()
       here = shard_of == number
-      keys[here] = [column[r] for r in rows[here] - shard["start"]]
+      column = read_parquet(self._items_path(shard), ["key"])["key"]
+      keys[here] = column.take(pa.array(rows[here] - shard["start"])).to_pylist()
     return keys
 
   def row_of_key(self, key):
