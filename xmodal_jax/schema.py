@@ -2,8 +2,7 @@
 a config passes before anything is built. It rejects unknown keys, fills every default, and runs
 each part's checks against an explicit device count (the target topology's when compiling ahead
 of time); modules then read options directly, restating no default. `defaults()` is what a
-config file starts from. docs/config.md is generated from here (`python -m
-xmodal_jax.config_doc > docs/config.md`; a test keeps it current).
+config file starts from; docs/config.md is generated from here (config_doc.py, kept current).
 """
 
 import copy
@@ -212,8 +211,7 @@ COMMON = {
         "end_learning_rate_ratio": _o(0.0, "the schedule ends at this fraction of the peak"),
         "weight_decay": _o(0.0, "decoupled weight decay (not on 1-D parameters)"),
         "b1": _o(0.9, "Adam beta1; Adafactor's momentum (0: none)"), "b2": _o(0.999, "Adam beta2"),
-        "momentum_dtype": _o("bfloat16", "Adafactor's stored momentum: bfloat16 (big_vision's) "
-                             "or float32"),
+        "momentum_dtype": _o("bfloat16", "Adafactor's momentum in memory: bfloat16 or float32"),
         "grad_clip_norm": _o(1.0, "global gradient norm clip"),
     },
     "nonfinite": {
