@@ -57,7 +57,7 @@ def flat(tree):
 def test_trunk_options_keep_the_params_and_stay_close_to_float32(index):
   """Each tower with bfloat16 compute, remat and fp8 matmuls, against its float32 self on
   the same params: bfloat16 keeps float32 params and outputs within 5% of the largest;
-  remat gives the same gradients; fp8 (tests/test_fp8.py checks the rounding exactly)
+  remat gives the same gradients (to float32 rounding of the largest); fp8 (tests/test_fp8.py checks the rounding exactly)
   takes the same params, and its outputs and gradients are near float32's, yet not equal."""
   rng = np.random.default_rng(index)
   plain, inputs = towers_and_inputs(rng)[index]
@@ -75,7 +75,11 @@ def test_trunk_options_keep_the_params_and_stay_close_to_float32(index):
   assert float(jnp.abs(out16.astype(jnp.float32) - out32).max()) < 0.05 * scale
 
   remat, _ = towers_and_inputs(rng, remat=True)[index]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+  # Float32 rounding is relative to the gradients that flow through the step: leaves whose
+  # gradient nearly cancels (1e-5 under a final LayerNorm whose scale gets 27) keep an error
+  # of that scale, and the order remat recomputes in may change it.
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads32))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6 * scale, rtol=1e-4),
                pooled_and_grads(remat, params, inputs)[1], grads32)
 
   low, _ = towers_and_inputs(rng, fp8=True)[index]
