@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal_jax.models import attention, audio, features, speech, text, transformer, vision
+from xmodal_jax.models import attention, audio, features, speech, text, vision
 
 SMALL = dict(num_layers=2, num_heads=2, mlp_dim=32)
 
