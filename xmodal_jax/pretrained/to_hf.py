@@ -195,16 +195,10 @@ def tower_folder(tower, params, out, where):
   # The names the converter reads: Whisper's encoder saved alone lacks its "encoder."
   # prefix; the weight-normed convolution is traced as the plain weight it computes.
   prefix = whisper.ENCODER_PREFIX if model_class == whisper.ENCODER_ONLY else ""
-  parts = [f"{wav2vec2.POS_CONV}.{part}" for part in wav2vec2.WEIGHT_NORM_PARTS]
-  normed = parts[1] in shapes
-  if normed:
-    shapes[f"{wav2vec2.POS_CONV}.weight"] = shapes.pop(parts[1])
-    del shapes[parts[0]]
+  shapes = wav2vec2.plain_weight_shapes(shapes)
   tensors = checkpoint_tensors(params_fn, tower, {prefix + k: v for k, v in shapes.items()},
                                params, where)
-  tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-  if normed:
-    tensors = wav2vec2.weight_norm_parts(tensors)
+  tensors = wav2vec2.weight_norm_parts({k[len(prefix):]: v for k, v in tensors.items()})
   save_folder(config, model_class, tensors, out)
   return tensors
 

@@ -43,6 +43,11 @@ POS_CONV = "encoder.pos_conv_embed.conv"
 WEIGHT_NORM_PARTS = ("parametrizations.weight.original0", "parametrizations.weight.original1")
 
 
+def _norm(v):
+  """|v| over dims 0 and 1 (torch's weight_norm(dim=2)), in float64, shape [1, 1, K]."""
+  return np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+
+
 def weight_normed_conv(w, name):
   """A weight-normalized Conv1d (over dim 2, as torch's weight_norm(dim=2)) as the plain
   kernel [K, in / groups, out] it computes, g * v / |v|. Newer torch saves g and v as
@@ -54,18 +59,30 @@ def weight_normed_conv(w, name):
     g, v = w[name + ".weight_g"], w[name + ".weight_v"]
   else:
     g, v = (w[f"{name}.{part}"] for part in WEIGHT_NORM_PARTS)
-  weight = g * v / np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
+  weight = g * v / _norm(v)
   return {"kernel": weight.astype(np.float32).transpose(2, 1, 0), "bias": w[name + ".bias"]}
 
 
+def plain_weight_shapes(shapes, name=POS_CONV):
+  """A checkpoint's {name: shape} with weight_norm's g and v of `name` (where it has them)
+  as the one plain `{name}.weight` they compute: what to_hf traces the converter on."""
+  g, v = (f"{name}.{part}" for part in WEIGHT_NORM_PARTS)
+  if v not in shapes:
+    return shapes
+  shapes = {k: s for k, s in shapes.items() if k != g}
+  shapes[name + ".weight"] = shapes.pop(v)
+  return shapes
+
+
 def weight_norm_parts(tensors, name=POS_CONV):
-  """`tensors` with the plain `{name}.weight` [out, in / groups, K] split into weight_norm's
-  g = |weight| (over dims 0 and 1) and v = weight, the names torch's model holds; loading
-  computes g * v / |v|, the weight to within float32 rounding."""
+  """The inverse of plain_weight_shapes on tensors: a plain `{name}.weight` [out, in /
+  groups, K] (where there is one) split into g = |weight| (over dims 0 and 1) and v =
+  weight; loading computes g * v / |v|, the weight to within float32 rounding."""
+  if name + ".weight" not in tensors:
+    return tensors
   tensors = dict(tensors)
   weight = tensors.pop(name + ".weight")
-  norm = np.sqrt(np.sum(weight.astype(np.float64) ** 2, axis=(0, 1), keepdims=True))
-  tensors[f"{name}.{WEIGHT_NORM_PARTS[0]}"] = norm.astype(np.float32)
+  tensors[f"{name}.{WEIGHT_NORM_PARTS[0]}"] = _norm(weight).astype(np.float32)
   tensors[f"{name}.{WEIGHT_NORM_PARTS[1]}"] = weight
   return tensors
 
