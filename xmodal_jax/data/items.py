@@ -77,8 +77,11 @@ class ItemReader:
         ids = columns["id"]
         first = {None: FirstPositions(ids, np.arange(len(ids)))}
         for f in features:
-          having = np.flatnonzero(columns[f"has_{f}"]) if f in flagged else None
-          first[f] = first[None] if having is None else FirstPositions(ids[having], having)
+          if f in flagged:
+            having = np.flatnonzero(columns[f"has_{f}"])
+            first[f] = FirstPositions(ids[having], having)
+          else:  # every record has it
+            first[f] = first[None]
         self._first = first
     return self._first
 
