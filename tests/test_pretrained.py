@@ -479,6 +479,26 @@ SIGLIP_VISION = dict(num_prefix_tokens=0, patch_bias=True, pre_norm=False,
                      final_norm="tokens", pooler="map", pooling="pooler", **SIGLIP_TRUNK)
 
 
+def flat_params(tree):
+  """{path: leaf} of a params tree."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return dict(jax.tree_util.tree_leaves_with_path(tree))
+
+
+def outputs_and_params_back(tower, params, inputs, model_class, torch_inputs, folder):
+  """A folder to_hf wrote, read both ways: `model_class` loads it with no missing or
+  unexpected keys; returns our tower's outputs, the loaded model's on `torch_inputs`, and
+  load_hf's params ({path: value}, the paths of `params`)."""
+  model, info = model_class.from_pretrained(folder, output_loading_info=True)
+  assert not any(info.values()), info
+  ours = tower.apply({"params": params}, inputs, train=False)
+  with torch.no_grad():
+    reference = model.eval()(**torch_inputs)
+  loaded = flat_params(load_hf(str(folder))[1])
+  assert loaded.keys() == flat_params(params).keys()
+  return ours, reference, loaded
+
+
 @pytest.mark.parametrize("family", ["vit", "bert", "clip_vision", "ast", "siglip_text",
                                     "siglip_vision"])
 def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path, family):
@@ -522,17 +542,11 @@ def test_towers_leave_in_their_family_layout_and_load_back_bit_for_bit(tmp_path,
   params = perturbed(jax.device_get(tower.init(jax.random.key(0), inputs, train=False)
                                     ["params"]), 1)
   to_hf.tower_folder(tower, params, str(tmp_path), family)
-  model, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
-  assert not any(info.values()), info
-  ours = tower.apply({"params": params}, inputs, train=False)
-  with torch.no_grad():
-    reference = model.eval()(**torch_inputs)
+  ours, reference, loaded = outputs_and_params_back(tower, params, inputs, model_class,
+                                                    torch_inputs, tmp_path)
   assert_close(ours["pooled"], reference.pooler_output)
-  _, loaded = load_hf(str(tmp_path))
-  flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
-  assert flat(loaded).keys() == flat(params).keys()
-  for path, value in flat(params).items():
-    np.testing.assert_array_equal(flat(loaded)[path], value, err_msg=str(path))
+  for path, value in flat_params(params).items():
+    np.testing.assert_array_equal(loaded[path], value, err_msg=str(path))
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "hubert", "whisper"])
@@ -570,24 +584,18 @@ def test_audio_towers_leave_in_their_family_layout(tmp_path, family):
   to_hf.tower_folder(tower, params, str(tmp_path), family)
   run_to_hf.preprocessing(schema.modality(dict(kind="audio", feature="audio", num_samples=1600)),
                           str(tmp_path), tower)
-  model, info = model_class.from_pretrained(tmp_path, output_loading_info=True)
-  assert not any(info.values()), info
   assert type(transformers.AutoFeatureExtractor.from_pretrained(tmp_path)).__name__ == extractor
-  ours = tower.apply({"params": params}, inputs, train=False)
-  with torch.no_grad():
-    reference = model.eval()(**torch_inputs)
+  ours, reference, loaded = outputs_and_params_back(tower, params, inputs, model_class,
+                                                    torch_inputs, tmp_path)
   assert_close(ours["tokens"], reference.last_hidden_state)
-  _, loaded = load_hf(str(tmp_path))
-  flat = lambda tree: dict(jax.tree_util.tree_leaves_with_path(tree))
-  assert flat(loaded).keys() == flat(params).keys()
-  for path, value in flat(params).items():
+  for path, value in flat_params(params).items():
     name = jax.tree_util.keystr(path)
     if "pos_conv" in name and name.endswith("['kernel']"):
-      np.testing.assert_allclose(flat(loaded)[path], value, rtol=3e-7, err_msg=name)
+      np.testing.assert_allclose(loaded[path], value, rtol=3e-7, err_msg=name)
     elif family == "whisper" and name.endswith("['key']['bias']"):
-      np.testing.assert_array_equal(flat(loaded)[path], 0, err_msg=name)
+      np.testing.assert_array_equal(loaded[path], 0, err_msg=name)
     else:
-      np.testing.assert_array_equal(flat(loaded)[path], value, err_msg=str(path))
+      np.testing.assert_array_equal(loaded[path], value, err_msg=str(path))
 
 
 def test_siglip_towers_and_its_sigmoid_scale_and_bias(tmp_path):
