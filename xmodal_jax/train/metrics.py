@@ -129,15 +129,20 @@ def validate_profile(profile):
 
 class Profiler:
   """Traces steps first..last (config.profile) with jax.profiler into {workdir}/profile,
-  for TensorBoard's profile plugin or Perfetto."""
+  for TensorBoard's profile plugin or Perfetto: the host's and devices' activity, without
+  jax's Python function tracer. On Python 3.11 that tracer walks every thread's state while
+  tf.data's threads create and delete theirs (each numpy_function call of the readers), and
+  the process dies of a segmentation fault (tests/test_train.py reproduces it)."""
 
   def __init__(self, profile, workdir):
     self.first, self.last = profile
     self.folder = os.path.join(workdir, "profile")
+    self.options = jax.profiler.ProfileOptions()
+    self.options.python_tracer_level = 0
 
   def before(self, step):
     if self.first and step == self.first:
-      jax.profiler.start_trace(self.folder)
+      jax.profiler.start_trace(self.folder, profiler_options=self.options)
 
   def after(self, step):
     if self.first and step == self.last:
