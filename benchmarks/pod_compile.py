@@ -18,9 +18,6 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A ViT-e/14-class image tower (3.9B parameters; Chen et al., PaLI) on :bigG's text tower.
-VIT_E = ["--config.model.towers.image.width=1792", "--config.model.towers.image.num_layers=56",
-         "--config.model.towers.image.mlp_dim=15360"]
 DROP_AND_ADAFACTOR = ["--config.model.towers.image.token_drop_rate=0.5",
                       "--config.optimizer.name=adafactor"]
 
@@ -49,8 +46,8 @@ ROWS = [
     ("image_text:g, Adafactor", "configs/image_text.py:g", ["--config.optimizer.name=adafactor"]),
     ("image_text:L, token_drop_rate=0.5", "configs/image_text.py:L",
      ["--config.model.towers.image.token_drop_rate=0.5"]),
-    ("ViT-e/14 + text-bigG, batch 65,536, k=4, drop 0.5, Adafactor", "configs/image_text.py:bigG",
-     [*VIT_E, *big_batch(65_536, 4), *DROP_AND_ADAFACTOR]),
+    ("image_text:e (ViT-e/14 + text-bigG, batch 65,536, k=4, drop 0.5, Adafactor)",
+     "configs/image_text.py:e", []),
     ("image_text:bigG, batch 131,072, k=4, drop 0.5, Adafactor", "configs/image_text.py:bigG",
      [*big_batch(131_072, 4), *DROP_AND_ADAFACTOR]),
 ]

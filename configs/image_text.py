@@ -23,7 +23,10 @@ Variants (`--config=configs/image_text.py:VARIANT`):
   L, g, bigG  pod scale: ViT-L/14 + CLIP text-L (0.43B parameters), ViT-g/14 + text-g
            (1.3B) or OpenCLIP's ViT-bigG/14 + text-bigG (2.5B),
            bfloat16, rematerialized blocks, blockwise loss, the state sharded 16 ways (fsdp;
-           the batch over every chip), OpenAI CLIP's global batch of 32,768. Check the fit:
+           the batch over every chip), OpenAI CLIP's global batch of 32,768.
+  e        past bigG: a ViT-e/14-class image tower (3.9B; PaLI's) + text-bigG (4.5B in all)
+           at a global batch of 65,536 in 4 gradient-caching micro-batches, half the image
+           tokens dropped in training (FLIP) and Adafactor, as :bigG otherwise. Check the fit:
            python launch/compile.py --config=configs/image_text.py:L --topology=v5e:16x16
            (the figures for v5e-256 are in benchmarks/README.md, "Compiling for TPU pods").
 """
@@ -33,9 +36,11 @@ import ml_collections
 from configs import recipes, sizes, variants
 from xmodal_jax import schema
 
-VARIANTS = ("clip", "siglip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g", "bigG")
+VARIANTS = ("clip", "siglip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g", "bigG", "e")
 # The joint space of the pod sizes (CLIP's, OpenCLIP's for g and bigG).
-POD_EMBED_DIMS = {"L": 768, "g": 1024, "bigG": 1280}
+POD_EMBED_DIMS = {"L": 768, "g": 1024, "bigG": 1280, "e": 1280}
+# Each pod size's text tower: no CLIP text tower larger than bigG's is published.
+POD_TEXT = {"L": "L", "g": "g", "bigG": "bigG", "e": "bigG"}
 # The ALBEF fusion encoder over the text tokens, by tower size.
 FUSION = {"B": dict(width=768, num_layers=6, num_heads=12, mlp_dim=3072, dtype="bfloat16"),
           "tiny": dict(width=32, num_layers=1, num_heads=2, mlp_dim=64, dtype="float32")}
@@ -113,12 +118,12 @@ def get_config(variant=""):
   pods = [size for size in POD_EMBED_DIMS if getattr(v, size)]
   if pods:
     if v.tiny or v.clip or v.siglip or len(pods) > 1:
-      raise ValueError("configs/image_text.py: :L, :g and :bigG are sizes of their own; they "
+      raise ValueError("configs/image_text.py: :L, :g, :bigG and :e are sizes of their own; they "
                        "do not combine with :tiny, :clip, :siglip or each other")
     pod = pods[0]
     config.model.towers = dict(
         image=sizes.vit(pod, dtype="bfloat16", remat=True),
-        text=sizes.clip_text(pod, dtype="bfloat16", remat=True))
+        text=sizes.clip_text(POD_TEXT[pod], dtype="bfloat16", remat=True))
     config.model.embed_dim = POD_EMBED_DIMS[pod]
     config.loss.impl, config.loss.block_size = "blockwise", 4096
     # fsdp=16: the state splits 16 ways and the batch over every chip. On v5e-256, sharding
@@ -126,4 +131,9 @@ def get_config(variant=""):
     config.mesh = dict(data=-1, fsdp=16)
     config.batch_size = 32_768
     config.eval_batch_size = 32_768
+    if v.e:  # fits a v5e-256 with 4.9 GiB free per chip (benchmarks/README.md)
+      config.batch_size = config.eval_batch_size = 65_536
+      config.grad_accum_steps = 4
+      config.model.towers.image.token_drop_rate = 0.5
+      config.optimizer.name = "adafactor"
   return config

@@ -1,11 +1,12 @@
-"""Tower presets by size: tiny (CPU tests), B/16-, L/14-, g/14- and bigG/14-sized
+"""Tower presets by size: tiny (CPU tests), B/16-, L/14-, g/14-, bigG/14- and e/14-sized
 (accelerators).
 
 Each function returns a tower config dict for `config.model.towers.<modality>`; keyword
 arguments override any field (dtype, remat, pooling, dropout, ...). Widths, depths and heads
 follow ViT-B/16, ViT-L/14, ViT-g/14 (1.0B parameters: width 1408, 40 blocks, MLP 6144,
 as in Zhai et al., "Scaling Vision Transformers") and OpenCLIP's ViT-bigG/14 (1.8B: width
-1664, 48 blocks, MLP 8192), BERT-base, CLIP's text transformers (OpenCLIP's for g: width
+1664, 48 blocks, MLP 8192), a ViT-e/14-class tower (3.9B: width 1792, 56 blocks, MLP 15360, as
+in Chen et al., PaLI), BERT-base, CLIP's text transformers (OpenCLIP's for g: width
 1024, 24 blocks; for bigG: width 1280, 32 blocks, 20 heads), AST-base and wav2vec 2.0 /
 HuBERT base and large.
 """
@@ -16,6 +17,7 @@ TRUNKS = {
     "L": dict(width=1024, num_layers=24, num_heads=16, mlp_dim=4096),
     "g": dict(width=1408, num_layers=40, num_heads=16, mlp_dim=6144),
     "bigG": dict(width=1664, num_layers=48, num_heads=16, mlp_dim=8192),
+    "e": dict(width=1792, num_layers=56, num_heads=16, mlp_dim=15360),
 }
 CLIP_TEXT_TRUNKS = {  # The text towers CLIP pairs with ViT-B and ViT-L.
     "tiny": TRUNKS["tiny"],
@@ -24,7 +26,7 @@ CLIP_TEXT_TRUNKS = {  # The text towers CLIP pairs with ViT-B and ViT-L.
     "g": dict(width=1024, num_layers=24, num_heads=16, mlp_dim=4096),
     "bigG": dict(width=1280, num_layers=32, num_heads=20, mlp_dim=5120),
 }
-PATCH = {"tiny": 4, "B": 16, "L": 14, "g": 14, "bigG": 14}
+PATCH = {"tiny": 4, "B": 16, "L": 14, "g": 14, "bigG": 14, "e": 14}
 COMMON = dict(dtype="float32", remat=False, dropout=0.0, pooling="cls")
 # Written out (off) for the patch towers, so that a flag can turn FLIP's token dropping on:
 # --config.model.towers.image.token_drop_rate=0.5

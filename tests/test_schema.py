@@ -12,9 +12,10 @@ from conftest import REPO
 from xmodal_jax import config_doc, schema
 
 SHIPPED = {"audio_video_text": ("", "tiny", "regression", "sigmoid", "align_fuse", "pod"),
-           "image_text": ("", "clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g", "bigG"),
+           "image_text": ("", "clip", "flickr30k", "tiny", "align_fuse", "fp8", "L", "g", "bigG",
+                          "e"),
            "flickr8k": ("", "regression", "tiny"), "cub": ("", "regression", "tiny")}
-POD = {"pod", "L", "g", "bigG"}
+POD = {"pod", "L", "g", "bigG", "e"}
 # Mappings the code reads that are not the config: a built dataset's sidecar, an export's
 # meta.json, a Hugging Face feature extractor's JSON, a free-form {name, data_dir, split}.
 NOT_CONFIG = {"built", "meta", "features", "data_config"}
@@ -48,6 +49,20 @@ def test_every_shipped_config_resolves_with_only_known_options(name):
     schema.check(config, 256 if variant in POD else 8)
     for modality in config.modalities.values():  # every kind's options are filled
       assert set(schema.MODALITY_KINDS[modality.kind]) <= set(modality)
+
+
+def test_the_e_variant_is_the_vit_e_override_of_bigg_that_was_compiled():
+  """:e is :bigG with the command-line overrides whose v5e-256 fit benchmarks/README.md
+  reports (a ViT-e/14-class image tower, batch 65,536 in 4 micro-batches, drop 0.5,
+  Adafactor): the variant names that row and nothing else."""
+  image_text = importlib.import_module("configs.image_text")
+  measured = image_text.get_config("bigG")
+  measured.update_from_flattened_dict({
+      "model.towers.image.width": 1792, "model.towers.image.num_layers": 56,
+      "model.towers.image.mlp_dim": 15360, "batch_size": 65_536, "eval_batch_size": 65_536,
+      "grad_accum_steps": 4, "model.towers.image.token_drop_rate": 0.5,
+      "optimizer.name": "adafactor"})
+  assert image_text.get_config("e").to_dict() == measured.to_dict()
 
 
 def test_no_module_restates_a_default():
