@@ -25,7 +25,6 @@ Part 3 (--parts=pod): examples/s of the real train input (records read by positi
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -136,16 +135,15 @@ def step_ratio(steps, data_dir):
   """(median s/step with the real pipeline, with one in-memory batch)."""
   from configs import audio_video_text
   from xmodal_jax import parallel
-  from xmodal_jax.data import pipeline
-  from xmodal_jax import experiment as experiment_lib, step as step_lib
+  from xmodal_jax import experiment as experiment_lib
+  from xmodal_jax.train import step as step_lib
   config = audio_video_text.get_config()
   config.data.data_dir = data_dir
   with tempfile.TemporaryDirectory() as workdir:
     experiment = experiment_lib.setup(config, workdir)
-  train_fn = jax.jit(functools.partial(
-      step_lib.train_step, model=experiment.model, tx=experiment.tx, loss_config=config.loss,
-      mesh=experiment.mesh, seed=config.seed))
-  batches = experiment.source.train_batches()
+  train_fn = step_lib.jit_train_step(config, experiment.model, experiment.tx, experiment.mesh,
+                                     experiment.shardings, experiment.rules)
+  batches = experiment.train_batches(0)
   state = experiment.state
   fixed = parallel.shard_batch(next(batches), experiment.mesh)
 
