@@ -185,7 +185,7 @@ def main():
   for row in rows:
     base = next(r for r in rows if r["query"] == row["query"] and r["search"] == "exact")
     row["qps_vs_exact"] = row["queries_per_s"] / base["queries_per_s"]
-  print(f"\n| query | search | queries/s | vs exact | p50 ms | p99 ms |\n|---|---|---:|---:|---:|---:|")
+  print("\n| query | search | queries/s | vs exact | p50 ms | p99 ms |\n|---|---|---:|---:|---:|---:|")
   for r in rows:
     print(f"| {r['query']} | {r['search']} | {r['queries_per_s']:.1f} | "
           f"{r['qps_vs_exact']:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")

@@ -399,7 +399,6 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
   rows in its block of 8 queue rows) and stay there at later steps; the EMA follows
   ema_n = m ema_(n-1) + (1 - m) params_(n-1)."""
   import flax  # pylint: disable=g-import-not-at-top
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   config, workdir, _ = aligned_run
   states = {n: experiment_lib.setup(config, workdir, step=n) for n in range(1, 5)}
@@ -433,7 +432,6 @@ def test_queues_and_ema_across_steps_and_checkpoint_restores(aligned_run):
 
 @pytest.mark.slow
 def test_eight_devices_give_the_single_device_losses(aligned_run):
-  from xmodal_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from xmodal_jax import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
   from xmodal_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   from xmodal_jax.losses import objectives  # pylint: disable=g-import-not-at-top

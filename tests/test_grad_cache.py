@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import fixtures
-from fixtures import random_batch
 
 from xmodal_jax import parallel
 from xmodal_jax import experiment, schema

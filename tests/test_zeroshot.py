@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from xmodal_jax import schema
-from xmodal_jax.eval import evaluators, zeroshot
+from xmodal_jax.eval import zeroshot
 
 
 def normalized(x):
