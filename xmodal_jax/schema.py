@@ -115,8 +115,7 @@ TRAIN_POLICY = {
     "trainable": _o("all", "\"all\", \"none\" (the tower frozen), or a tuple of regexes on "
                     "the tower's parameter paths that train"),
     "head": _o("auto", "auto: the head trains unless its tower is frozen and the head was "
-               "loaded or cached; train; freeze (whatever the tower does: SigLIP's identity "
-               "heads)"),
+               "loaded or cached; train; freeze (whatever the tower does: SigLIP's heads)"),
     "lr_multiplier": _o(1.0, "scales the learning rate of the tower's trainable parameters "
                         "and its head"),
     "cache_embeddings": _o(False, "a frozen, non-augmenting tower's training embeddings are "
@@ -136,7 +135,8 @@ COMMON = {
     "eval_batch_size": _o(REQUIRED, "global evaluation batch"),
     "total_steps": _o(REQUIRED, "training steps"),
     "grad_accum_steps": _o(1, "k micro-batches per step (gradient caching: same gradients)"),
-    "profile": _o((0, 0), "(first, last) step traced by jax.profiler into {workdir}/profile"),
+    "profile": _o((0, 0), "(first, last) step traced by jax.profiler into {workdir}/profile "
+                  "(host and devices; Python functions are not traced)"),
     "log_every": _o(50, "steps between logged train metrics"),
     "checkpoint_every": _o(250, "steps between checkpoints"),
     "keep_checkpoints": _o(2, "checkpoints kept (the newest is what a re-run resumes)"),
