@@ -105,6 +105,14 @@ def test_missing_data_dir_is_named(tmp_path):
     pipeline.get_builder(data)
 
 
+def test_a_dataset_not_built_yet_is_checked_without_warnings(tmp_path, caplog):
+  """The first run on a machine asks whether the embedded dataset is built; TFDS's warning
+  that its version folder has no dataset_info.json is not shown (that is the question)."""
+  with caplog.at_level("WARNING"):
+    assert not digit_sequences.DigitSequences(data_dir=str(tmp_path)).is_prepared()
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= 30]
+
+
 def test_first_positions_find_each_items_first_record():
   """items.FirstPositions against a plain scan: each id's first position among the records
   given, None for an id with none."""

@@ -31,9 +31,12 @@ class _DropMessage(logging.Filter):
     return self.text not in record.getMessage()
 
 
-# Two messages about the libraries' own code, nothing a user can act on: TFDS's decoder of
-# bytes-encoded tensors (our audio and features) reads its own deprecated property, and
-# transformers announces at import that it has no PyTorch, which only its models need (we
-# use its tokenizers and configs).
+# Messages about the libraries' own code, nothing a user can act on: TFDS's decoder of
+# bytes-encoded tensors (our audio and features) reads its own deprecated property; TFDS
+# warns that a dataset's version folder has no dataset_info.json when asked whether a
+# dataset not built yet is prepared (the first run on a machine, before "Building the
+# embedded dataset"); and transformers announces at import that it has no PyTorch, which
+# only its models need (we use its tokenizers and configs).
 logging.getLogger("absl").addFilter(_DropMessage("FeatureConnector.dtype` is deprecated"))
+logging.getLogger("absl").addFilter(_DropMessage("has no dataset_info.json"))
 logging.getLogger("transformers").addFilter(_DropMessage("PyTorch was not found"))
