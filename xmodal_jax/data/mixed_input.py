@@ -87,18 +87,18 @@ def train_iterator(config, sources, *, start_step=0, process_index=None, process
   prepares = [pipeline.prepare_rows(builder, to_example) for builder, to_example in preparations]
   one_hot = tf.eye(num_sources, dtype=tf.int32) > 0
 
-  def batch(step):  # each preparation prepares its rows; one gather puts them back in order
+  def batch(step):  # each preparation prepares its rows; one stitch puts them in position
     g, s, records = read(*positions(step))
     if len(prepares) == 1:
       return prepares[0](g, records) | {"_source": tf.gather(one_hot, s)}
     row_preparation = tf.gather(preparation_of, s)
-    parts = [prepare(g[row_preparation == p], records[row_preparation == p])
-             for p, prepare in enumerate(prepares)]
-    order = tf.argsort(row_preparation, stable=True)  # the parts' rows, concatenated
-    where = tf.scatter_nd(order[:, None], tf.range(batch_size), [batch_size])
-    rows = tf.nest.map_structure(lambda *leaves: tf.gather(tf.concat(leaves, 0), where),
-                                 *parts)
-    return rows | {"_source": tf.gather(one_hot, s)}
+    rows_of = [tf.cast(tf.where(row_preparation == p)[:, 0], tf.int32)
+               for p in range(len(prepares))]
+    parts = [prepare(tf.gather(g, rows), tf.gather(records, rows))
+             for rows, prepare in zip(rows_of, prepares)]
+    stitch = lambda *leaves: tf.ensure_shape(tf.dynamic_stitch(rows_of, leaves),
+                                             [batch_size, *leaves[0].shape[1:]])
+    return tf.nest.map_structure(stitch, *parts) | {"_source": tf.gather(one_hot, s)}
 
   ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size).map(
       batch, num_parallel_calls=tf.data.AUTOTUNE)
