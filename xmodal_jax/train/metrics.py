@@ -132,7 +132,7 @@ class Profiler:
   for TensorBoard's profile plugin or Perfetto: the host's and devices' activity, without
   jax's Python function tracer. On Python 3.11 that tracer walks every thread's state while
   tf.data's threads create and delete theirs (each numpy_function call of the readers), and
-  the process dies of a segmentation fault (tests/test_train.py reproduces it)."""
+  the process dies of a segmentation fault (tests/test_train.py runs that case)."""
 
   def __init__(self, profile, workdir):
     self.first, self.last = profile
