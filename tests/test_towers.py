@@ -57,8 +57,9 @@ def flat(tree):
 def test_trunk_options_keep_the_params_and_stay_close_to_float32(index):
   """Each tower with bfloat16 compute, remat and fp8 matmuls, against its float32 self on
   the same params: bfloat16 keeps float32 params and outputs within 5% of the largest;
-  remat gives the same gradients (to float32 rounding of the largest); fp8 (tests/test_fp8.py checks the rounding exactly)
-  takes the same params, and its outputs and gradients are near float32's, yet not equal."""
+  remat gives the same gradients (to float32 rounding of the largest); fp8
+  (tests/test_fp8.py checks the rounding exactly) takes the same params, and its outputs and
+  gradients are near float32's, yet not equal."""
   rng = np.random.default_rng(index)
   plain, inputs = towers_and_inputs(rng)[index]
   params = init_params(plain, inputs)

@@ -195,10 +195,12 @@ def tower_folder(tower, params, out, where):
   # The names the converter reads: Whisper's encoder saved alone lacks its "encoder."
   # prefix; the weight-normed convolution is traced as the plain weight it computes.
   prefix = whisper.ENCODER_PREFIX if model_class == whisper.ENCODER_ONLY else ""
-  shapes = wav2vec2.plain_weight_shapes(shapes)
+  shapes, weight_normed = wav2vec2.plain_weight_shapes(shapes)
   tensors = checkpoint_tensors(params_fn, tower, {prefix + k: v for k, v in shapes.items()},
                                params, where)
-  tensors = wav2vec2.weight_norm_parts({k[len(prefix):]: v for k, v in tensors.items()})
+  tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+  if weight_normed:
+    tensors = wav2vec2.weight_norm_parts(tensors)
   save_folder(config, model_class, tensors, out)
   return tensors
 

@@ -65,21 +65,20 @@ def weight_normed_conv(w, name):
 
 def plain_weight_shapes(shapes, name=POS_CONV):
   """A checkpoint's {name: shape} with weight_norm's g and v of `name` (where it has them)
-  as the one plain `{name}.weight` they compute: what to_hf traces the converter on."""
+  as the one plain `{name}.weight` they compute, what to_hf traces the converter on; and
+  whether it had them (then weight_norm_parts turns the tensors back)."""
   g, v = (f"{name}.{part}" for part in WEIGHT_NORM_PARTS)
   if v not in shapes:
-    return shapes
+    return shapes, False
   shapes = {k: s for k, s in shapes.items() if k != g}
   shapes[name + ".weight"] = shapes.pop(v)
-  return shapes
+  return shapes, True
 
 
 def weight_norm_parts(tensors, name=POS_CONV):
-  """The inverse of plain_weight_shapes on tensors: a plain `{name}.weight` [out, in /
-  groups, K] (where there is one) split into g = |weight| (over dims 0 and 1) and v =
-  weight; loading computes g * v / |v|, the weight to within float32 rounding."""
-  if name + ".weight" not in tensors:
-    return tensors
+  """The inverse of plain_weight_shapes on tensors: the plain `{name}.weight` [out, in /
+  groups, K] split into g = |weight| (over dims 0 and 1) and v = weight; loading computes
+  g * v / |v|, the weight to within float32 rounding."""
   tensors = dict(tensors)
   weight = tensors.pop(name + ".weight")
   tensors[f"{name}.{WEIGHT_NORM_PARTS[0]}"] = _norm(weight).astype(np.float32)
