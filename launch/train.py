@@ -17,6 +17,7 @@ step that found it.
 import logging as std_logging
 import os
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before tf.data loads: its INFO is noise.
 
@@ -35,9 +36,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax and TensorBoard are chatty at INFO.
-  # A failed save leaves Orbax's other writes unawaited, and asyncio logs each of them; the
-  # failure itself is reported once, as checkpoint.SaveFailed.
+  # A failed save leaves Orbax's other writes unawaited: asyncio logs each of them, and the
+  # interpreter warns at exit about each coroutine it collects. The failure itself is
+  # reported once, as checkpoint.SaveFailed, on the last line.
   std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                          category=RuntimeWarning)
   common.join_runtime()
   try:
     experiment.train(common.CONFIG.value, common.WORKDIR.value,
