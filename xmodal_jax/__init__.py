@@ -20,6 +20,17 @@ def _order_cpu_collectives():
 _order_cpu_collectives()
 
 
+def _skip_keras():
+  """TensorFlow here only reads data, but its import loads Keras 3 eagerly, and Keras loads
+  scikit-learn: 2 s of every process's start (a launcher's 8). Asking TensorFlow for the
+  legacy Keras package, which is not installed, makes it skip that load; tf.keras is then
+  unavailable. A value the user set is kept. Must run before TensorFlow is imported."""
+  os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+
+_skip_keras()
+
+
 class _DropMessage(logging.Filter):
   """Drops a library's log records that contain `text`."""
 
