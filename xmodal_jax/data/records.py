@@ -33,9 +33,9 @@ import sys
 import types
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from xmodal_jax import files
 from xmodal_jax.data import encoding, manifest as manifest_lib, random_access
 from xmodal_jax.data.encoding import BadRecord, BuildOptions
 
@@ -149,10 +149,8 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     return os.path.join(os.fspath(self.data_dir_root), self.name, REPORT_FILE)
 
   def write_report(self, path):
-    tf.io.gfile.makedirs(os.path.dirname(path))
-    with tf.io.gfile.GFile(path, "w") as f:
-      for bad in self.bad_records:
-        f.write(json.dumps(bad) + "\n")
+    files.makedirs(os.path.dirname(path))
+    files.write_atomically(path, "".join(json.dumps(bad) + "\n" for bad in self.bad_records))
 
   def download_and_prepare(self, *args, **kwargs):
     """Builds (if not built yet), then writes the bad-record report and the sidecar."""
@@ -161,7 +159,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     try:
       super().download_and_prepare(*args, **kwargs)
     except Exception as e:
-      if self._beam_temp_dir and tf.io.gfile.exists(self._beam_temp_dir):
+      if self._beam_temp_dir and files.exists(self._beam_temp_dir):
         self.bad_records = self.collect_beam_bad_records()
       if self.bad_records:
         self.write_report(self.failed_report_path())
@@ -176,9 +174,9 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       random_access.write_copy(self, split)
     report = os.path.join(self.data_dir, REPORT_FILE)
     self.write_report(report)
-    with open(os.path.join(self.data_dir, SIDECAR_FILE), "w", encoding="utf-8") as f:
-      json.dump({"modalities": self.MODALITIES, "options": dataclasses.asdict(self.options),
-                 "bad_records": len(self.bad_records)}, f, indent=1)
+    files.write_atomically(os.path.join(self.data_dir, SIDECAR_FILE), json.dumps(
+        {"modalities": self.MODALITIES, "options": dataclasses.asdict(self.options),
+         "bad_records": len(self.bad_records)}, indent=1))
     total = sum(s.num_examples for s in self.info.splits.values())
     print(f"{self.name}: {total} examples written to {self.data_dir}; "
           f"{len(self.bad_records)} bad records skipped"
@@ -193,10 +191,7 @@ class RecordBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def read_sidecar(data_dir):
   """The dataset's xmodal_dataset.json ({} for datasets not built from records)."""
   path = os.path.join(data_dir, SIDECAR_FILE)
-  if not os.path.isfile(path):
-    return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(files.read_text(path)) if files.exists(path) else {}
 
 
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
