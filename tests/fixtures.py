@@ -1,13 +1,18 @@
 """Test helpers: small media files in real formats written by the tests (nothing is
-downloaded), random batches and sharded train states of a config, and ranks written out
-plainly."""
+downloaded), manifests of them and their builds, random batches and sharded train states of
+a config, and ranks written out plainly."""
 
 import itertools
+import json
 import os
+import subprocess
+import sys
 import wave
 
 import jax
 import numpy as np
+
+import conftest
 
 
 def write_jpeg(path, seed, size=(24, 32)):
@@ -115,3 +120,48 @@ def numpy_ranks(query, gallery, query_ids, gallery_ids):
     positive = scores[i][gallery_ids == query_ids[i]].max()
     ranks.append(1 + int((scores[i] > positive).sum()))
   return np.array(ranks)
+
+
+def write_manifest(path, items):
+  """A JSONL manifest (xmodal_jax.data.build --manifest) of `items`."""
+  with open(path, "w", encoding="utf-8") as f:
+    for item in items:
+      f.write(json.dumps(item) + "\n")
+
+
+def build_cli(*args, check=True):
+  """python -m xmodal_jax.data.build with `args`; its stderr raised when it fails."""
+  proc = subprocess.run([sys.executable, "-m", "xmodal_jax.data.build", *args],
+                        cwd=conftest.REPO, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  if check and proc.returncode:
+    raise AssertionError(proc.stderr[-3000:])
+  return proc
+
+
+def digit_manifest(root, num_train=40, num_test=10):
+  """The embedded dataset's kind of items (4 handwritten digits, their spoken words, the
+  words) written as files under `root` (a pathlib.Path): 8 kHz wav, H.264 MP4, and a JSONL
+  manifest, items.jsonl. Built with DIGIT_FLAGS, they are the dataset digit_records."""
+  from scipy.io import wavfile  # pylint: disable=g-import-not-at-top
+  from xmodal_jax.data.builders import digit_sequences  # pylint: disable=g-import-not-at-top
+  train, test = digit_sequences.split_sequences(0, 1000)
+  pools = digit_sequences.split_handwriting(0)
+  spoken = digit_sequences.load_spoken_digits()
+  items = []
+  os.makedirs(root / "media", exist_ok=True)
+  for split, sequences, first in (("train", train[:num_train], 0),
+                                  ("test", test[:num_test], 5000)):
+    for key, ex in digit_sequences.make_items(sequences, pools[split], spoken, 1, first):
+      audio = f"media/{key}.wav"
+      wavfile.write(str(root / audio), digit_sequences.SAMPLE_RATE, ex["audio"])
+      write_mp4(str(root / f"media/{key}.mp4"), np.repeat(ex["video"], 3, -1), fps=4)
+      items.append({"id": f"clips/naïve/seq{key}", "split": split, "audio": audio,
+                    "video": f"media/{key}.mp4", "text": ex["text"],
+                    "label": ex["text"].split()[0]})  # its first digit, as a class
+  write_manifest(root / "items.jsonl", items)
+  return items
+
+
+DIGIT_FLAGS = ("--modalities=audio:audio,video:video,text:text", "--name=digit_records",
+               "--sample_rate=8000", "--video_frames=4", "--frame_size=8")

@@ -23,21 +23,6 @@ from xmodal_jax.data import eval_input, manifest, media, pipeline, preprocess, r
 from xmodal_jax.data.builders import digit_sequences
 
 
-def build_cli(*args, check=True):
-  proc = subprocess.run([sys.executable, "-m", "xmodal_jax.data.build", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  if check and proc.returncode:
-    raise AssertionError(proc.stderr[-3000:])
-  return proc
-
-
-def write_manifest(path, items):
-  with open(path, "w", encoding="utf-8") as f:
-    for item in items:
-      f.write(json.dumps(item) + "\n")
-
-
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
   """A manifest of 6 good items (photo, speech, captions; one without speech, one with
@@ -60,7 +45,7 @@ def mixed(tmp_path_factory):
                    "caption": "fine"})
   items.insert(6, {"id": "bad_caption", "split": "test", "photo": "media/p0.jpg",
                    "caption": "   "})
-  write_manifest(root / "items.jsonl", items)
+  fixtures.write_manifest(root / "items.jsonl", items)
   return root
 
 
@@ -71,7 +56,8 @@ MIXED_FLAGS = ("--modalities=photo:image,speech:audio,caption:text", "--name=mix
 def mixed_build(mixed, tmp_path_factory):
   """(data_dir, stderr) of the single-process build of `mixed`."""
   data_dir = str(tmp_path_factory.mktemp("mixed_build"))
-  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS, f"--data_dir={data_dir}")
+  proc = fixtures.build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
+                            f"--data_dir={data_dir}")
   return data_dir, proc.stderr
 
 
@@ -171,7 +157,7 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
   budget; benchmarks/build.py runs worker processes): the same examples field by field
   (first_ flags included) and the same bad-record list as the single-process build."""
   data_dir, _ = mixed_build
-  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
+  proc = fixtures.build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
                    f"--data_dir={tmp_path}", "--beam", "--beam_options=--runner=DirectRunner "
                    "--direct_num_workers=2 --direct_running_mode=multi_threading")
   assert "3 bad records skipped" in proc.stderr
@@ -181,7 +167,7 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
   assert beam == single
   assert read_report(str(tmp_path), "mixed") == read_report(data_dir, "mixed")
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # its temp files
-  strict = build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
+  strict = fixtures.build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
                      f"--data_dir={tmp_path / 'strict'}", "--beam", "--strict",
                      "--beam_options=--runner=DirectRunner", check=False)
   assert strict.returncode
@@ -194,7 +180,7 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
 
 @pytest.mark.slow
 def test_strict_build_fails_naming_the_first_bad_record(mixed, tmp_path):
-  proc = build_cli(f"--manifest={mixed / 'items.jsonl'}",
+  proc = fixtures.build_cli(f"--manifest={mixed / 'items.jsonl'}",
                    "--modalities=photo:image,speech:audio,caption:text", "--name=mixed",
                    f"--data_dir={tmp_path}", "--strict", check=False)
   assert proc.returncode
@@ -214,7 +200,7 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
     manifest.parse_modalities("x:photo")
   np.save(tmp_path / "a.npy", np.arange(6, dtype=np.float64).reshape(2, 3))
   np.save(tmp_path / "f.npy", np.zeros((3, 2)))
-  write_manifest(path, [
+  fixtures.write_manifest(path, [
       {"id": "a", "split": "train", "caption": "fine", "feat": "a.npy"},
       {"id": "b", "split": "train", "caption": "fine", "sound": "b.wav"},
       {"id": "c", "split": "train", "caption": 7},
@@ -243,7 +229,7 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
 
 def test_integer_and_string_ids_are_not_merged(tmp_path):
   path = tmp_path / "items.jsonl"
-  write_manifest(path, [{"id": 7, "split": "train", "caption": "an integer id"},
+  fixtures.write_manifest(path, [{"id": 7, "split": "train", "caption": "an integer id"},
                         {"id": 8, "split": "train", "caption": "another"},
                         {"id": "7", "split": "train", "caption": "a string id"}])
   builder = records.manifest_builder("ids", str(path), {"caption": "text"},
@@ -257,7 +243,7 @@ def test_a_split_name_that_would_leave_the_data_dir_is_refused(tmp_path):
   """A split becomes part of file names: one with a path in it stops the build at its line,
   before anything is written."""
   path = tmp_path / "items.jsonl"
-  write_manifest(path, [{"id": 1, "split": "train", "caption": "fine"},
+  fixtures.write_manifest(path, [{"id": 1, "split": "train", "caption": "fine"},
                         {"id": 2, "split": "x/../../../escaped/pwn", "caption": "hostile"}])
   with pytest.raises(ValueError, match=r"items.jsonl:2: \"split\": 'x/../../../escaped/pwn': "
                      "expected ASCII letters, digits and _"):
@@ -271,7 +257,7 @@ def test_dataset_names_stay_apart_from_tfds_builders(tmp_path):
   Our adapters' names collide with none of TFDS's (no "already registered" traceback when
   TFDS loads its own)."""
   path = tmp_path / "items.jsonl"
-  write_manifest(path, [{"id": 1, "split": "train", "caption": "a clip"}])
+  fixtures.write_manifest(path, [{"id": 1, "split": "train", "caption": "a clip"}])
   for name in ("webvid", "ucf101", "audiocaps"):
     with pytest.raises(ValueError, match=f"--name='{name}' is a registered TFDS dataset"):
       records.manifest_builder(name, str(path), {"caption": "text"},
@@ -343,38 +329,13 @@ def test_frame_sampling_matches_segment_rule():
       assert np.all(picked <= np.minimum(np.ceil(segments + count / 8) - 1, count - 1)), picked
 
 
-def digit_manifest(root, num_train=40, num_test=10):
-  """The embedded dataset's kind of items (4 handwritten digits, their spoken words, the
-  words) written as files: 8 kHz wav, H.264 MP4, and a JSONL manifest."""
-  train, test = digit_sequences.split_sequences(0, 1000)
-  pools = digit_sequences.split_handwriting(0)
-  spoken = digit_sequences.load_spoken_digits()
-  items = []
-  for split, sequences, first in (("train", train[:num_train], 0),
-                                  ("test", test[:num_test], 5000)):
-    for key, ex in digit_sequences.make_items(sequences, pools[split], spoken, 1, first):
-      audio = f"media/{key}.wav"
-      os.makedirs(root / "media", exist_ok=True)
-      from scipy.io import wavfile  # pylint: disable=g-import-not-at-top
-      wavfile.write(str(root / audio), digit_sequences.SAMPLE_RATE, ex["audio"])
-      fixtures.write_mp4(str(root / f"media/{key}.mp4"), np.repeat(ex["video"], 3, -1), fps=4)
-      items.append({"id": f"clips/naïve/seq{key}", "split": split, "audio": audio,
-                    "video": f"media/{key}.mp4", "text": ex["text"],
-                    "label": ex["text"].split()[0]})  # its first digit, as a class
-  write_manifest(root / "items.jsonl", items)
-  return items
-
-
-DIGIT_FLAGS = ("--modalities=audio:audio,video:video,text:text", "--name=digit_records",
-               "--sample_rate=8000", "--video_frames=4", "--frame_size=8")
-
-
 @pytest.fixture(scope="module")
 def digit_records(tmp_path_factory):
   root = tmp_path_factory.mktemp("digits")
-  items = digit_manifest(root)
+  items = fixtures.digit_manifest(root)
   data_dir = str(root / "tfds")
-  build_cli(f"--manifest={root / 'items.jsonl'}", *DIGIT_FLAGS, f"--data_dir={data_dir}")
+  fixtures.build_cli(f"--manifest={root / 'items.jsonl'}", *fixtures.DIGIT_FLAGS,
+                     f"--data_dir={data_dir}")
   return data_dir, items
 
 
@@ -543,11 +504,11 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
                      ("train-001", samples["train"][half:]), ("test-000", samples["test"])):
     webdataset.write_shard(str(tmp_path / "shards" / f"{name}.tar"), part)
   fields = {"audio": "wav", "video": "mp4", "text": "txt", "label": "cls"}
-  write_manifest(tmp_path / "shards.jsonl", [
+  fixtures.write_manifest(tmp_path / "shards.jsonl", [
       {"split": "train", "tar": "shards/train-{000..001}.tar"} | fields,
       {"split": "test", "tar": "shards/test-000.tar"} | fields])
   built = str(tmp_path / "built")
-  proc = build_cli(f"--manifest={tmp_path / 'shards.jsonl'}", *DIGIT_FLAGS,
+  proc = fixtures.build_cli(f"--manifest={tmp_path / 'shards.jsonl'}", *fixtures.DIGIT_FLAGS,
                    f"--data_dir={built}", "--file_format=array_record")
   assert "1 bad records skipped" in proc.stderr
   (bad,) = read_report(built, "digit_records")
