@@ -140,13 +140,15 @@ def test_tiny_config_builds_trains_resumes_and_exports_under_gs(bucket, tmp_path
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   printed, watchdog = [], threading.Timer(300, proc.kill)  # A hung run ends the output.
   watchdog.start()
-  for line in proc.stdout:  # SIGTERM once step 4 is logged, 20 steps before the end.
-    printed.append(line)
-    if line.startswith("step 4/24"):
-      break
-  else:
-    raise AssertionError(f"training ended before it could be stopped:\n{''.join(printed)}")
-  watchdog.cancel()
+  try:
+    for line in proc.stdout:  # SIGTERM once step 4 is logged, 20 steps before the end.
+      printed.append(line)
+      if line.startswith("step 4/24"):
+        break
+    else:
+      raise AssertionError(f"training ended before it could be stopped:\n{''.join(printed)}")
+  finally:
+    watchdog.cancel()
   proc.send_signal(signal.SIGTERM)
   printed = "".join(printed) + proc.communicate(timeout=300)[0]
   assert proc.returncode == 128 + signal.SIGTERM, printed
