@@ -25,7 +25,6 @@ setuptools.setup(
         "transformers>=5.0,<6",
         "tokenizers>=0.21",
         "safetensors>=0.4",
-        "tensorboardX>=2.6",
     ],
     extras_require={
         # tf.data/TFDS input pipelines and the embedded default dataset's sources.

@@ -65,10 +65,8 @@ def test_metrics_events_and_export_on_a_scheme():
   writer = metrics_lib.MetricWriter(workdir)
   for step in (1, 2, 3):
     writer.write(step, {"train/loss": 1.0 / step})
-  writer.close()
   writer = metrics_lib.MetricWriter(workdir, start_step=2)  # resumed from step 2
   writer.write(3, {"train/loss": 0.25})
-  writer.close()
   records = metrics_lib.read_records(f"{workdir}/metrics.jsonl")
   assert [(r["step"], r["train/loss"]) for r in records] == [(1, 1.0), (2, 0.5), (3, 0.25)]
   events = tf.io.gfile.glob(f"{workdir}/events.out.tfevents.*")

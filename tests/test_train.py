@@ -19,6 +19,7 @@ from configs import audio_video_text
 from xmodal_jax import parallel
 from xmodal_jax import experiment as experiment_lib
 from xmodal_jax.parallel import sharding
+from xmodal_jax.train import event_file
 from xmodal_jax.train import metrics as metrics_lib
 from xmodal_jax.train import step as step_lib
 
@@ -143,6 +144,25 @@ def test_objective_variants_train_sharded(digit_data_dir, tmp_path, variant, imp
     assert records[0]["train/logit_bias"] == pytest.approx(-10.0, abs=0.1)
 
 
+def test_tensorboard_events_read_back_by_tensorflow(tmp_path):
+  """The scalars a run logs, read back by TensorFlow's own event reader (which checks every
+  record's CRC-32C); the checksum against the standard's check value."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  assert event_file.crc32c(b"123456789") == 0xE3069283
+  writer = metrics_lib.MetricWriter(str(tmp_path))
+  logged = {1: {"train/loss": 2.5, "train/lr": 1e-4, "train/lengths": [3, 4]},
+            200: {"train/loss": 0.125, "test/text->video/R@1": 41.7}}
+  for step, metrics in logged.items():
+    writer.write(step, metrics)
+  [name] = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents.")]
+  events = list(tf.compat.v1.train.summary_iterator(str(tmp_path / name)))
+  assert events[0].file_version == "brain.Event:2"
+  read = {e.step: {v.tag: v.simple_value for v in e.summary.value} for e in events[1:]}
+  assert read == {step: {tag: pytest.approx(value, rel=1e-6) for tag, value in metrics.items()
+                         if not isinstance(value, list)}
+                  for step, metrics in logged.items()}
+
+
 def test_metrics_file_survives_a_torn_last_line_and_names_a_corrupt_one(tmp_path):
   """A kill mid-write leaves a torn last line: a resume drops it (and the steps after the
   checkpoint) and rewrites the file whole; a bad line elsewhere is an error naming it."""
@@ -151,7 +171,6 @@ def test_metrics_file_survives_a_torn_last_line_and_names_a_corrupt_one(tmp_path
   path.write_text("\n".join(lines) + "\n" + '{"step": 4, "train/lo')
   writer = metrics_lib.MetricWriter(str(tmp_path), start_step=2)
   writer.write(3, {"train/loss": 0.5})
-  writer.close()
   assert read_metrics(str(tmp_path)) == [{"step": 1, "train/loss": 1.0},
                                          {"step": 2, "train/loss": 0.5},
                                          {"step": 3, "train/loss": 0.5}]

@@ -111,7 +111,6 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
         guard.finish()
         checkpoint.wait_for_saves(manager, step)
         checkpoint.seal_finished(manager, workdir, step)
-        writer.close()
         manager.close()
         raise preemption.Preempted(step, watch.signal_number)
       eval_metrics = evaluate(experiment, state.params, writer, step, final=last) or eval_metrics
@@ -120,6 +119,5 @@ def train_and_evaluate(experiment, workdir, *, allow_config_change=False):
   checkpoint.seal_finished(manager, workdir, config.total_steps)
   if eval_metrics is None:  # Already trained: report the final checkpoint.
     eval_metrics = evaluate(experiment, state.params, final=True)
-  writer.close()
   manager.close()
   return eval_metrics

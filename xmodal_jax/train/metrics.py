@@ -1,6 +1,5 @@
 """Metric writers: {workdir}/metrics.jsonl, TensorBoard event files, and progress on stdout."""
 
-import io
 import json
 import os
 import time
@@ -9,6 +8,7 @@ import jax
 import numpy as np
 
 from xmodal_jax import files
+from xmodal_jax.train import event_file
 
 
 def _scalar(value):
@@ -39,7 +39,8 @@ class MetricWriter:
 
   On resume from `start_step`, lines of steps after it (written before the restart but not
   covered by the checkpoint) are dropped first, so every step appears once, and so is a torn
-  last line (a kill mid-write); the file is rewritten atomically. Only process 0 writes.
+  last line (a kill mid-write); the file is rewritten atomically. Only process 0 writes, and
+  every write reaches both files before it returns: there is nothing to close.
   """
 
   def __init__(self, workdir, start_step=0):
@@ -51,10 +52,7 @@ class MetricWriter:
     if files.exists(self.path):
       kept = [record for record in read_records(self.path) if record["step"] <= start_step]
       files.write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-    from tensorboardX import SummaryWriter, record_writer  # pylint: disable=g-import-not-at-top
-    if files.is_remote(workdir):
-      record_writer.register_writer_factory(workdir.split("://")[0], _EventFiles())
-    self.tensorboard = SummaryWriter(logdir=workdir)
+    self.tensorboard = event_file.EventFile(workdir)
 
   def write(self, step, metrics):
     if not self.enabled:
@@ -62,43 +60,9 @@ class MetricWriter:
     record = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
     with files.open_file(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-      if key != "step" and isinstance(value, (int, float)):
-        self.tensorboard.add_scalar(key, value, int(step))
-    self.tensorboard.flush()
-
-  def close(self):
-    if self.enabled:
-      self.tensorboard.close()
-
-
-class _EventFile:
-  """A TensorBoard event file on a filesystem scheme, for tensorboardX: objects in a bucket
-  cannot be appended to, so each flush rewrites the file with every record so far."""
-
-  def __init__(self, path):
-    self.path, self.buffer = path, io.BytesIO()
-
-  def write(self, data):
-    self.buffer.write(data)
-
-  def flush(self):
-    with files.open_file(self.path, "wb") as f:
-      f.write(self.buffer.getvalue())
-
-  def close(self):
-    self.flush()
-
-
-class _EventFiles:
-  """tensorboardX's writer factory for a workdir on a scheme: through xmodal_jax/files.py, like the
-  rest of the run's files (its own gs:// writer needs google-cloud-storage)."""
-
-  def open(self, path):
-    return _EventFile(path)
-
-  def directory_check(self, path):
-    files.makedirs(path)
+    self.tensorboard.write_scalars(step, {
+        key: value for key, value in record.items()
+        if key != "step" and isinstance(value, (int, float))})
 
 
 class Progress:
