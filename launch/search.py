@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import ALLOW_CONFIG_CHANGE, CONFIG, WORKDIR, join_runtime  # launch/common.py
 from xmodal_jax.eval import export, index, query
 from xmodal_jax.models import towers
-from xmodal_jax import experiment as experiment_lib
 
 _EXPORT = flags.DEFINE_string("export", None, "An export folder (launch/export.py).")
 _QUERY_TEXT = flags.DEFINE_string("query-text", None, "A text query.")
@@ -84,6 +83,9 @@ def main(argv):
   for gallery in _GALLERY.value or []:
     if gallery not in meta["dims"]:
       raise app.UsageError(f"--gallery={gallery}: the export has {exported.modalities}")
+  # Imported here, after the flags are checked: a usage error then stops the launcher in
+  # under 2 s instead of after the imports that bring TensorFlow (6 s).
+  from xmodal_jax import experiment as experiment_lib
   experiment = experiment_lib.setup(CONFIG.value, WORKDIR.value, step=meta["step"],
                                     require_checkpoint=True,
                                     allow_config_change=ALLOW_CONFIG_CHANGE.value)
