@@ -52,7 +52,7 @@ def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, t
   with open(os.path.join(results, summary[0]["file"])) as f:
     one = json.load(f)
   assert set(one) == {"dataset", "split", "task", "evaluator", "checkpoint", "metrics"}
-  assert one["checkpoint"]["step"] == 300
+  assert one["checkpoint"]["step"] == 150
   assert one["metrics"] == {k: v for k, v in reported.items() if k not in ("step", "split")}
   single = [v for k, v in one["metrics"].items()
             if k.endswith("/R@1") and "+" not in k.split("/")[1]]
@@ -61,7 +61,7 @@ def test_metrics_from_exported_files_equal_evaluate(trained_run, short_export, t
   from xmodal_jax.eval import export  # pylint: disable=g-import-not-at-top
   exported = export.read_export(out)
   meta = exported.meta
-  assert meta["step"] == reported["step"] == 300 and meta["count"] == 1000
+  assert meta["step"] == reported["step"] == 150 and meta["count"] == 1000
   assert [s["rows"] for s in meta["shards"]] == [512, 488]
   ids = exported.ids()
   assert sorted(ids.tolist()) == sorted(set(ids.tolist())) and len(ids) == 1000
@@ -100,8 +100,8 @@ def test_export_resumes_and_refuses_to_mix(trained_run, short_export, tmp_path):
   # The run's checkpoint replaced by another model's at the same step: its commit differs.
   with open(os.path.join(out, "signature.json")) as f:
     signature = json.load(f)
-  assert signature["checkpoint"].startswith("step 300, committed at ")
-  signature["checkpoint"] = "step 300, committed at 1 ns"
+  assert signature["checkpoint"].startswith("step 150, committed at ")
+  signature["checkpoint"] = "step 150, committed at 1 ns"
   with open(os.path.join(out, "signature.json"), "w") as f:
     json.dump(signature, f)
   proc = run_launcher("export.py", args + [f"--out={out}", "--shard_rows=500",
@@ -205,6 +205,12 @@ def test_faiss_flat_index_returns_the_exact_top_10(short_export):
   from xmodal_jax.eval import export, index, search  # pylint: disable=g-import-not-at-top
   exported = export.read_export(short_export)
   queries, gallery = exported.embeddings("text"), exported.embeddings("audio")
-  _, faiss_rows = index.search(index.load(exported, "audio"), queries, 10)
-  _, exact_rows = search.topk(queries, gallery, 10)
-  np.testing.assert_array_equal(faiss_rows, np.asarray(exact_rows))
+  faiss_scores, faiss_rows = index.search(index.load(exported, "audio"), queries, 10)
+  exact_scores, exact_rows = map(np.asarray, search.topk(queries, gallery, 10))
+  np.testing.assert_allclose(faiss_scores, exact_scores, atol=1e-5)
+  # The same rows, but for neighbours whose scores tie to float32 rounding (listed in
+  # either order).
+  differ = faiss_rows != exact_rows
+  assert differ.mean() < 0.01
+  row_scores = np.take_along_axis(queries @ gallery.T, faiss_rows, axis=1)
+  np.testing.assert_allclose(row_scores[differ], exact_scores[differ], atol=1e-5)
