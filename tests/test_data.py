@@ -7,7 +7,6 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from sklearn.datasets import load_digits
 
 from xmodal_jax import schema
 from xmodal_jax.data import eval_input, pipeline
@@ -33,6 +32,7 @@ def test_split_sizes_and_unseen_test_sequences(splits):
 
 
 def test_frames_are_real_handwriting_of_the_right_digit_and_unseen_in_training(splits):
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   digits = load_digits()
   label_of = {np.round(img * 255 / 16).astype(np.uint8).tobytes(): int(label)
               for img, label in zip(digits.images, digits.target)}
