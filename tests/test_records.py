@@ -158,8 +158,9 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
   (first_ flags included) and the same bad-record list as the single-process build."""
   data_dir, _ = mixed_build
   proc = fixtures.build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
-                   f"--data_dir={tmp_path}", "--beam", "--beam_options=--runner=DirectRunner "
-                   "--direct_num_workers=2 --direct_running_mode=multi_threading")
+                            f"--data_dir={tmp_path}", "--beam",
+                            "--beam_options=--runner=DirectRunner --direct_num_workers=2 "
+                            "--direct_running_mode=multi_threading")
   assert "3 bad records skipped" in proc.stderr
   assert "INFO" not in proc.stderr.replace("INFO:__main__:Logging handler created", "")
   single, beam = read_examples(data_dir, "mixed"), read_examples(str(tmp_path), "mixed")
@@ -168,8 +169,8 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
   assert read_report(str(tmp_path), "mixed") == read_report(data_dir, "mixed")
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # its temp files
   strict = fixtures.build_cli(f"--manifest={mixed / 'items.jsonl'}", *MIXED_FLAGS,
-                     f"--data_dir={tmp_path / 'strict'}", "--beam", "--strict",
-                     "--beam_options=--runner=DirectRunner", check=False)
+                              f"--data_dir={tmp_path / 'strict'}", "--beam", "--strict",
+                              "--beam_options=--runner=DirectRunner", check=False)
   assert strict.returncode
   last = strict.stderr.strip().splitlines()[-1]  # workers may meet any bad record first
   assert re.fullmatch(r"error: --strict build stopped at a bad record: item "
@@ -181,8 +182,8 @@ def test_beam_build_gives_the_same_examples_and_report(mixed, mixed_build, tmp_p
 @pytest.mark.slow
 def test_strict_build_fails_naming_the_first_bad_record(mixed, tmp_path):
   proc = fixtures.build_cli(f"--manifest={mixed / 'items.jsonl'}",
-                   "--modalities=photo:image,speech:audio,caption:text", "--name=mixed",
-                   f"--data_dir={tmp_path}", "--strict", check=False)
+                            "--modalities=photo:image,speech:audio,caption:text", "--name=mixed",
+                            f"--data_dir={tmp_path}", "--strict", check=False)
   assert proc.returncode
   assert "item 'bad_image'" in proc.stderr and "corrupt.jpg" in proc.stderr
   assert not os.path.exists(tmp_path / "mixed" / "1.0.0" / "dataset_info.json")
@@ -230,8 +231,8 @@ def test_manifest_errors_name_line_key_and_type(tmp_path):
 def test_integer_and_string_ids_are_not_merged(tmp_path):
   path = tmp_path / "items.jsonl"
   fixtures.write_manifest(path, [{"id": 7, "split": "train", "caption": "an integer id"},
-                        {"id": 8, "split": "train", "caption": "another"},
-                        {"id": "7", "split": "train", "caption": "a string id"}])
+                                 {"id": 8, "split": "train", "caption": "another"},
+                                 {"id": "7", "split": "train", "caption": "a string id"}])
   builder = records.manifest_builder("ids", str(path), {"caption": "text"},
                                      data_dir=str(tmp_path / "tfds"))
   with pytest.raises(ValueError, match=r"mix integers \(.*items.jsonl:1: 7\) and strings "
@@ -243,8 +244,9 @@ def test_a_split_name_that_would_leave_the_data_dir_is_refused(tmp_path):
   """A split becomes part of file names: one with a path in it stops the build at its line,
   before anything is written."""
   path = tmp_path / "items.jsonl"
-  fixtures.write_manifest(path, [{"id": 1, "split": "train", "caption": "fine"},
-                        {"id": 2, "split": "x/../../../escaped/pwn", "caption": "hostile"}])
+  fixtures.write_manifest(path, [
+      {"id": 1, "split": "train", "caption": "fine"},
+      {"id": 2, "split": "x/../../../escaped/pwn", "caption": "hostile"}])
   with pytest.raises(ValueError, match=r"items.jsonl:2: \"split\": 'x/../../../escaped/pwn': "
                      "expected ASCII letters, digits and _"):
     records.manifest_builder("splits", str(path), {"caption": "text"},
@@ -509,7 +511,7 @@ def test_webdataset_shards_build_to_array_record_and_train(digit_records, tmp_pa
       {"split": "test", "tar": "shards/test-000.tar"} | fields])
   built = str(tmp_path / "built")
   proc = fixtures.build_cli(f"--manifest={tmp_path / 'shards.jsonl'}", *fixtures.DIGIT_FLAGS,
-                   f"--data_dir={built}", "--file_format=array_record")
+                            f"--data_dir={built}", "--file_format=array_record")
   assert "1 bad records skipped" in proc.stderr
   (bad,) = read_report(built, "digit_records")
   assert bad["id"] == "corrupt" and bad["file"].endswith("test-000.tar:corrupt.wav")
