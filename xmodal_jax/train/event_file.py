@@ -75,11 +75,10 @@ def event(wall_time, step=0, file_version=None, scalars=None):
 
 
 class EventFile:
-  """An event file in `logdir`, named as TensorBoard looks for them; each write appends (on an
-  object store, files.py rewrites the object)."""
+  """An event file in the existing folder `logdir`, named as TensorBoard looks for them; each
+  write appends (on an object store, files.py rewrites the object)."""
 
   def __init__(self, logdir):
-    files.makedirs(logdir)
     self.path = os.path.join(
         logdir, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}")
     self._append(event(time.time(), file_version="brain.Event:2"))
