@@ -20,7 +20,9 @@ Variants (`--config=configs/audio_video_text.py:VARIANT`):
               but not audio<->video (70.7 and 69.3: that matching head stays weak).
               docs/methods.md, "The alignment recipe on this data", has each step of the
               diagnosis.
-  tiny        a few steps of a smaller model, for tests and smoke runs.
+  tiny        a few steps of a smaller model, for tests and smoke runs; records are read per
+              batch (data.cache=False): a few steps read far fewer than the whole split,
+              which caching would read and hold first (4 s for the digits' 9,000 items).
   pod         pod scale: AST-B audio (10 s at 16 kHz), ViT-B/16 frames video (8 frames at
               224), CLIP text-B; bfloat16, rematerialized blocks, blockwise loss, the state
               sharded 16 ways (fsdp), global batch 32,768 in 4 micro-batches (gradient
@@ -155,6 +157,7 @@ def get_config(variant=""):
       # test_towers.py check GPO itself).
       t.update(width=32, num_layers=1, num_heads=2, mlp_dim=64, pooling="cls")
     config.batch_size = 16
+    config.data.cache = False
     config.eval_batch_size = 200
     config.data.shuffle_buffer = 256
     config.total_steps = 6

@@ -85,6 +85,12 @@ def test_resume_and_process_count_give_byte_identical_batches(digit_data_dir):
   batches = [next(first) for _ in range(3)]
   resumed = next(src.train_batches(start_step=2))
   jax.tree.map(np.testing.assert_array_equal, resumed, batches[2])
+  assert not config.data.cache  # the same batches from the records held in memory:
+  in_memory = tiny_mixture(digit_data_dir)
+  in_memory.data.cache = True
+  cached = open_source(in_memory)[1].train_batches()
+  for batch in batches:
+    jax.tree.map(np.testing.assert_array_equal, next(cached), batch)
   halves = [next(mixed_input.train_iterator(src.config, src.mixed, start_step=2,
                                             process_index=h, process_count=2))
             for h in range(2)]

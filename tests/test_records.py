@@ -408,14 +408,18 @@ def test_hosts_split_each_global_batch_and_every_epoch_is_a_permutation(digit_re
   config = digit_config(data_dir)
   config.batch_size = 8
   builder = pipeline.get_builder(config.data)
-  single = pipeline.train_iterator(config, builder)
+  assert not config.data.cache  # the hosts read per batch, the single process from memory
+  cached = config.copy_and_resolve_references()
+  cached.data.cache = True
+  single = pipeline.train_iterator(cached, builder)
   hosts = [pipeline.train_iterator(config, builder, process_index=i, process_count=2)
            for i in range(2)]
   ids = []
   for _ in range(10):  # two epochs of the 40 training items
     whole, halves = next(single), [next(h) for h in hosts]
     # Process h's batch is the h-th half of the one-process global batch, augmentation
-    # included: the global batches do not depend on the number of processes.
+    # included: the global batches depend neither on the number of processes nor on
+    # where the records are read from.
     jax.tree.map(lambda a, b0, b1: np.testing.assert_array_equal(a, np.concatenate([b0, b1])),
                  whole, *halves)
     ids.extend(whole["_id"].tolist())
