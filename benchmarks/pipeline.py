@@ -277,7 +277,10 @@ def mixture_rates(batches, data_dir, repeats=3):
   source, and as 3 sources of its thirds (config.data.sources, weights by size), each
   providing every modality or, as a real mixture's datasets do, different ones (audio+text,
   video+text, all); records cached in memory (the default) or read per batch. The median
-  over `repeats` fresh streams of `batches` each, the variants measured in turn."""
+  over `repeats` fresh streams of `batches` each, the variants measured in turn (in reverse
+  order every other repeat); each repeat's ratio to its own one-source stream, whose median
+  and range show the ratio apart from the machine's drift between repeats, and the process's
+  CPU seconds per batch (all threads), which scheduling noise moves less than the rate."""
   from configs import audio_video_text  # pylint: disable=g-import-not-at-top
   from xmodal_jax import schema  # pylint: disable=g-import-not-at-top
   from xmodal_jax.data import source as source_lib  # pylint: disable=g-import-not-at-top
@@ -290,8 +293,10 @@ def mixture_rates(batches, data_dir, repeats=3):
   rows = []
   for cache in (True, False):
     rates = {variant: [] for variant in variants}
-    for _ in range(repeats):
-      for variant, sources in variants.items():  # one stream at a time: none in background
+    cpu = {variant: [] for variant in variants}
+    for repeat in range(repeats):
+      order = list(variants.items())[::-1 if repeat % 2 else 1]
+      for variant, sources in order:  # one stream at a time: none in background
         config = audio_video_text.get_config()
         config.data.update(data_dir=data_dir, cache=cache)
         config.data.sources = {
@@ -302,18 +307,27 @@ def mixture_rates(batches, data_dir, repeats=3):
         stream = source_lib.Source.open(source_lib.input_config(config)).train_batches()
         for _ in range(3):
           next(stream)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(batches):
           next(stream)
         rates[variant].append(batches * config.batch_size / (time.perf_counter() - start))
+        cpu[variant].append((time.process_time() - start_cpu) / batches)
         stream.close()
     for variant, measured in rates.items():
       rate_ = float(np.median(measured))
+      paired = np.array(measured) / np.array(rates["one source"])
+      cpu_paired = np.array(cpu[variant]) / np.array(cpu["one source"])
       rows.append({"cache": cache, "sources": variant, "examples_per_s": rate_,
                    "runs": measured,
-                   "ratio_to_one_source": rate_ / float(np.median(rates["one source"]))})
+                   "ratio_to_one_source": rate_ / float(np.median(rates["one source"])),
+                   "paired_ratios": paired.tolist(),
+                   "median_paired_ratio": float(np.median(paired)),
+                   "cpu_s_per_batch": cpu[variant],
+                   "median_paired_cpu_ratio": float(np.median(cpu_paired))})
       print(f"cache={cache!s:5} {variant:32}: {rate_:8.0f} examples/s "
-            f"({rows[-1]['ratio_to_one_source']:.2f}x)", flush=True)
+            f"({rows[-1]['ratio_to_one_source']:.2f}x; per repeat: median "
+            f"{np.median(paired):.2f}x, {paired.min():.2f}-{paired.max():.2f}; CPU per batch "
+            f"{1e3 * np.median(cpu[variant]):.1f} ms, {np.median(cpu_paired):.2f}x)", flush=True)
   return rows
 
 
