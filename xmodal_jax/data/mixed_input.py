@@ -84,21 +84,13 @@ def train_iterator(config, sources, *, start_step=0, process_index=None, process
       return g, s, tf.ensure_shape(records, p.shape)
 
   preparations, preparation_of = _preparations(config, sources)
-  prepares = [pipeline.prepare_rows(builder, to_example) for builder, to_example in preparations]
+  prepare = pipeline.prepare_rows(preparations)
   one_hot = tf.eye(num_sources, dtype=tf.int32) > 0
 
-  def batch(step):  # each preparation prepares its rows; one stitch puts them in position
+  def batch(step):
     g, s, records = read(*positions(step))
-    if len(prepares) == 1:
-      return prepares[0](g, records) | {"_source": tf.gather(one_hot, s)}
-    row_preparation = tf.gather(preparation_of, s)
-    rows_of = [tf.cast(tf.where(row_preparation == p)[:, 0], tf.int32)
-               for p in range(len(prepares))]
-    parts = [prepare(tf.gather(g, rows), tf.gather(records, rows))
-             for rows, prepare in zip(rows_of, prepares)]
-    stitch = lambda *leaves: tf.ensure_shape(tf.dynamic_stitch(rows_of, leaves),
-                                             [batch_size, *leaves[0].shape[1:]])
-    return tf.nest.map_structure(stitch, *parts) | {"_source": tf.gather(one_hot, s)}
+    return (prepare(g, records, tf.gather(preparation_of, s))
+            | {"_source": tf.gather(one_hot, s)})
 
   ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size).map(
       batch, num_parallel_calls=tf.data.AUTOTUNE)

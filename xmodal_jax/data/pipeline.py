@@ -265,21 +265,36 @@ def train_iterator(config, builder, *, start_step=0, process_index=None, process
     return g, index_shuffle(g % size, seed, g // size, size - 1)
 
   read = record_reader(reader, config.data.cache)
-  prepare = prepare_rows(builder, example_fn(config, True))
+  prepare = prepare_rows([(builder, example_fn(config, True))])
   ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max // batch_size).map(
       lambda step: prepare(*read(*positions(step))), num_parallel_calls=tf.data.AUTOTUNE)
   return numpy_batches(config, ds.prefetch(tf.data.AUTOTUNE))
 
 
-def prepare_rows(builder, to_example):
-  """(g, serialized records)[n] -> their n examples by `to_example`, as one batch: a
-  tf.map_fn per batch, not n tf.data elements, whose per-element cost bounded the rate of
-  cached input (benchmarks/README.md, "Mixture input")."""
-  prepare = lambda g, record: to_example(g, builder.info.features.deserialize_example(record))
+def prepare_rows(preparations):
+  """[(builder, example_fn)] -> (g, serialized records, each row's preparation or None for
+  the first)[n] -> the n examples as one batch: a while_loop per preparation writes its rows
+  at their positions, one copy of the batch whatever the mix; not n tf.data elements, whose
+  per-element cost bounded cached input (benchmarks/README.md, "Mixture input")."""
+  prepares = [lambda g, record, b=b, f=f: f(g, b.info.features.deserialize_example(record))
+              for b, f in preparations]
   spec = tf.data.Dataset.from_tensors((tf.constant(0, tf.int64), tf.constant(b""))).map(
-      prepare).element_spec
-  return lambda g, records: tf.map_fn(lambda row: prepare(*row), (g, records),
-                                      fn_output_signature=spec)
+      prepares[0]).element_spec
+
+  def prepare_batch(g, records, preparation_of_row=None):
+    n = g.shape[0] or tf.shape(g)[0]  # static where known
+    arrays = [tf.TensorArray(x.dtype, size=n, element_shape=x.shape) for x in tf.nest.flatten(spec)]
+    for p, prepare in enumerate(prepares):
+      rows = (tf.range(n) if preparation_of_row is None
+              else tf.cast(tf.where(preparation_of_row == p)[:, 0], tf.int32))
+
+      def write(j, arrays, rows=rows, prepare=prepare):
+        example = tf.nest.flatten(prepare(g[rows[j]], records[rows[j]]))
+        return j + 1, [array.write(rows[j], value) for array, value in zip(arrays, example)]
+      _, arrays = tf.while_loop(lambda j, _, rows=rows: j < tf.size(rows), write,
+                                (tf.constant(0), arrays))
+    return tf.nest.pack_sequence_as(spec, [array.stack() for array in arrays])
+  return prepare_batch
 
 
 def index_shuffle(index, seed, stream, max_index):
